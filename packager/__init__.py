@@ -1,0 +1,5 @@
+"""edgepack: package optimized models into verified bundles for edge devices."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Bundle manifest, checksums and verification."""

@@ -1,0 +1,90 @@
+"""The one place that writes to the terminal.
+
+Human output (progress bars, status lines, tables) goes to stderr so that stdout stays clean for
+``--json`` documents that CI parses. Nothing else in the package prints.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+
+class Reporter:
+    """Progress and status output; quiet when ``--json`` is in force or stderr is no terminal."""
+
+    def __init__(self) -> None:
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.out = Console(highlight=False, soft_wrap=True)
+        self.quiet = False
+
+    def configure(self, *, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def status(self, message: str) -> None:
+        if not self.quiet:
+            self.err.print(f"[bold cyan]>[/] {message}")
+
+    def warn(self, message: str) -> None:
+        self.err.print(f"[bold yellow]warning:[/] {message}")
+
+    def error(self, message: str) -> None:
+        self.err.print(f"[bold red]error:[/] {message}", markup=True)
+
+    def result(self, text: str) -> None:
+        """Human-readable command result on stdout."""
+        self.out.print(text, markup=False)
+
+    def table(self, renderable: Any) -> None:
+        self.out.print(renderable)
+
+    def json(self, document: Any) -> None:
+        sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        sys.stdout.flush()
+
+    @contextmanager
+    def progress(self, description: str, total: int | None, *, bytes_: bool = True) -> Iterator[
+        ProgressTask
+    ]:
+        """A progress bar for long work (downloads, layer writing); a no-op when quiet."""
+        if self.quiet or not self.err.is_terminal:
+            yield ProgressTask(None, None)
+            return
+        columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
+        if bytes_:
+            columns += [DownloadColumn(), TransferSpeedColumn()]
+        columns.append(TimeRemainingColumn())
+        with Progress(*columns, console=self.err, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield ProgressTask(bar, task)
+
+
+class ProgressTask:
+    def __init__(self, bar: Progress | None, task: TaskID | None) -> None:
+        self._bar = bar
+        self._task = task
+
+    def advance(self, amount: float) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.advance(self._task, amount)
+
+    def set_total(self, total: float) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, total=total)
+
+
+console = Reporter()

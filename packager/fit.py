@@ -1,0 +1,127 @@
+"""Will the model fit the device? Memory and storage (Linux) or RAM and flash (MCU) estimates.
+
+The estimates are deliberately simple and stated with their parts, so a refusal tells the user
+what is needed, what the target has, and where the numbers came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from packager.errors import FitError
+from packager.models.info import ModelInfo
+from packager.targets import JetsonTarget, LinuxTarget, LoadedTarget
+
+MIB = 1024 * 1024
+
+# Unpacked size of the Debian base plus the onnxruntime/numpy wheels (measured on the arm64 image,
+# rounded up); the model comes on top. Used before the image exists.
+LINUX_IMAGE_BASE_BYTES = 160 * MIB
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str  # "memory", "storage", "ram", "flash"
+    needed_bytes: int
+    available_bytes: int
+    needed_parts: tuple[tuple[str, int], ...]
+    available_note: str  # how available was computed, e.g. "4096 MB RAM - 512 MB reserved"
+    estimate_source: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.available_bytes
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "needed_bytes": self.needed_bytes,
+            "available_bytes": self.available_bytes,
+            "needed_parts": {k: v for k, v in self.needed_parts},
+            "available_note": self.available_note,
+            "estimate_source": self.estimate_source,
+            "fits": self.fits,
+        }
+
+
+@dataclass(frozen=True)
+class FitReport:
+    target: str
+    resources: tuple[Resource, ...]
+
+    @property
+    def fits(self) -> bool:
+        return all(r.fits for r in self.resources)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "fits": self.fits,
+            "resources": [r.to_json() for r in self.resources],
+        }
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def linux_fit(model: ModelInfo, target: LoadedTarget) -> FitReport:
+    """Peak memory and storage of a containerised onnxruntime runtime on a Linux device."""
+    spec = target.spec
+    assert isinstance(spec, LinuxTarget | JetsonTarget)
+    overhead = spec.runtime.overhead_mb * MIB
+    memory_needed = (
+        ("weights", model.weights_bytes),
+        ("activations", model.activation_bytes),
+        ("runtime", overhead),
+    )
+    ram = spec.memory.ram_mb * MIB
+    reserved = spec.memory.reserved_mb * MIB
+    available = ram - reserved
+    note = f"{spec.memory.ram_mb} MB RAM - {spec.memory.reserved_mb} MB reserved"
+    if spec.service.memory_max_mb is not None and spec.service.memory_max_mb * MIB < available:
+        available = spec.service.memory_max_mb * MIB
+        note = f"service.memory_max_mb = {spec.service.memory_max_mb}"
+    memory = Resource(
+        name="memory",
+        needed_bytes=sum(v for _, v in memory_needed),
+        available_bytes=max(available, 0),
+        needed_parts=memory_needed,
+        available_note=note,
+        estimate_source="weights from the model's initializers; activations: peak of live "
+        "intermediate tensors with dynamic dims as 1; runtime: target runtime.overhead_mb",
+    )
+    # The image lives twice on the device: the loaded image in the engine's store and the
+    # previous version kept for rollback; the bundle's image.tar comes on top while installing.
+    image = LINUX_IMAGE_BASE_BYTES + model.size_bytes
+    storage_needed = (("image (installed)", image), ("previous version", image), ("image.tar", image))
+    storage = Resource(
+        name="storage",
+        needed_bytes=sum(v for _, v in storage_needed),
+        available_bytes=max((spec.storage.size_mb - spec.storage.reserved_mb) * MIB, 0),
+        needed_parts=storage_needed,
+        available_note=(
+            f"{spec.storage.size_mb} MB {spec.storage.kind} - {spec.storage.reserved_mb} MB reserved"
+        ),
+        estimate_source="base image + wheels (measured, rounded up) + model",
+    )
+    return FitReport(target=target.name, resources=(memory, storage))
+
+
+def enforce(report: FitReport, *, force: bool, model_label: str) -> None:
+    """Refuse a model that does not fit, naming what is needed and what the target has."""
+    if force or report.fits:
+        return
+    bad = next(r for r in report.resources if not r.fits)
+    parts = " + ".join(f"{label} {human_bytes(v)}" for label, v in bad.needed_parts if v)
+    raise FitError(
+        f"{model_label} does not fit {report.target}: {bad.name} needs "
+        f"{human_bytes(bad.needed_bytes)} ({parts}), the target has "
+        f"{human_bytes(bad.available_bytes)} ({bad.available_note})",
+        hint="use a smaller or quantized model, a larger target, or --force to build anyway",
+    )

@@ -1,0 +1,1 @@
+"""Daemonless, reproducible OCI images: Debian base from real apt, wheels, file layers."""

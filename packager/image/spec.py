@@ -1,0 +1,138 @@
+"""The description of an OCI image to build: pure data, computed by a backend's plan.
+
+``packager.image.builder.build_image(spec, out, cache)`` executes it. Nothing here touches the
+disk or the network, so unit tests can compare specs directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+# Debian's architecture names are the OCI ones for the architectures edgepack supports.
+OciArch = Literal["arm64", "amd64"]
+
+
+@dataclass(frozen=True)
+class DebianBase:
+    """A minimal root filesystem made from Debian packages resolved by the real apt."""
+
+    suite: str = "bookworm"
+    packages: tuple[str, ...] = ()
+    mirror: str = "http://deb.debian.org/debian"
+    security_mirror: str = "http://deb.debian.org/debian-security"
+    keyring: str = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    # Paths dropped from the rootfs (docs, man pages, locales): they only cost flash.
+    exclude: tuple[str, ...] = (
+        "usr/share/doc/",
+        "usr/share/man/",
+        "usr/share/info/",
+        "usr/share/locale/",
+        "usr/share/lintian/",
+    )
+
+
+@dataclass(frozen=True)
+class ArchiveBase:
+    """A user-supplied base: ``oci-archive:PATH`` (a tar) or an OCI layout directory."""
+
+    reference: str  # as given on the command line, e.g. "oci-archive:/srv/base.tar"
+    path: Path
+    kind: Literal["oci-archive", "oci-layout"]
+
+
+BaseSpec = DebianBase | ArchiveBase
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file in a layer. ``source`` is a host file to copy, or the bytes themselves."""
+
+    dest: str  # absolute path in the image, e.g. "/opt/edgepack/model/model.onnx"
+    source: Path | bytes
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass(frozen=True)
+class FileLayer:
+    name: str  # "runtime", "model": shown in progress and in manifests
+    files: tuple[FileEntry, ...]
+    # Directories to create even when no file lands in them (e.g. a writable /tmp).
+    dirs: tuple[tuple[str, int, int, int], ...] = ()  # (path, mode, uid, gid)
+    # Symlinks to create: (path, target).
+    symlinks: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class WheelSet:
+    """Binary wheels for the target platform, installed into ``site_packages``."""
+
+    requirements: tuple[str, ...]  # pinned: ("onnxruntime==1.20.1", "numpy==2.2.1")
+    python_version: str = "3.11"
+    site_packages: str = "/opt/edgepack/site-packages"
+    interpreter: str = "/usr/bin/python3.11"  # shebang for console scripts
+    # Resolve dependencies (pip's resolver) or take exactly the listed wheels.
+    with_deps: bool = False
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    test: tuple[str, ...]  # docker's form, e.g. ("CMD", "python3", "-m", "x.healthcheck")
+    interval_s: int = 30
+    timeout_s: int = 5
+    start_period_s: int = 60
+    retries: int = 3
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    user: str  # "10001:10001"
+    entrypoint: tuple[str, ...]
+    cmd: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str = "/"
+    exposed_ports: tuple[str, ...] = ()  # ("8080/tcp",)
+    labels: tuple[tuple[str, str], ...] = ()
+    healthcheck: HealthCheck | None = None
+    stop_signal: str = "SIGTERM"
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    platform_os: Literal["linux"]
+    arch: OciArch
+    variant: str | None
+    base: BaseSpec
+    wheels: WheelSet | None
+    # Layers on top of base and wheels, in order (runtime first, model last, so a model change
+    # rebuilds one small layer).
+    layers: tuple[FileLayer, ...]
+    config: ImageConfig
+    ref_name: str  # "edgepack/mnist:1.0.0": the tag docker/podman give the loaded image
+    annotations: tuple[tuple[str, str], ...] = ()
+    # Fixed timestamp for every file and the config's "created": same inputs, same bytes.
+    created_epoch: int = 0
+    users: tuple[tuple[str, int], ...] = field(default=(("edgepack", 10001),))
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    name: str
+    digest: str  # sha256 of the compressed blob, "sha256:<hex>"
+    diff_id: str  # sha256 of the uncompressed tar
+    size: int  # compressed bytes
+    uncompressed_size: int
+    cached: bool  # True when the layer came from the content cache unchanged
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    archive: Path
+    manifest_digest: str  # the image digest that registries and `skopeo inspect` report
+    config_digest: str
+    size_bytes: int  # of the archive
+    layers: tuple[LayerResult, ...]
+    ref_name: str

@@ -1,0 +1,1 @@
+"""Model inspection and conversion, one module per model format."""

@@ -1,0 +1,1 @@
+"""One wrapper per external program. Nothing outside this package calls ``subprocess``."""

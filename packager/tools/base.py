@@ -1,0 +1,114 @@
+"""The single place where edgepack starts external programs.
+
+Each external program is described once by a :class:`Tool` that knows how to find it and what to
+install when it is missing, so a missing tool is reported as one line with the exact fix.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from packager.errors import ToolFailedError, ToolMissingError
+
+
+@dataclass(frozen=True)
+class Tool:
+    """An external program: its executable name and how to install it on Debian."""
+
+    name: str
+    executable: str
+    apt_package: str
+    alternatives: tuple[str, ...] = field(default=())
+
+    def find(self) -> str | None:
+        for candidate in (self.executable, *self.alternatives):
+            found = shutil.which(candidate)
+            if found:
+                return found
+        return None
+
+    def available(self) -> bool:
+        return self.find() is not None
+
+    def require(self) -> str:
+        found = self.find()
+        if found is None:
+            raise ToolMissingError(
+                f"{self.name}: '{self.executable}' not found on PATH",
+                hint=f"install it with: apt-get install {self.apt_package}",
+            )
+        return found
+
+    def run(
+        self,
+        args: Sequence[str | os.PathLike[str]],
+        *,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        input_bytes: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+        capture: bool = True,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run the tool; raise ToolFailedError with the tail of its stderr when it fails."""
+        exe = self.require()
+        argv = [exe, *(os.fspath(a) for a in args)]
+        full_env = None if env is None else {**os.environ, **env}
+        try:
+            proc = subprocess.run(
+                argv,
+                cwd=cwd,
+                env=full_env,
+                input=input_bytes,
+                timeout=timeout,
+                stdout=subprocess.PIPE if capture else None,
+                stderr=subprocess.PIPE if capture else None,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise ToolFailedError(
+                f"{self.name} timed out after {timeout:.0f}s: {' '.join(argv[:6])}"
+            ) from exc
+        if check and proc.returncode != 0:
+            raise ToolFailedError(
+                f"{self.name} failed (exit {proc.returncode}): {_tail(proc.stderr or proc.stdout)}"
+            )
+        return proc
+
+    def popen(
+        self,
+        args: Sequence[str | os.PathLike[str]],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        stdout: int | None = subprocess.DEVNULL,
+        stderr: int | None = subprocess.DEVNULL,
+        stdin: int | None = None,
+        new_session: bool = False,
+    ) -> subprocess.Popen[bytes]:
+        """Start a long-running process (a server, a container in the foreground)."""
+        exe = self.require()
+        full_env = None if env is None else {**os.environ, **env}
+        return subprocess.Popen(
+            [exe, *(os.fspath(a) for a in args)],
+            env=full_env,
+            cwd=cwd,
+            stdout=stdout,
+            stderr=stderr,
+            stdin=stdin,
+            start_new_session=new_session,
+        )
+
+
+def _tail(data: bytes | None, limit: int = 400) -> str:
+    if not data:
+        return "(no output)"
+    text = data.decode("utf-8", "replace").strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    tail = " | ".join(lines[-3:])
+    return tail[-limit:]
