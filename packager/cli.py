@@ -28,9 +28,14 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from packager.commands.build import build_cmd
     from packager.commands.inspect import inspect_cmd
+    from packager.commands.run import run_cmd
+    from packager.commands.targets import targets_group
+    from packager.commands.verify import verify_cmd
 
-    cli.add_command(inspect_cmd)
+    for command in (build_cmd, inspect_cmd, targets_group, verify_cmd, run_cmd):
+        cli.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
             console.json(exc.to_json())
         else:
             console.error(exc.one_line())
+            for line in exc.details:
+                console.error(line)
         sys.exit(int(exc.exit_code))
     except click.exceptions.Abort:
         console.error("aborted")

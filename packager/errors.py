@@ -34,10 +34,14 @@ class EdgepackError(Exception):
     exit_code: ExitCode = ExitCode.FAILURE
     kind: str = "error"
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, hint: str | None = None, details: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        # Further problems of the same kind (e.g. every damaged file), shown after the line.
+        self.details = details
 
     def one_line(self) -> str:
         text = self.message
@@ -46,11 +50,14 @@ class EdgepackError(Exception):
         return " ".join(text.split())
 
     def to_json(self) -> dict[str, object]:
-        return {
+        document: dict[str, object] = {
             "error": self.kind,
             "message": self.one_line(),
             "exit_code": int(self.exit_code),
         }
+        if self.details:
+            document["details"] = list(self.details)
+        return document
 
 
 class UsageError(EdgepackError):

@@ -99,14 +99,19 @@ def linux_fit(model: ModelInfo, target: LoadedTarget) -> FitReport:
     # The image lives twice on the device: the loaded image in the engine's store and the
     # previous version kept for rollback; the bundle's image.tar comes on top while installing.
     image = LINUX_IMAGE_BASE_BYTES + model.size_bytes
-    storage_needed = (("image (installed)", image), ("previous version", image), ("image.tar", image))
+    storage_needed = (
+        ("image (installed)", image),
+        ("previous version", image),
+        ("image.tar", image),
+    )
     storage = Resource(
         name="storage",
         needed_bytes=sum(v for _, v in storage_needed),
         available_bytes=max((spec.storage.size_mb - spec.storage.reserved_mb) * MIB, 0),
         needed_parts=storage_needed,
         available_note=(
-            f"{spec.storage.size_mb} MB {spec.storage.kind} - {spec.storage.reserved_mb} MB reserved"
+            f"{spec.storage.size_mb} MB {spec.storage.kind} - "
+            f"{spec.storage.reserved_mb} MB reserved"
         ),
         estimate_source="base image + wheels (measured, rounded up) + model",
     )

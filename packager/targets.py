@@ -258,6 +258,8 @@ def _friendly(error: Any, root: type[BaseModel], raw: dict[str, Any]) -> tuple[s
         given = error.get("input")
         hint = _suggest(str(given), options) if isinstance(given, str) else ""
         return path, f"must be one of {', '.join(o for o in options if o)}{hint}"
+    if kind == "union_tag_not_found":
+        return "device_class", f"is required (one of {', '.join(_SECTION_MODELS)})"
     if kind == "union_tag_invalid":
         given = ctx.get("tag", "")
         options = list(_SECTION_MODELS)
@@ -277,8 +279,10 @@ def parse_target(data: dict[str, Any], source: str) -> LoadedTarget:
         parsed = _TargetFile.model_validate({"target": data})
     except ValidationError as exc:
         errors = exc.errors()
-        # A bad device_class makes every other field noise: report the tag first.
-        errors.sort(key=lambda e: 0 if e["type"] == "union_tag_invalid" else 1)
+        # A bad device_class makes every other field noise: report the tag first. A misspelt key
+        # also shows up as a missing one; the unknown key (with its suggestion) is the real fault.
+        rank = {"union_tag_invalid": 0, "union_tag_not_found": 0, "extra_forbidden": 1}
+        errors.sort(key=lambda e: rank.get(e["type"], 2))
         first = errors[0]
         first = {**first, "loc": tuple(first["loc"][1:])}
         path, problem = _friendly(first, root, data)

@@ -17,6 +17,9 @@ from packager import __version__
 from packager.errors import InputError, VerifyError
 
 MANIFEST = "manifest.json"
+# The same checksums in coreutils' format, so a field tech can run `sha256sum -c SHA256SUMS`
+# on a device that has no edgepack.
+SUMS = "SHA256SUMS"
 SCHEMA = "edgepack.bundle/v1"
 _CHUNK = 1024 * 1024
 
@@ -52,13 +55,22 @@ def record_files(root: Path) -> list[FileRecord]:
     ]
 
 
+def write_sums(root: Path, records: list[FileRecord]) -> None:
+    lines = [f"{r.sha256}  {r.path}\n" for r in records if r.path != SUMS]
+    (root / SUMS).write_text("".join(lines), encoding="utf-8")
+
+
 def write_manifest(root: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Hash every file under ``root`` and write ``root/manifest.json``; return the document."""
+    """Hash every file under ``root`` and write ``SHA256SUMS`` and ``manifest.json``."""
+    records = [r for r in record_files(root) if r.path != SUMS]
+    write_sums(root, records)
+    sums = root / SUMS
+    records.append(FileRecord(SUMS, sha256_file(sums), sums.stat().st_size))
     document: dict[str, Any] = {
         "schema": SCHEMA,
         "edgepack_version": __version__,
         **meta,
-        "files": [r.to_json() for r in record_files(root)],
+        "files": [r.to_json() for r in sorted(records, key=lambda r: r.path)],
     }
     text = json.dumps(document, indent=2, sort_keys=True) + "\n"
     (root / MANIFEST).write_text(text, encoding="utf-8")

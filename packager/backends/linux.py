@@ -1,0 +1,293 @@
+"""Linux devices that run containers (Raspberry Pi, industrial PCs): an OCI image bundle.
+
+The plan is pure: the image spec (Debian base, runtime wheels, runtime layer, model layer), the
+files rendered from ``templates/linux/`` and their context. ``execute`` builds the image with
+``packager.image`` and renders the templates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from packager import __version__
+from packager.backends.base import BuildPlan, BuildRequest, ExecuteResult, RenderedFile
+from packager.errors import InputError, UnsupportedError
+from packager.fit import FitReport, linux_fit
+from packager.image.spec import (
+    ArchiveBase,
+    BaseSpec,
+    DebianBase,
+    FileEntry,
+    FileLayer,
+    HealthCheck,
+    ImageConfig,
+    ImageResult,
+    ImageSpec,
+    WheelSet,
+)
+from packager.models.info import ModelInfo
+from packager.render import render_files
+from packager.resources import runtime_dir
+from packager.targets import LinuxTarget, LoadedTarget
+
+RUNTIME_ROOT = "/opt/edgepack/runtime"
+RUNTIME_PACKAGE = "edgepack_runtime"
+MODEL_DIR = "/opt/edgepack/model"
+SITE_PACKAGES = "/opt/edgepack/site-packages"
+PYTHON = "/usr/bin/python3.11"
+USER_ID = 10001
+SOURCE_URL = "https://github.com/edgepack/edgepack"
+
+
+def created_epoch() -> int:
+    """``SOURCE_DATE_EPOCH`` when set (reproducible-builds.org), else the Unix epoch."""
+    value = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    return int(value) if value.isdigit() else 0
+
+
+def runtime_requirements() -> tuple[str, ...]:
+    path = runtime_dir() / "requirements.txt"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return tuple(ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip())
+
+
+def runtime_files() -> tuple[FileEntry, ...]:
+    """The on-device runtime package, copied as ``edgepack_runtime`` (sources only)."""
+    root = runtime_dir()
+    entries = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if not path.is_file() or "__pycache__" in rel.parts or path.suffix not in (".py", ".txt"):
+            continue
+        dest = f"{RUNTIME_ROOT}/{RUNTIME_PACKAGE}/{rel.as_posix()}"
+        entries.append(FileEntry(dest=dest, source=path, mode=0o644))
+    return tuple(entries)
+
+
+def parse_base(reference: str) -> ArchiveBase:
+    """``oci-archive:PATH`` or ``oci:DIR`` / a layout directory, for ``--base``."""
+    if reference.startswith("oci-archive:"):
+        path = Path(reference.removeprefix("oci-archive:").split(":")[0])
+        if not path.is_file():
+            raise InputError(f"--base: {path}: no such OCI archive", hint="check the path")
+        return ArchiveBase(reference=reference, path=path, kind="oci-archive")
+    path = Path(reference.removeprefix("oci:").split(":")[0])
+    if not (path / "oci-layout").is_file():
+        raise InputError(
+            f"--base: {path}: not an OCI archive or layout",
+            hint="pass oci-archive:PATH (a tar) or an OCI image layout directory",
+        )
+    return ArchiveBase(reference=reference, path=path, kind="oci-layout")
+
+
+def runtime_config(name: str, version: str, model_file: str, spec: LinuxTarget) -> dict[str, Any]:
+    return {
+        "model_name": name,
+        "model_version": version,
+        "model_path": f"{MODEL_DIR}/{model_file}",
+        "host": "0.0.0.0",
+        "port": spec.runtime.port,
+        "intra_op_threads": spec.runtime.intra_op_threads,
+    }
+
+
+def model_layer(model: ModelInfo, config: dict[str, Any]) -> FileLayer:
+    files = [FileEntry(dest=f"{MODEL_DIR}/{model.path.name}", source=model.path)]
+    files += [FileEntry(dest=f"{MODEL_DIR}/{p.name}", source=p) for p in model.external_data]
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    files.append(FileEntry(dest=f"{MODEL_DIR}/runtime.json", source=text.encode()))
+    return FileLayer(name="model", files=tuple(sorted(files, key=lambda f: f.dest)))
+
+
+def image_spec(
+    request: BuildRequest, model: ModelInfo, spec: LinuxTarget, name: str, version: str
+) -> ImageSpec:
+    if spec.platform.arch not in ("arm64", "amd64"):
+        raise UnsupportedError(
+            f"{spec.name}: platform.arch: {spec.platform.arch} images are not supported yet",
+            hint="use an arm64 or amd64 target",
+        )
+    base: BaseSpec
+    if request.base:
+        base = parse_base(request.base)
+    else:
+        from packager.image.debian import DEFAULT_PYTHON_PACKAGES
+
+        suite = spec.runtime.base.partition(":")[2] or "bookworm"
+        base = DebianBase(suite=suite, packages=DEFAULT_PYTHON_PACKAGES)
+    config = runtime_config(name, version, model.path.name, spec)
+    port = spec.runtime.port
+    labels = (
+        ("io.edgepack.model.digest", model.digest),
+        ("io.edgepack.model.name", name),
+        ("io.edgepack.target", spec.name),
+        ("io.edgepack.version", __version__),
+        ("org.opencontainers.image.source", SOURCE_URL),
+        ("org.opencontainers.image.title", name),
+        ("org.opencontainers.image.version", version),
+    )
+    return ImageSpec(
+        platform_os="linux",
+        arch=spec.platform.arch,
+        variant=spec.platform.variant,
+        base=base,
+        wheels=WheelSet(
+            requirements=runtime_requirements(),
+            python_version=spec.runtime.python,
+            site_packages=SITE_PACKAGES,
+            interpreter=PYTHON,
+        ),
+        layers=(
+            FileLayer(name="runtime", files=runtime_files()),
+            model_layer(model, config),
+        ),
+        config=ImageConfig(
+            user=f"{USER_ID}:{USER_ID}",
+            entrypoint=(PYTHON, "-m", f"{RUNTIME_PACKAGE}.server"),
+            cmd=("--config", f"{MODEL_DIR}/runtime.json"),
+            env=(
+                ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+                ("PYTHONDONTWRITEBYTECODE", "1"),
+                ("PYTHONPATH", f"{RUNTIME_ROOT}:{SITE_PACKAGES}"),
+                ("PYTHONUNBUFFERED", "1"),
+            ),
+            workdir="/",
+            exposed_ports=(f"{port}/tcp",),
+            labels=labels,
+            healthcheck=HealthCheck(
+                test=("CMD", PYTHON, "-m", f"{RUNTIME_PACKAGE}.healthcheck", "--port", str(port)),
+            ),
+        ),
+        ref_name=f"edgepack/{name}:{version}",
+        annotations=(
+            *labels,
+            ("org.opencontainers.image.ref.name", version),
+        ),
+        created_epoch=created_epoch(),
+    )
+
+
+def template_context(plan: BuildPlan, image: ImageResult) -> dict[str, Any]:
+    """The one place the Linux templates' context is built."""
+    spec = plan.target.spec
+    assert isinstance(spec, LinuxTarget)
+    name = plan.bundle_name
+    return {
+        "name": name,
+        "version": plan.version,
+        "unit": f"edgepack-{name}",
+        "container": f"edgepack-{name}",
+        "target": spec.name,
+        "target_description": spec.description,
+        "platform": spec.platform.oci,
+        "arch": spec.platform.arch,
+        "engine": spec.runtime.container_engine,
+        "port": spec.runtime.port,
+        "image_ref": image.ref_name,
+        "image_digest": image.manifest_digest,
+        "image_id": image.config_digest,
+        "image_archive": "image.tar",
+        "model_file": plan.model.path.name,
+        "model_digest": plan.model.digest,
+        "memory_max_mb": spec.service.memory_max_mb,
+        "cpus": (
+            f"{spec.service.cpu_quota_percent / 100:.2f}"
+            if spec.service.cpu_quota_percent
+            else None
+        ),
+        "restart_sec": spec.service.restart_sec,
+        "edgepack_version": __version__,
+        "inputs": [t.to_json() for t in plan.model.inputs],
+        "outputs": [t.to_json() for t in plan.model.outputs],
+    }
+
+
+class LinuxContainerBackend:
+    device_class: ClassVar[str] = "linux-container"
+
+    def fit(self, request: BuildRequest, model: ModelInfo, target: LoadedTarget) -> FitReport:
+        return linux_fit(model, target)
+
+    def plan(
+        self, request: BuildRequest, model: ModelInfo, target: LoadedTarget, fit: FitReport
+    ) -> BuildPlan:
+        spec = target.spec
+        assert isinstance(spec, LinuxTarget)
+        from packager.build import bundle_name
+
+        name = bundle_name(request)
+        if model.format != "onnx":
+            raise UnsupportedError(
+                f"{model.path.name}: {model.format} models cannot run on {spec.name}",
+                hint="linux-container targets serve ONNX models with onnxruntime",
+            )
+        unit = f"edgepack-{name}"
+        return BuildPlan(
+            backend=self.device_class,
+            bundle_name=name,
+            version=request.version,
+            target=target,
+            model=model,
+            fit=fit,
+            rendered=(
+                RenderedFile(path=f"{unit}.service", template="linux/service.jinja"),
+                RenderedFile(path="install.sh", template="linux/install.sh.jinja", mode=0o755),
+                RenderedFile(path="README.md", template="linux/README.md.jinja"),
+            ),
+            payload=image_spec(request, model, spec, name, request.version),
+        )
+
+    def execute(self, plan: BuildPlan, staging: Path, cache_dir: Path) -> ExecuteResult:
+        from packager.image.builder import build_image
+
+        spec = plan.payload
+        assert isinstance(spec, ImageSpec)
+        image = build_image(spec, staging / "image.tar", cache_dir)
+        context = template_context(plan, image)
+        written = render_files(plan.rendered, context, staging)
+        layers = [
+            {
+                "name": layer.name,
+                "digest": layer.digest,
+                "diff_id": layer.diff_id,
+                "size": layer.size,
+                "uncompressed_size": layer.uncompressed_size,
+            }
+            for layer in image.layers
+        ]
+        image_meta = {
+            "archive": "image.tar",
+            "digest": image.manifest_digest,
+            "config_digest": image.config_digest,
+            "ref": image.ref_name,
+            "platform": plan.target.spec.platform.oci if isinstance(
+                plan.target.spec, LinuxTarget
+            ) else "",
+            "size_bytes": image.size_bytes,
+            "port": plan.target.spec.runtime.port if isinstance(
+                plan.target.spec, LinuxTarget
+            ) else 8080,
+            "layers": layers,
+        }
+        cached = [layer.name for layer in image.layers if layer.cached]
+        return ExecuteResult(
+            files=("image.tar", *written),
+            manifest_extra=(("image", image_meta),),
+            json_extra=(
+                ("platform", image_meta["platform"]),
+                (
+                    "image",
+                    {
+                        "archive": str(Path("image.tar")),
+                        "digest": image.manifest_digest,
+                        "size_bytes": image.size_bytes,
+                        "ref": image.ref_name,
+                        "layers": layers,
+                        "cached_layers": cached,
+                    },
+                ),
+            ),
+        )

@@ -1,0 +1,72 @@
+"""``edgepack build``: model + target -> verified bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from packager.backends.base import BuildRequest
+from packager.build import build
+from packager.console import console
+
+
+@click.command("build")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", "-t", required=True, help="A target name (see 'targets list') or a TOML file.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Bundle directory [out/NAME-VERSION].")
+@click.option("--name", help="Served model name [the model file's stem].")
+@click.option("--version", "version", default="0.1.0", show_default=True, help="Bundle version.")
+@click.option("--base", help="Base image instead of Debian: oci-archive:PATH or an OCI layout dir.")
+@click.option("--force", is_flag=True, help="Build even when the model does not fit the target.")
+@click.option(
+    "--quantize",
+    type=click.Choice(["fp16", "int8-dynamic", "int8-static"]),
+    help="Optimize the model first (see 'edgepack optimize').",
+)
+@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration data directory.")
+@click.option("--eval", "eval_dir", type=click.Path(path_type=Path), help="Evaluation data directory.")
+@click.option(
+    "--cache-dir", type=click.Path(path_type=Path), help="Download and layer cache [~/.cache/edgepack]."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def build_cmd(
+    model: Path,
+    target: str,
+    out: Path | None,
+    name: str | None,
+    version: str,
+    base: str | None,
+    force: bool,
+    quantize: str | None,
+    calibration: Path | None,
+    eval_dir: Path | None,
+    cache_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Build a ready-to-flash bundle of MODEL for a target device."""
+    console.configure(quiet=as_json)
+    request = BuildRequest(
+        model=model,
+        target=target,
+        out=out,
+        name=name,
+        version=version,
+        force=force,
+        base=base,
+        cache_dir=cache_dir,
+        quantize=quantize,
+        calibration=calibration,
+        eval_dir=eval_dir,
+    )
+    result = build(request)
+    if as_json:
+        console.json(result.to_json())
+        return
+    doc = result.to_json()
+    console.result(f"bundle:   {doc['bundle']}")
+    console.result(f"target:   {doc['target']} ({doc.get('platform', doc['device_class'])})")
+    console.result(f"model:    {doc['model_name']} {doc['version']} ({doc['model']['digest']})")
+    image = doc.get("image")
+    if isinstance(image, dict):
+        console.result(f"image:    {image['ref']} {image['digest']} ({image['size_bytes']} bytes)")

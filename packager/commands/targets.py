@@ -1,0 +1,51 @@
+"""``edgepack targets list|show``."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from packager.console import console
+from packager.targets import catalogue, resolve_target
+
+
+@click.group("targets")
+def targets_group() -> None:
+    """The device targets edgepack knows (targets/*.toml)."""
+
+
+@targets_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def list_cmd(as_json: bool) -> None:
+    """List the shipped targets."""
+    loaded = [resolve_target(name) for name in catalogue()]
+    if as_json:
+        console.json(
+            [
+                {"name": t.name, "device_class": t.device_class, "description": t.spec.description}
+                for t in loaded
+            ]
+        )
+        return
+    table = Table("name", "class", "description", box=None)
+    for t in loaded:
+        table.add_row(t.name, t.device_class, t.spec.description)
+    console.table(table)
+
+
+@targets_group.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def show_cmd(name: str, as_json: bool) -> None:
+    """Show one target (a name or a TOML file), validated."""
+    target = resolve_target(name)
+    document = {"source": target.source, **target.spec.model_dump(mode="json")}
+    if as_json:
+        console.json(document)
+        return
+    console.result(f"{target.name}: {target.spec.description}  [{target.source}]")
+    for key, value in document.items():
+        if isinstance(value, dict):
+            console.result(f"  [{key}]")
+            for k, v in value.items():
+                console.result(f"    {k} = {v}")

@@ -1,0 +1,220 @@
+"""``edgepack run``: try a bundle on this machine before flashing it.
+
+The bundle's own image runs in a real container engine: natively when the architectures match,
+under qemu-user emulation otherwise. Nothing about the image is changed for the trial.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from packager.bundle.manifest import read_manifest
+from packager.bundle.verify import verify_bundle
+from packager.console import console
+from packager.errors import RuntimeCheckError, UsageError, VerifyError
+from packager.tools.containers import Engine, find_engine
+from packager.tools.qemu import ensure_binfmt, needs_emulation
+
+CPUINFO = Path(__file__).resolve().parent / "image" / "data"
+_V2_DATATYPES = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "float64": "FP64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "bool": "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    bundle: Path
+    port: int = 8080
+    engine: str | None = None
+    smoke_test: bool = False  # start, check ready and one inference, stop
+    timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class RunResult:
+    bundle: Path
+    engine: str
+    emulated: bool
+    url: str
+    ready_after_s: float
+    smoke: dict[str, Any] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bundle": str(self.bundle),
+            "engine": self.engine,
+            "emulated": self.emulated,
+            "url": self.url,
+            "ready_after_s": round(self.ready_after_s, 2),
+            "smoke_test": self.smoke,
+        }
+
+
+def _http(url: str, body: bytes | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json"} if body else {}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), bytes(exc.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return 0, b""
+
+
+def wait_ready(engine: Engine, container: str, base_url: str, timeout_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        status, _ = _http(f"{base_url}/v2/health/ready", timeout=5)
+        if status == 200:
+            return time.monotonic() - start
+        if not engine.is_running(container):
+            logs = engine.logs(container, tail=20).strip().splitlines()
+            tail = " | ".join(logs[-3:]) if logs else "(no output)"
+            raise RuntimeCheckError(f"the runtime exited before it was ready: {tail}")
+        time.sleep(1.0)
+    raise RuntimeCheckError(
+        f"the runtime was not ready within {timeout_s:.0f}s at {base_url}/v2/health/ready",
+        hint="see the container's log with '<engine> logs' or raise --timeout",
+    )
+
+
+def smoke_inference(base_url: str, name: str, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One inference on zeros of the model's input shapes (dynamic dims as 1)."""
+    tensors = []
+    for tensor in inputs:
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in tensor["shape"]]
+        count = 1
+        for d in shape:
+            count *= d
+        dtype = str(tensor["dtype"])
+        value: Any = False if dtype == "bool" else 0
+        tensors.append(
+            {
+                "name": tensor["name"],
+                "shape": shape,
+                "datatype": _V2_DATATYPES.get(dtype, "FP32"),
+                "data": [value] * count,
+            }
+        )
+    body = json.dumps({"inputs": tensors}).encode()
+    start = time.monotonic()
+    status, payload = _http(f"{base_url}/v2/models/{name}/infer", body, timeout=120)
+    elapsed = time.monotonic() - start
+    if status != 200:
+        raise RuntimeCheckError(
+            f"inference on {name} failed: HTTP {status} {payload[:200].decode('utf-8', 'replace')}"
+        )
+    outputs = json.loads(payload).get("outputs", [])
+    return {
+        "latency_s": round(elapsed, 3),
+        "outputs": [{"name": o["name"], "shape": o["shape"]} for o in outputs],
+    }
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_bundle(request: RunRequest) -> RunResult:
+    problems = verify_bundle(request.bundle)
+    if problems:
+        raise VerifyError(f"{request.bundle}: {problems[0]}", hint="rebuild or copy it again")
+    manifest = read_manifest(request.bundle)
+    image = manifest.get("image")
+    if not isinstance(image, dict):
+        raise UsageError(
+            f"{request.bundle}: this {manifest['target']['device_class']} bundle has no image",
+            hint="edgepack run tries Linux container bundles",
+        )
+    platform = str(image["platform"])
+    arch = platform.split("/")[1]
+    engine = find_engine(request.engine)
+    volumes: list[str] = []
+    emulated = needs_emulation(arch)
+    if emulated:
+        ensure_binfmt(arch)
+        # onnxruntime reads /proc/cpuinfo at import and crashes on the host's x86 text.
+        cpuinfo = CPUINFO / f"cpuinfo-{arch}.txt"
+        if cpuinfo.is_file():
+            volumes.append(f"{cpuinfo}:/proc/cpuinfo:ro")
+    console.status(f"loading {image['ref']} into {engine.name}")
+    engine.load(request.bundle / str(image["archive"]))
+    container = f"edgepack-run-{manifest['name']}-{request.port}"
+    engine.remove(container)
+    container_port = int(image.get("port", 8080))
+    base_url = f"http://127.0.0.1:{request.port}"
+    console.status(
+        f"starting {container} ({platform}{', emulated by qemu-user' if emulated else ''})"
+    )
+    engine.run_detached(
+        str(image["ref"]),
+        name=container,
+        publish=[f"127.0.0.1:{request.port}:{container_port}"],
+        volumes=volumes,
+        platform=platform,
+    )
+    try:
+        with _stop_on_sigterm():
+            ready_after = wait_ready(engine, container, base_url, request.timeout_s)
+            console.status(f"ready after {ready_after:.1f}s: {base_url}/v2/models/{manifest['name']}")
+            smoke = None
+            if request.smoke_test:
+                smoke = smoke_inference(base_url, str(manifest["name"]), manifest["model"]["inputs"])
+                console.status(f"inference OK in {smoke['latency_s']}s")
+            else:
+                console.status("serving; press Ctrl-C to stop")
+                _serve_until_stopped(engine, container)
+    except KeyboardInterrupt:
+        smoke = None
+        ready_after = 0.0
+    finally:
+        engine.remove(container)
+    return RunResult(
+        bundle=request.bundle,
+        engine=engine.name,
+        emulated=emulated,
+        url=f"{base_url}/v2/models/{manifest['name']}",
+        ready_after_s=ready_after,
+        smoke=smoke,
+    )
+
+
+def _serve_until_stopped(engine: Engine, container: str) -> None:
+    follower = engine.follow_logs(container)
+    try:
+        while engine.is_running(container):
+            time.sleep(1.0)
+        raise RuntimeCheckError(f"{container} stopped: {engine.logs(container, tail=5).strip()}")
+    finally:
+        follower.terminate()

@@ -1,0 +1,75 @@
+"""Fixtures for tests that drive the real tools: the CLI as a process, podman, qemu."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from packager.tools.qemu import ensure_binfmt
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def edgepack(
+    *args: str, check: bool = True, timeout: float = 1200, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a fresh process, as a user would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "packager", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"edgepack {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def build_json(*args: str) -> dict[str, Any]:
+    proc = edgepack("build", *args, "--json")
+    document: dict[str, Any] = json.loads(proc.stdout)
+    return document
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def edgepack_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One download/layer cache for the whole session (CI starts it empty)."""
+    override = os.environ.get("EDGEPACK_TEST_CACHE")
+    if override:
+        return Path(override)
+    return tmp_path_factory.mktemp("edgepack-cache")
+
+
+@pytest.fixture(scope="session")
+def arm64_emulation() -> None:
+    """qemu-user through binfmt_misc, registered here when missing (needs root)."""
+    if shutil.which("podman") is None:
+        pytest.fail("podman is not installed: run `make setup`")
+    ensure_binfmt("arm64")
+
+
+@pytest.fixture
+def cleanup_containers() -> Iterator[list[str]]:
+    names: list[str] = []
+    yield names
+    for name in names:
+        subprocess.run(["podman", "rm", "-f", "-t", "1", name], capture_output=True)
