@@ -47,7 +47,7 @@ def bundle_name(request: BuildRequest) -> str:
     if not _NAME_RE.match(name):
         raise UsageError(
             f"--name: '{raw}' is not a valid bundle name",
-            hint="use lower-case letters, digits, '.', '_' and '-', starting with a letter or digit",
+            hint="use lower-case letters, digits, '.', '_' and '-' (e.g. mnist-v2)",
         )
     return name
 

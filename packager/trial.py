@@ -187,10 +187,14 @@ def run_bundle(request: RunRequest) -> RunResult:
     try:
         with _stop_on_sigterm():
             ready_after = wait_ready(engine, container, base_url, request.timeout_s)
-            console.status(f"ready after {ready_after:.1f}s: {base_url}/v2/models/{manifest['name']}")
+            console.status(
+                f"ready after {ready_after:.1f}s: {base_url}/v2/models/{manifest['name']}"
+            )
             smoke = None
             if request.smoke_test:
-                smoke = smoke_inference(base_url, str(manifest["name"]), manifest["model"]["inputs"])
+                smoke = smoke_inference(
+                    base_url, str(manifest["name"]), manifest["model"]["inputs"]
+                )
                 console.status(f"inference OK in {smoke['latency_s']}s")
             else:
                 console.status("serving; press Ctrl-C to stop")

@@ -263,13 +263,13 @@ class LinuxContainerBackend:
             "digest": image.manifest_digest,
             "config_digest": image.config_digest,
             "ref": image.ref_name,
-            "platform": plan.target.spec.platform.oci if isinstance(
-                plan.target.spec, LinuxTarget
-            ) else "",
+            "platform": plan.target.spec.platform.oci
+            if isinstance(plan.target.spec, LinuxTarget)
+            else "",
             "size_bytes": image.size_bytes,
-            "port": plan.target.spec.runtime.port if isinstance(
-                plan.target.spec, LinuxTarget
-            ) else 8080,
+            "port": plan.target.spec.runtime.port
+            if isinstance(plan.target.spec, LinuxTarget)
+            else 8080,
             "layers": layers,
         }
         cached = [layer.name for layer in image.layers if layer.cached]

@@ -109,7 +109,9 @@ def check_files(root: Path, document: Mapping[str, Any]) -> list[str]:
             continue
         actual = sha256_file(path)
         if actual != entry["sha256"]:
-            problems.append(f"{rel}: sha256 {actual[:16]}..., manifest says {entry['sha256'][:16]}...")
+            problems.append(
+                f"{rel}: sha256 {actual[:16]}..., manifest says {entry['sha256'][:16]}..."
+            )
     for path in _walk(root):
         rel = path.relative_to(root).as_posix()
         if rel not in listed:

@@ -13,8 +13,12 @@ from packager.console import console
 
 @click.command("build")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--target", "-t", required=True, help="A target name (see 'targets list') or a TOML file.")
-@click.option("--out", "-o", type=click.Path(path_type=Path), help="Bundle directory [out/NAME-VERSION].")
+@click.option(
+    "--target", "-t", required=True, help="A target name (see 'targets list') or a TOML file."
+)
+@click.option(
+    "--out", "-o", type=click.Path(path_type=Path), help="Bundle directory [out/NAME-VERSION]."
+)
 @click.option("--name", help="Served model name [the model file's stem].")
 @click.option("--version", "version", default="0.1.0", show_default=True, help="Bundle version.")
 @click.option("--base", help="Base image instead of Debian: oci-archive:PATH or an OCI layout dir.")
@@ -25,9 +29,13 @@ from packager.console import console
     help="Optimize the model first (see 'edgepack optimize').",
 )
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration data directory.")
-@click.option("--eval", "eval_dir", type=click.Path(path_type=Path), help="Evaluation data directory.")
 @click.option(
-    "--cache-dir", type=click.Path(path_type=Path), help="Download and layer cache [~/.cache/edgepack]."
+    "--eval", "eval_dir", type=click.Path(path_type=Path), help="Evaluation data directory."
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    help="Download and layer cache [~/.cache/edgepack].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def build_cmd(

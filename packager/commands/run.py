@@ -27,7 +27,9 @@ def run_cmd(
     """Run BUNDLE's image here (arm64 under qemu-user) and serve its API until stopped."""
     console.configure(quiet=as_json)
     result = run_bundle(
-        RunRequest(bundle=bundle, port=port, engine=engine, smoke_test=smoke_test, timeout_s=timeout)
+        RunRequest(
+            bundle=bundle, port=port, engine=engine, smoke_test=smoke_test, timeout_s=timeout
+        )
     )
     if as_json:
         console.json(result.to_json())

@@ -41,9 +41,7 @@ class Engine:
         return proc.stdout.decode().strip()
 
     def image_architecture(self, ref: str) -> str:
-        proc = self.tool.run(
-            ["image", "inspect", "--format", "{{.Architecture}}", ref], timeout=60
-        )
+        proc = self.tool.run(["image", "inspect", "--format", "{{.Architecture}}", ref], timeout=60)
         return proc.stdout.decode().strip()
 
     def run_detached(

@@ -53,7 +53,7 @@ def ensure_binfmt(arch: str) -> None:
     if os.geteuid() != 0:
         raise ToolFailedError(
             f"binfmt_misc has no qemu-{qemu_name} entry and only root can register it",
-            hint=f"run once as root: systemctl restart systemd-binfmt (or: edgepack run as root)",
+            hint="run once as root: systemctl restart systemd-binfmt (or: edgepack run as root)",
         )
     if not (BINFMT / "register").exists():
         MOUNT.run(["-t", "binfmt_misc", "binfmt_misc", BINFMT], timeout=30)
@@ -62,6 +62,8 @@ def ensure_binfmt(arch: str) -> None:
         (BINFMT / "register").write_text(line)
     except OSError as exc:
         if not binfmt_registered(arch):
-            raise ToolFailedError(f"could not register qemu-{qemu_name} with binfmt_misc: {exc}")
+            raise ToolFailedError(
+                f"could not register qemu-{qemu_name} with binfmt_misc: {exc}"
+            ) from exc
     if not binfmt_registered(arch):
         raise ToolFailedError(f"qemu-{qemu_name} did not register with binfmt_misc")

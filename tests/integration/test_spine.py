@@ -253,7 +253,14 @@ def test_runtime_in_the_image_answers_mnist(
         result = client.infer("mnist", [tensor])
         scores = result.as_numpy(metadata["outputs"][0]["name"]).reshape(-1)
         expected = _mnist_expected(onnx_dir)
-        np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-3)
+        # The reference scores came from Windows ML; "about 1e-3" relative to their scale.
+        np.testing.assert_allclose(scores, expected, atol=1e-3 * float(np.abs(expected).max()))
+        # And the image's onnxruntime (arm64 under qemu, or amd64) agrees with the host's.
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(onnx_dir / "mnist.onnx"))
+        host = session.run(None, {"Input3": data})[0].reshape(-1)
+        np.testing.assert_allclose(scores, host, rtol=1e-4, atol=1e-3)
         assert int(np.argmax(scores)) == 8
         client.close()
     finally:

@@ -61,7 +61,7 @@ def test_check_files_names_each_damaged_file(tmp_path: Path) -> None:
 
 
 def test_read_manifest_rejects_missing_and_foreign(tmp_path: Path) -> None:
-    with pytest.raises(VerifyError, match="manifest.json: missing"):
+    with pytest.raises(VerifyError, match=r"manifest\.json: missing"):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text('{"schema": "other"}')
     with pytest.raises(VerifyError, match="schema"):
