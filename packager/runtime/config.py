@@ -1,0 +1,149 @@
+"""The runtime's configuration: one JSON object, validated strictly before anything starts.
+
+The build writes this file from the target and the build options; a typo in a key must stop the
+runtime with one line rather than be silently ignored on a device nobody is watching.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG_ENV = "EDGEPACK_RUNTIME_CONFIG"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, malformed or has a bad value (one-line message)."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    model_name: str
+    model_path: Path
+    model_version: str = "1"
+    host: str = "0.0.0.0"
+    # 0 asks the kernel for a free port (tests); the chosen port is logged in the "listening" event.
+    port: int = 8080
+    # 0 leaves the choice to onnxruntime (one intra-op thread per core).
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    log_level: str = "info"
+    # Larger bodies are refused with 413 before they are read, so one client cannot exhaust RAM.
+    max_request_bytes: int = 64 * 1024 * 1024
+    # An idle keep-alive connection holds a thread; close it after this long.
+    keepalive_timeout_s: float = 30.0
+    # On SIGTERM, in-flight requests get this long to finish before the process exits anyway.
+    drain_timeout_s: float = 20.0
+    # Dynamic batching: off unless max_batch_size > 1 and every input and output has a dynamic
+    # first dimension. Requests wait at most max_queue_delay_us for others to join their batch.
+    max_batch_size: int = 0
+    max_queue_delay_us: int = 0
+    # Requests waiting for the model beyond this are refused with 503 + Retry-After.
+    max_queue_size: int = 256
+    # LRU cache of responses, bounded in bytes; 0 turns it off.
+    cache_bytes: int = 0
+
+
+def _nonempty_str(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return "must be a non-empty string"
+    return None
+
+
+def _model_name(value: Any) -> str | None:
+    problem = _nonempty_str(value)
+    if problem is None and any(c in value for c in "/?#% "):
+        return "must not contain '/', '?', '#', '%' or spaces (it is part of the URL)"
+    return problem
+
+
+def _int_range(low: int, high: int | None = None) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        # bool is an int subclass; `"port": true` is a mistake, not port 1.
+        if not isinstance(value, int) or isinstance(value, bool):
+            return "must be an integer"
+        if value < low or (high is not None and value > high):
+            return f"must be between {low} and {high}" if high is not None else f"must be >= {low}"
+        return None
+
+    return check
+
+
+def _positive_number(value: Any) -> str | None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        return "must be a positive number"
+    return None
+
+
+def _log_level(value: Any) -> str | None:
+    if value not in LOG_LEVELS:
+        return f"must be one of {', '.join(LOG_LEVELS)}"
+    return None
+
+
+_CHECKS: Mapping[str, Callable[[Any], str | None]] = {
+    "model_name": _model_name,
+    "model_path": _nonempty_str,
+    "model_version": _model_name,
+    "host": _nonempty_str,
+    "port": _int_range(0, 65535),
+    "intra_op_threads": _int_range(0),
+    "inter_op_threads": _int_range(0),
+    "log_level": _log_level,
+    "max_request_bytes": _int_range(1),
+    "keepalive_timeout_s": _positive_number,
+    "drain_timeout_s": _positive_number,
+    "max_batch_size": _int_range(0),
+    "max_queue_delay_us": _int_range(0, 10_000_000),
+    "max_queue_size": _int_range(1),
+    "cache_bytes": _int_range(0),
+}
+_REQUIRED = ("model_name", "model_path")
+
+
+def parse_config(document: Any, source: str, base_dir: Path) -> RuntimeConfig:
+    """Validate a decoded JSON document; relative model paths are relative to ``base_dir``."""
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: must hold a JSON object, not {type(document).__name__}")
+    unknown = sorted(set(document) - set(_CHECKS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(_CHECKS))}"
+        )
+    for key in _REQUIRED:
+        if key not in document:
+            raise ConfigError(f"{source}: missing required key {key!r}")
+    for key, value in document.items():
+        problem = _CHECKS[key](value)
+        if problem is not None:
+            raise ConfigError(f"{source}: {key} {problem} (got {json.dumps(value)})")
+    values = dict(document)
+    values["model_path"] = base_dir / Path(document["model_path"])
+    return RuntimeConfig(**values)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> RuntimeConfig:
+    """Read the config from ``path``, or from the file named by $EDGEPACK_RUNTIME_CONFIG."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV)
+        if not path:
+            raise ConfigError(f"no configuration: pass --config PATH or set {CONFIG_ENV}")
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the config file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: the config file is not UTF-8 text") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{file}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    return parse_config(document, str(file), file.parent)

@@ -1,0 +1,138 @@
+"""The served model: an onnxruntime session and its signature in Open Inference Protocol terms."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[Any]
+
+# onnxruntime's type strings -> (Open Inference Protocol datatype, numpy dtype). Little-endian
+# explicitly: the binary tensor extension is little-endian whatever the host is.
+DATATYPES: Mapping[str, tuple[str, np.dtype[Any]]] = {
+    "tensor(float)": ("FP32", np.dtype("<f4")),
+    "tensor(float16)": ("FP16", np.dtype("<f2")),
+    "tensor(double)": ("FP64", np.dtype("<f8")),
+    "tensor(int8)": ("INT8", np.dtype("i1")),
+    "tensor(int16)": ("INT16", np.dtype("<i2")),
+    "tensor(int32)": ("INT32", np.dtype("<i4")),
+    "tensor(int64)": ("INT64", np.dtype("<i8")),
+    "tensor(uint8)": ("UINT8", np.dtype("u1")),
+    "tensor(uint16)": ("UINT16", np.dtype("<u2")),
+    "tensor(uint32)": ("UINT32", np.dtype("<u4")),
+    "tensor(uint64)": ("UINT64", np.dtype("<u8")),
+    "tensor(bool)": ("BOOL", np.dtype("?")),
+}
+
+
+class ModelError(Exception):
+    """The model cannot be loaded or uses a type the runtime cannot serve (one-line message)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str  # "FP32", ...
+    shape: tuple[int, ...]  # -1 for a dynamic dimension
+    dtype: np.dtype[Any]
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.datatype} {format_shape(self.shape)})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((spec for spec in self.inputs if spec.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((spec for spec in self.outputs if spec.name == name), None)
+
+    @property
+    def batchable(self) -> bool:
+        """True when every tensor's first dimension is dynamic, so requests can be stacked."""
+        tensors = self.inputs + self.outputs
+        return all(len(t.shape) >= 1 and t.shape[0] == -1 for t in tensors)
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def _spec(node: Any, path: Path) -> TensorSpec:
+    if node.type not in DATATYPES:
+        raise ModelError(
+            f"{path}: tensor {node.name!r} has type {node.type}, which the runtime cannot serve"
+        )
+    datatype, dtype = DATATYPES[node.type]
+    # onnxruntime reports a dynamic dimension as a symbolic name (str) or None.
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+    return TensorSpec(node.name, datatype, shape, dtype)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Model:
+    """One loaded model. ``run`` is thread-safe: onnxruntime sessions allow concurrent runs."""
+
+    def __init__(self, session: Any, name: str, version: str, path: Path, digest: str) -> None:
+        self.session = session
+        self.name = name
+        self.version = version
+        self.path = path
+        self.digest = digest
+        self.signature = Signature(
+            tuple(_spec(n, path) for n in session.get_inputs()),
+            tuple(_spec(n, path) for n in session.get_outputs()),
+        )
+
+    def run(self, inputs: Mapping[str, Array], outputs: Sequence[str]) -> list[Array]:
+        results: list[Array] = self.session.run(list(outputs), dict(inputs))
+        return results
+
+    def warm_up(self) -> None:
+        """One inference on zeros (dynamic dimensions = 1) so the first client is not slow."""
+        feeds = {
+            spec.name: np.zeros(tuple(1 if d < 0 else d for d in spec.shape), dtype=spec.dtype)
+            for spec in self.signature.inputs
+        }
+        self.run(feeds, [spec.name for spec in self.signature.outputs])
+
+
+def load_model(
+    path: Path, name: str, version: str, *, intra_op_threads: int = 0, inter_op_threads: int = 0
+) -> Model:
+    # Imported here so that the config and protocol modules (and their tests) stay light.
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found (check model_path in the config)")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        message = " ".join(str(exc).split())
+        raise ModelError(f"{path}: onnxruntime cannot load the model: {message}") from None
+    return Model(session, name, version, path, file_digest(path))

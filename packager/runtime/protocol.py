@@ -1,0 +1,301 @@
+"""Open Inference Protocol v2 (KServe v2 / Triton HTTP) requests and responses, without I/O.
+
+``parse_infer_request`` turns a request body into validated numpy arrays or raises
+:class:`ProtocolError` with the HTTP status and a message that says what was expected.
+Both JSON tensors and the binary tensor extension (``Inference-Header-Content-Length``) are
+understood; see https://github.com/triton-inference-server/server/blob/main/docs/protocol/
+extension_binary_data.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .model import Array, Signature, TensorSpec, format_shape
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class ProtocolError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def bad_request(message: str) -> ProtocolError:
+    return ProtocolError(400, message)
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    spec: TensorSpec
+    binary: bool
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    inputs: dict[str, Array]  # in the model's input order
+    outputs: tuple[RequestedOutput, ...]
+
+
+def _expected_inputs(signature: Signature) -> str:
+    return ", ".join(spec.describe() for spec in signature.inputs)
+
+
+def _check_shape(spec: TensorSpec, shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise bad_request(
+            f"input {spec.name!r}: shape must be a list of non-negative integers, got "
+            f"{json.dumps(shape)}"
+        )
+    if len(shape) != len(spec.shape) or any(
+        want != -1 and want != got for want, got in zip(spec.shape, shape, strict=True)
+    ):
+        raise bad_request(
+            f"input {spec.name!r}: expected shape {format_shape(spec.shape)} (-1 = any size), "
+            f"got {format_shape(shape)}"
+        )
+    return tuple(shape)
+
+
+def _count_error(spec: TensorSpec, shape: tuple[int, ...], got: int) -> ProtocolError:
+    return bad_request(
+        f"input {spec.name!r}: shape {format_shape(shape)} needs {math.prod(shape)} elements, "
+        f"got {got}"
+    )
+
+
+def _from_json(spec: TensorSpec, shape: tuple[int, ...], data: Any) -> Array:
+    if not isinstance(data, list):
+        raise bad_request(f"input {spec.name!r}: 'data' must be a JSON array of values")
+    try:
+        raw = np.asarray(data)
+    except (ValueError, OverflowError):
+        raise bad_request(
+            f"input {spec.name!r}: 'data' must be a flat (or evenly nested) list of values"
+        ) from None
+    if raw.size != math.prod(shape):
+        raise _count_error(spec, shape, int(raw.size))
+    want = spec.dtype.kind
+    if raw.size and want in "iu" and raw.dtype.kind in "fO":
+        # numpy falls back to float64 or object for integers beyond int64 (large UINT64 values):
+        # check those element by element rather than lose precision.
+        raw = _exact_integers(spec, data, raw.shape)
+    if raw.size:
+        got = raw.dtype.kind
+        if got not in "biuf":
+            raise bad_request(
+                f"input {spec.name!r}: 'data' must hold only {_value_word(want)} for "
+                f"{spec.datatype}"
+            )
+        if (want == "b") != (got == "b") or (want in "iu" and got == "f"):
+            raise bad_request(
+                f"input {spec.name!r}: {spec.datatype} needs {_value_word(want)} in 'data'"
+            )
+        if want in "iu":
+            limits = np.iinfo(spec.dtype)
+            if int(raw.min()) < limits.min or int(raw.max()) > limits.max:
+                raise bad_request(
+                    f"input {spec.name!r}: values must lie in [{limits.min}, {limits.max}] "
+                    f"for {spec.datatype}"
+                )
+    return raw.astype(spec.dtype, copy=False).reshape(shape)
+
+
+def _exact_integers(spec: TensorSpec, data: list[Any], shape: tuple[int, ...]) -> Array:
+    values = np.asarray(data, dtype=object).ravel().tolist()
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise bad_request(f"input {spec.name!r}: {spec.datatype} needs integers in 'data'")
+    limits = np.iinfo(spec.dtype)
+    if min(values) < limits.min or max(values) > limits.max:
+        raise bad_request(
+            f"input {spec.name!r}: values must lie in [{limits.min}, {limits.max}] "
+            f"for {spec.datatype}"
+        )
+    return np.asarray(values, dtype=spec.dtype).reshape(shape)
+
+
+def _value_word(kind: str) -> str:
+    return {"b": "true/false values", "i": "integers", "u": "integers"}.get(kind, "numbers")
+
+
+def _from_binary(spec: TensorSpec, shape: tuple[int, ...], blob: bytes | memoryview) -> Array:
+    itemsize = spec.dtype.itemsize
+    if len(blob) % itemsize:
+        raise bad_request(
+            f"input {spec.name!r}: binary_data_size {len(blob)} is not a multiple of "
+            f"{itemsize} bytes per {spec.datatype} element"
+        )
+    count = len(blob) // itemsize
+    if count != math.prod(shape):
+        raise _count_error(spec, shape, count)
+    return np.frombuffer(blob, dtype=spec.dtype).reshape(shape)
+
+
+def _parameters(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    parameters = entry.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise bad_request(f"{where}: 'parameters' must be a JSON object")
+    return parameters
+
+
+def _binary_size(parameters: dict[str, Any], where: str) -> int | None:
+    size = parameters.get("binary_data_size")
+    if size is None:
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise bad_request(f"{where}: binary_data_size must be a non-negative integer")
+    return size
+
+
+def parse_infer_request(
+    body: bytes, header_length: int | None, signature: Signature
+) -> InferRequest:
+    """Validate an infer request against the model signature.
+
+    ``header_length`` is the value of the Inference-Header-Content-Length header: the JSON part's
+    size when binary tensors follow it, or None for a pure JSON body.
+    """
+    if header_length is not None and not 0 <= header_length <= len(body):
+        raise bad_request(
+            f"{HEADER_LENGTH} is {header_length} but the body has only {len(body)} bytes"
+        )
+    view = memoryview(body)
+    head = view[:header_length] if header_length is not None else view
+    try:
+        document = json.loads(bytes(head))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise bad_request(f"malformed JSON request: {detail}") from None
+    if not isinstance(document, dict):
+        raise bad_request("the request must be a JSON object with an 'inputs' array")
+    request_id = document.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise bad_request("'id' must be a string")
+    entries = document.get("inputs")
+    if not isinstance(entries, list) or not entries:
+        raise bad_request(
+            f"the request needs a non-empty 'inputs' array; expected: {_expected_inputs(signature)}"
+        )
+
+    offset = header_length if header_length is not None else len(body)
+    arrays: dict[str, Array] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise bad_request(f"inputs[{index}] must be an object with a string 'name'")
+        name = entry["name"]
+        spec = signature.input(name)
+        if spec is None:
+            raise bad_request(
+                f"unknown input {name!r}; the model's inputs are: {_expected_inputs(signature)}"
+            )
+        if name in arrays:
+            raise bad_request(f"input {name!r} is given twice")
+        if entry.get("datatype") != spec.datatype:
+            raise bad_request(
+                f"input {name!r}: expected datatype {spec.datatype}, got "
+                f"{json.dumps(entry.get('datatype'))}"
+            )
+        shape = _check_shape(spec, entry.get("shape"))
+        size = _binary_size(_parameters(entry, f"input {name!r}"), f"input {name!r}")
+        if size is not None:
+            if "data" in entry:
+                raise bad_request(f"input {name!r}: give either 'data' or binary_data_size")
+            if offset + size > len(body):
+                raise bad_request(
+                    f"input {name!r}: binary_data_size {size} runs past the end of the body"
+                )
+            arrays[name] = _from_binary(spec, shape, view[offset : offset + size])
+            offset += size
+        elif "data" in entry:
+            arrays[name] = _from_json(spec, shape, entry["data"])
+        else:
+            raise bad_request(f"input {name!r}: needs 'data' (or binary_data_size)")
+    if offset != len(body):
+        raise bad_request(
+            f"the body has {len(body) - offset} bytes after the JSON header and binary inputs"
+        )
+    missing = [spec.describe() for spec in signature.inputs if spec.name not in arrays]
+    if missing:
+        raise bad_request(f"missing input {', '.join(missing)}")
+
+    parameters = _parameters(document, "request")
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise bad_request("parameters.binary_data_output must be true or false")
+    outputs = _requested_outputs(document.get("outputs"), signature, binary_default)
+    ordered = {spec.name: arrays[spec.name] for spec in signature.inputs}
+    return InferRequest(request_id, ordered, outputs)
+
+
+def _requested_outputs(
+    entries: Any, signature: Signature, binary_default: bool
+) -> tuple[RequestedOutput, ...]:
+    if entries is None:
+        return tuple(RequestedOutput(spec, binary_default) for spec in signature.outputs)
+    if not isinstance(entries, list):
+        raise bad_request("'outputs' must be an array of {\"name\": ...} objects")
+    requested: list[RequestedOutput] = []
+    expected = ", ".join(spec.describe() for spec in signature.outputs)
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise bad_request(f"outputs[{index}] must be an object with a string 'name'")
+        spec = signature.output(entry["name"])
+        if spec is None:
+            raise bad_request(
+                f"unknown output {entry['name']!r}; the model's outputs are: {expected}"
+            )
+        parameters = _parameters(entry, f"output {spec.name!r}")
+        if "classification" in parameters:
+            raise bad_request(f"output {spec.name!r}: the classification extension is not served")
+        binary = parameters.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise bad_request(f"output {spec.name!r}: parameters.binary_data must be true or false")
+        requested.append(RequestedOutput(spec, binary))
+    if not requested:
+        raise bad_request(f"'outputs' is empty; the model's outputs are: {expected}")
+    return tuple(requested)
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: Sequence[RequestedOutput],
+    results: Sequence[Array],
+) -> tuple[bytes, int | None]:
+    """The response body and, when binary outputs follow the JSON, the JSON part's length."""
+    entries: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for requested, result in zip(outputs, results, strict=True):
+        spec = requested.spec
+        entry: dict[str, Any] = {
+            "name": spec.name,
+            "datatype": spec.datatype,
+            "shape": list(result.shape),
+        }
+        if requested.binary:
+            blob = np.ascontiguousarray(result, dtype=spec.dtype).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = np.asarray(result, dtype=spec.dtype).ravel().tolist()
+        entries.append(entry)
+    document: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        document["id"] = request_id
+    document["outputs"] = entries
+    header = json.dumps(document, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)

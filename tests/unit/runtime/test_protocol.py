@@ -1,0 +1,216 @@
+"""Request parsing and response encoding against synthetic signatures (no model, no sockets)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from packager.runtime.model import DATATYPES, Signature, TensorSpec
+from packager.runtime.protocol import (
+    ProtocolError,
+    RequestedOutput,
+    encode_infer_response,
+    parse_infer_request,
+)
+
+SPECS = {
+    datatype: TensorSpec(f"x_{datatype}", datatype, (-1, 2), dtype)
+    for datatype, dtype in DATATYPES.values()
+}
+
+
+def signature(*datatypes: str) -> Signature:
+    specs = tuple(SPECS[d] for d in datatypes)
+    outputs = tuple(TensorSpec(f"y_{s.datatype}", s.datatype, s.shape, s.dtype) for s in specs)
+    return Signature(specs, outputs)
+
+
+def body(*inputs: dict[str, Any], **extra: Any) -> bytes:
+    return json.dumps({"inputs": list(inputs), **extra}).encode()
+
+
+def tensor(datatype: str, data: Any, shape: list[int] | None = None) -> dict[str, Any]:
+    return {"name": f"x_{datatype}", "datatype": datatype, "shape": shape or [2, 2], "data": data}
+
+
+SAMPLES: dict[str, list[Any]] = {
+    "FP32": [0.5, -1.0, 3, 1e30],
+    "FP16": [0.5, -1.0, 2.0, 65504.0],
+    "FP64": [0.1, -1e300, 3.0, 4.0],
+    "INT8": [-128, 127, 0, 1],
+    "INT16": [-32768, 32767, 0, 1],
+    "INT32": [-(2**31), 2**31 - 1, 0, 1],
+    "INT64": [-(2**63), 2**63 - 1, 0, 1],
+    "UINT8": [0, 255, 1, 2],
+    "UINT16": [0, 65535, 1, 2],
+    "UINT32": [0, 2**32 - 1, 1, 2],
+    "UINT64": [0, 2**63, 1, 2],
+    "BOOL": [True, False, False, True],
+}
+
+
+@pytest.mark.parametrize("datatype", sorted(SAMPLES))
+def test_json_tensors_of_every_dtype_round_trip(datatype: str) -> None:
+    spec = SPECS[datatype]
+    request = parse_infer_request(
+        body(tensor(datatype, SAMPLES[datatype])), None, signature(datatype)
+    )
+    array = request.inputs[spec.name]
+    assert array.dtype == spec.dtype
+    assert array.shape == (2, 2)
+    np.testing.assert_array_equal(array.ravel(), np.asarray(SAMPLES[datatype], dtype=spec.dtype))
+    out = request.outputs[0]
+    payload, header_length = encode_infer_response("m", "1", None, [out], [array])
+    assert header_length is None
+    document = json.loads(payload)
+    assert document["outputs"][0]["datatype"] == datatype
+    assert document["outputs"][0]["shape"] == [2, 2]
+    np.testing.assert_array_equal(
+        np.asarray(document["outputs"][0]["data"], dtype=spec.dtype), array.ravel()
+    )
+
+
+@pytest.mark.parametrize("datatype", sorted(SAMPLES))
+def test_binary_tensors_of_every_dtype_round_trip(datatype: str) -> None:
+    spec = SPECS[datatype]
+    array = np.asarray(SAMPLES[datatype], dtype=spec.dtype).reshape(2, 2)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": spec.name,
+                    "datatype": datatype,
+                    "shape": [2, 2],
+                    "parameters": {"binary_data_size": array.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    request = parse_infer_request(header + array.tobytes(), len(header), signature(datatype))
+    np.testing.assert_array_equal(request.inputs[spec.name], array)
+    assert request.outputs[0].binary
+    payload, header_length = encode_infer_response("m", "1", "id", request.outputs, [array])
+    assert header_length is not None
+    document = json.loads(payload[:header_length])
+    assert document["id"] == "id"
+    assert document["outputs"][0]["parameters"] == {"binary_data_size": array.nbytes}
+    decoded = np.frombuffer(payload[header_length:], dtype=spec.dtype).reshape(2, 2)
+    np.testing.assert_array_equal(decoded, array)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "message"),
+    [
+        ("UINT8", [0, 256, 1, 2], "values must lie in [0, 255] for UINT8"),
+        ("INT8", [-129, 0, 1, 2], "values must lie in [-128, 127] for INT8"),
+        ("INT64", [0.5, 0, 1, 2], "INT64 needs integers in 'data'"),
+        ("BOOL", [1, 0, 1, 0], "BOOL needs true/false values in 'data'"),
+        ("FP32", [True, False, True, False], "FP32 needs numbers in 'data'"),
+        ("FP32", [[1, 2], [3]], "flat (or evenly nested) list"),
+        ("FP32", [None, 1, 2, 3], "must hold only numbers for FP32"),
+        ("FP32", "1,2,3,4", "'data' must be a JSON array"),
+        ("FP32", [1, 2, 3], "shape [2,2] needs 4 elements, got 3"),
+    ],
+)
+def test_json_data_is_checked_against_the_datatype(datatype: str, data: Any, message: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        parse_infer_request(body(tensor(datatype, data)), None, signature(datatype))
+    assert caught.value.status == 400
+    assert message in caught.value.message
+
+
+def test_nested_json_data_is_accepted() -> None:
+    request = parse_infer_request(body(tensor("FP32", [[1, 2], [3, 4]])), None, signature("FP32"))
+    assert request.inputs["x_FP32"].tolist() == [[1, 2], [3, 4]]
+
+
+def test_dynamic_dimension_accepts_any_size_but_rank_is_fixed() -> None:
+    sig = signature("FP32")
+    request = parse_infer_request(body(tensor("FP32", [0.0] * 6, [3, 2])), None, sig)
+    assert request.inputs["x_FP32"].shape == (3, 2)
+    with pytest.raises(ProtocolError, match=r"expected shape \[-1,2\]"):
+        parse_infer_request(body(tensor("FP32", [0.0] * 6, [3, 2, 1])), None, sig)
+
+
+def test_binary_size_must_fit_the_dtype_and_body() -> None:
+    sig = signature("FP32")
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x_FP32",
+                    "datatype": "FP32",
+                    "shape": [1, 2],
+                    "parameters": {"binary_data_size": 7},
+                }
+            ]
+        }
+    ).encode()
+    with pytest.raises(ProtocolError, match="not a multiple of 4 bytes per FP32 element"):
+        parse_infer_request(header + b"\0" * 7, len(header), sig)
+    header = header.replace(b'"binary_data_size": 7', b'"binary_data_size": 8')
+    with pytest.raises(ProtocolError, match="the body has 1 bytes after the JSON header"):
+        parse_infer_request(header + b"\0" * 9, len(header), sig)
+
+
+def test_missing_input_lists_what_is_expected() -> None:
+    sig = signature("FP32", "INT64")
+    with pytest.raises(ProtocolError, match=r"missing input x_INT64 \(INT64 \[-1,2\]\)"):
+        parse_infer_request(body(tensor("FP32", [0.0] * 4)), None, sig)
+
+
+def test_inputs_are_returned_in_model_order_and_outputs_default_to_all() -> None:
+    sig = signature("FP32", "INT64")
+    request = parse_infer_request(
+        body(tensor("INT64", [1, 2, 3, 4]), tensor("FP32", [0.0] * 4)), None, sig
+    )
+    assert list(request.inputs) == ["x_FP32", "x_INT64"]
+    assert request.outputs == tuple(RequestedOutput(spec, False) for spec in sig.outputs)
+
+
+def test_per_output_binary_flag_overrides_the_request_default() -> None:
+    sig = signature("FP32", "INT64")
+    request = parse_infer_request(
+        body(
+            tensor("FP32", [0.0] * 4),
+            tensor("INT64", [1, 2, 3, 4]),
+            outputs=[{"name": "y_INT64", "parameters": {"binary_data": True}}, {"name": "y_FP32"}],
+            parameters={"binary_data_output": False},
+        ),
+        None,
+        sig,
+    )
+    assert [(o.spec.name, o.binary) for o in request.outputs] == [
+        ("y_INT64", True),
+        ("y_FP32", False),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"inputs": [], "id": "x"}, "non-empty 'inputs' array"),
+        ({"inputs": [tensor("FP32", [0.0] * 4)], "id": 7}, "'id' must be a string"),
+        ({"inputs": ["x_FP32"]}, "inputs[0] must be an object with a string 'name'"),
+        ({"inputs": [tensor("FP32", [0.0] * 4)], "outputs": []}, "'outputs' is empty"),
+        (
+            {
+                "inputs": [tensor("FP32", [0.0] * 4)],
+                "outputs": [{"name": "y_FP32", "parameters": {"classification": 3}}],
+            },
+            "classification extension is not served",
+        ),
+        (
+            {"inputs": [tensor("FP32", [0.0] * 4)], "parameters": {"binary_data_output": 1}},
+            "binary_data_output must be true or false",
+        ),
+    ],
+)
+def test_request_structure_errors(document: dict[str, Any], message: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        parse_infer_request(json.dumps(document).encode(), None, signature("FP32"))
+    assert message in caught.value.message
