@@ -77,9 +77,18 @@ class LinuxRuntime(_Section):
     container_engine: Literal["docker", "podman"] = "docker"
     port: Annotated[int, Field(gt=0, lt=65536, strict=True)] = 8080
     intra_op_threads: NonNegInt = 0
+    inter_op_threads: NonNegInt = 0
     # Resident memory of Python + onnxruntime before any model is loaded.
     overhead_mb: PosInt = 96
     preferred_precision: Precision = "fp32"
+    # Dynamic batching (for models with a dynamic batch dimension); 0 turns it off.
+    max_batch_size: NonNegInt = 0
+    max_queue_delay_us: NonNegInt = 500
+    max_queue_size: PosInt = 256
+    # LRU response cache, bounded; 0 turns it off.
+    cache_mb: NonNegInt = 0
+    # onnxruntime's CPU memory arena: off trades some speed for a smaller, steadier RSS.
+    cpu_mem_arena: bool = True
 
 
 class JetsonRuntime(_Section):

@@ -34,6 +34,10 @@ class BuildRequest:
     quantize: str | None = None  # "fp16" | "int8-dynamic" | "int8-static"
     calibration: Path | None = None
     eval_dir: Path | None = None
+    # Runtime settings that override the target's [runtime] table (None: keep the target's).
+    max_batch_size: int | None = None
+    max_queue_delay_us: int | None = None
+    cache_mb: int | None = None
     options: tuple[tuple[str, str], ...] = ()  # backend-specific --opt key=value
 
 

@@ -83,14 +83,27 @@ def parse_base(reference: str) -> ArchiveBase:
     return ArchiveBase(reference=reference, path=path, kind="oci-layout")
 
 
-def runtime_config(name: str, version: str, model_file: str, spec: LinuxTarget) -> dict[str, Any]:
+def _pick(override: int | None, default: int) -> int:
+    return default if override is None else override
+
+
+def runtime_config(
+    request: BuildRequest, name: str, version: str, model_file: str, spec: LinuxTarget
+) -> dict[str, Any]:
+    """``runtime.json`` for the on-device runtime: the target's settings, then the build's."""
+    runtime = spec.runtime
     return {
         "model_name": name,
         "model_version": version,
         "model_path": f"{MODEL_DIR}/{model_file}",
         "host": "0.0.0.0",
-        "port": spec.runtime.port,
-        "intra_op_threads": spec.runtime.intra_op_threads,
+        "port": runtime.port,
+        "intra_op_threads": runtime.intra_op_threads,
+        "inter_op_threads": runtime.inter_op_threads,
+        "max_batch_size": _pick(request.max_batch_size, runtime.max_batch_size),
+        "max_queue_delay_us": _pick(request.max_queue_delay_us, runtime.max_queue_delay_us),
+        "max_queue_size": runtime.max_queue_size,
+        "cache_bytes": _pick(request.cache_mb, runtime.cache_mb) * 1024 * 1024,
     }
 
 
@@ -118,7 +131,7 @@ def image_spec(
 
         suite = spec.runtime.base.partition(":")[2] or "bookworm"
         base = DebianBase(suite=suite, packages=DEFAULT_PYTHON_PACKAGES)
-    config = runtime_config(name, version, model.path.name, spec)
+    config = runtime_config(request, name, version, model.path.name, spec)
     port = spec.runtime.port
     labels = (
         ("io.edgepack.model.digest", model.digest),
@@ -150,6 +163,7 @@ def image_spec(
             cmd=("--config", f"{MODEL_DIR}/runtime.json"),
             env=(
                 ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+                ("EDGEPACK_RUNTIME_CONFIG", f"{MODEL_DIR}/runtime.json"),
                 ("PYTHONDONTWRITEBYTECODE", "1"),
                 ("PYTHONPATH", f"{RUNTIME_ROOT}:{SITE_PACKAGES}"),
                 ("PYTHONUNBUFFERED", "1"),

@@ -49,6 +49,9 @@ def build_cmd(
     quantize: str | None,
     calibration: Path | None,
     eval_dir: Path | None,
+    max_batch_size: int | None,
+    batch_delay_us: int | None,
+    cache_mb: int | None,
     cache_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -66,6 +69,9 @@ def build_cmd(
         quantize=quantize,
         calibration=calibration,
         eval_dir=eval_dir,
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=batch_delay_us,
+        cache_mb=cache_mb,
     )
     result = build(request)
     if as_json:

@@ -1,0 +1,641 @@
+"""The update state machine: check -> eligible -> download -> verify -> stage -> switch -> trial
+-> commit | rollback, persisted in ``ROOT/state.json`` after every step so that a crash or power
+cut at any point resumes where it stopped.
+
+Device root layout::
+
+    state.json            the state machine (atomic rename + fsync)
+    tuf/                  trusted TUF metadata (root.json installed by ``init``)
+    store/objects/<hex>   verified blobs and files by sha256 (kept for layer-level deltas)
+    store/partial/<hex>   resumable downloads
+    store/releases/N.json verified release documents
+    releases/N/           staged releases (image.tar + bundle files + release.json)
+    current, previous     symlinks to releases/N, switched with rename(2)
+    outbox/               outcome reports not yet delivered
+    reports.jsonl         delivered reports when no URL is configured (USB pickup)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tuf.api.exceptions import DownloadError, LengthOrHashMismatchError
+
+from .engine import Engine, EngineError, ready
+from .fetch import Transport, download_resumable
+from .protocol import RELEASE_SCHEMA, ReleaseInfo, in_cohort
+from .store import (
+    fsync_dir,
+    read_json,
+    sha256_file,
+    symlink_atomic,
+    write_atomic,
+    write_json,
+    write_tar,
+)
+from .trust import Repo, TrustError
+
+log = logging.getLogger("edgepack.agent")
+STATE_SCHEMA = "edgepack.agent-state/v1"
+# Fault injection for the crash tests: the agent SIGKILLs itself at the named checkpoint, which is
+# what a power cut at that instant looks like to the next start. Unset in production.
+CRASH_ENV = "EDGEPACK_AGENT_CRASH_AT"
+_MAX_VERIFY_FAILURES = 3
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    root: Path
+    repo_url: str  # http(s)://host/repo/ or file:///media/usb/edgepack-ota/
+    device_id: str
+    platform: str  # "linux/amd64"
+    device_class: str = "linux-container"
+    channel: str = "stable"
+    engine: str = "docker"
+    engine_args: tuple[str, ...] = ()
+    port: int = 8080
+    report_url: str | None = None
+    report_file: Path | None = None
+    ready_timeout_s: float = 120.0
+    trial_s: float = 30.0
+    poll_s: float = 1.0
+    http_timeout_s: float = 30.0
+
+
+@dataclass
+class CycleResult:
+    """What one cycle did (also the last line the CLI prints as JSON)."""
+
+    outcome: str  # idle | committed | rolled-back | refused | failed | pending | not-eligible
+    sequence: int | None = None
+    reason: str = ""
+    bytes_fetched: int = 0
+    installed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "outcome": self.outcome,
+            "sequence": self.sequence,
+            "reason": self.reason,
+            "bytes_fetched": self.bytes_fetched,
+            "installed": self.installed,
+            **self.extra,
+        }
+
+
+class StepFailed(Exception):
+    """A step could not finish this cycle; the pending update stays for the next one."""
+
+
+def checkpoint(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        log.warning("fault injection: SIGKILL at %s", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def init_device(root: Path, trusted_root: Path) -> None:
+    """Install the repository's root.json as the device's anchor of trust (once)."""
+    (root / "tuf").mkdir(parents=True, exist_ok=True)
+    target = root / "tuf" / "root.json"
+    if not target.exists():
+        write_atomic(target, trusted_root.read_bytes())
+    if not (root / "state.json").exists():
+        write_json(root / "state.json", _empty_state())
+
+
+def _empty_state() -> dict[str, Any]:
+    return {
+        "schema": STATE_SCHEMA,
+        "installed": None,
+        "previous": None,
+        "pending": None,
+        "highest_seen": 0,
+        "failed": [],
+        "last_refusal": "",
+    }
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, engine: Engine | None = None) -> None:
+        self.cfg = config
+        self.root = config.root
+        self.engine = engine or Engine(config.engine, config.engine_args)
+        self.transport = Transport(timeout_s=config.http_timeout_s)
+        self._repo: Repo | None = None
+        self._accounted = 0
+        self.timings: dict[str, float] = {}  # seconds per phase in this cycle (benchmarks)
+        for sub in ("store/objects", "store/partial", "store/releases", "releases", "outbox"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        state_path = self.root / "state.json"
+        self.state: dict[str, Any] = read_json(state_path) if state_path.exists() else {}
+        if self.state.get("schema") != STATE_SCHEMA:
+            self.state = _empty_state()
+
+    # --- persistence -------------------------------------------------------------------------
+
+    def save(self) -> None:
+        pending = self.state.get("pending")
+        if pending is not None:
+            pending["bytes_fetched"] = pending.get("bytes_fetched", 0) + (
+                self.transport.bytes_fetched - self._accounted
+            )
+            self._accounted = self.transport.bytes_fetched
+        write_json(self.root / "state.json", self.state)
+
+    def repo(self) -> Repo:
+        if self._repo is None:
+            self._repo = Repo(self.root / "tuf", self.cfg.repo_url, self.transport)
+        return self._repo
+
+    # --- one cycle ---------------------------------------------------------------------------
+
+    def run_once(self) -> CycleResult:
+        self.collect_garbage()
+        result = self._cycle()
+        self.deliver_reports()
+        installed = self.state.get("installed")
+        result.installed = installed["sequence"] if installed else None
+        return result
+
+    def _cycle(self) -> CycleResult:
+        if self.state.get("pending") is None:
+            self._ensure_running()
+            result = self._check()
+            if result is not None:
+                return result
+        try:
+            return self._advance()
+        except StepFailed as exc:
+            pending = self.state.get("pending") or {}
+            return CycleResult(
+                "pending",
+                pending.get("sequence"),
+                str(exc),
+                pending.get("bytes_fetched", 0),
+            )
+
+    def _check(self) -> CycleResult | None:
+        """Pick the release to install; None when one is now pending."""
+        try:
+            releases = self.repo().refresh()
+        except TrustError as exc:
+            return self._refuse(None, str(exc))
+        mine = [
+            r
+            for r in releases
+            if r.channel == self.cfg.channel
+            and r.platform == self.cfg.platform
+            and r.device_class == self.cfg.device_class
+        ]
+        if not mine:
+            return CycleResult("idle", reason="no release for this device on the channel")
+        newest = max(mine, key=lambda r: r.sequence)
+        installed = self.state.get("installed")
+        installed_seq = installed["sequence"] if installed else 0
+        seen = int(self.state.get("highest_seen", 0))
+        if newest.sequence < installed_seq or newest.sequence < seen:
+            return self._refuse(
+                newest,
+                f"release sequence {newest.sequence} is lower than installed {installed_seq}"
+                f" or seen {seen}; refusing a rollback",
+            )
+        self.state["highest_seen"] = max(seen, newest.sequence)
+        self.state["last_refusal"] = ""
+        self.save()
+        if newest.sequence == installed_seq:
+            return CycleResult("idle", newest.sequence, "up to date")
+        if newest.sequence in self.state["failed"]:
+            return CycleResult("idle", newest.sequence, "release failed its trial here before")
+        if newest.halted:
+            return CycleResult("not-eligible", newest.sequence, "release is halted")
+        if not in_cohort(self.cfg.device_id, newest.percent):
+            return CycleResult(
+                "not-eligible", newest.sequence, f"outside the {newest.percent}% rollout cohort"
+            )
+        self.state["pending"] = {
+            "sequence": newest.sequence,
+            "target": newest.target,
+            "name": newest.name,
+            "version": newest.version,
+            "phase": "download",
+            "bytes_fetched": 0,
+            "verify_failures": 0,
+        }
+        self.save()
+        log.info("release %d (%s) is eligible", newest.sequence, newest.version)
+        return None
+
+    def _refuse(self, release: ReleaseInfo | None, reason: str) -> CycleResult:
+        log.warning("refused: %s", reason)
+        # Report a refusal once, not every cycle while the repository stays bad.
+        if self.state.get("last_refusal") != reason:
+            self.state["last_refusal"] = reason
+            self._queue_report("refused", release.sequence if release else None, reason, 0)
+            self.save()
+        return CycleResult(
+            "refused", release.sequence if release else None, reason, self.transport.bytes_fetched
+        )
+
+    def _advance(self) -> CycleResult:
+        steps = {
+            "download": self._download,
+            "verify": self._verify,
+            "stage": self._stage,
+            "switch": self._switch,
+            "trial": self._trial,
+            "commit": self._commit,
+            "rollback": self._rollback,
+        }
+        while True:
+            pending = self.state.get("pending")
+            if pending is None:
+                self._last_result.extra["phase_s"] = dict(self.timings)
+                return self._last_result
+            phase = pending["phase"]
+            started = time.monotonic()
+            steps[phase](pending)
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - started
+
+    _last_result = CycleResult("idle")
+
+    def _set_phase(self, pending: dict[str, Any], phase: str) -> None:
+        pending["phase"] = phase
+        self.save()
+
+    # --- download / verify -------------------------------------------------------------------
+
+    def _objects(self) -> Path:
+        return self.root / "store" / "objects"
+
+    def _download(self, pending: dict[str, Any]) -> None:
+        repo = self.repo()
+        try:
+            releases = {r.target: r for r in repo.refresh()}
+        except TrustError as exc:
+            raise StepFailed(str(exc)) from exc
+        release = releases.get(pending["target"])
+        if release is None or release.halted or not in_cohort(self.cfg.device_id, release.percent):
+            # Halted (or withdrawn) while we were downloading: stop; what we fetched stays cached.
+            self.state["pending"] = None
+            self.save()
+            self._last_result = CycleResult(
+                "not-eligible", pending["sequence"], "release was halted or withdrawn"
+            )
+            return
+        doc_path = self.root / "store" / "releases" / f"{pending['sequence']}.json"
+        doc_info = repo.targetinfo(pending["target"])
+        self._fetch_verified(repo, pending["target"], doc_path, doc_info)
+        doc = read_json(doc_path)
+        if doc.get("schema") != RELEASE_SCHEMA or doc.get("sequence") != pending["sequence"]:
+            raise StepFailed(f"{pending['target']}: not a {RELEASE_SCHEMA} document")
+        objects: dict[str, dict[str, Any]] = {}
+        for target in _release_targets(doc):
+            info = repo.targetinfo(target)
+            objects[target] = {"sha256": info.hashes["sha256"], "length": info.length}
+        pending["objects"] = objects
+        self.save()
+        for target, want in sorted(objects.items()):
+            final = self._objects() / want["sha256"]
+            if not final.exists():
+                self._fetch_verified(repo, target, final, repo.targetinfo(target))
+                self.save()
+        self._set_phase(pending, "verify")
+
+    def _fetch_verified(self, repo: Repo, target: str, final: Path, info: Any) -> None:
+        if final.exists():
+            return
+        part = self.root / "store" / "partial" / f"{info.hashes['sha256']}.part"
+        try:
+            download_resumable(self.transport, repo.url(target), part, info.length)
+            with part.open("rb") as handle:
+                info.verify_length_and_hashes(handle)
+        except LengthOrHashMismatchError as exc:
+            part.unlink(missing_ok=True)
+            raise StepFailed(f"{target}: does not match its signed hash; discarded") from exc
+        except DownloadError as exc:
+            raise StepFailed(f"{target}: download interrupted ({exc}); will resume") from exc
+        os.replace(part, final)
+        fsync_dir(final.parent)
+
+    def _verify(self, pending: dict[str, Any]) -> None:
+        bad = [
+            target
+            for target, want in sorted(pending["objects"].items())
+            if not _object_ok(self._objects() / want["sha256"], want)
+        ]
+        if not bad:
+            self._set_phase(pending, "stage")
+            return
+        for target in bad:
+            (self._objects() / pending["objects"][target]["sha256"]).unlink(missing_ok=True)
+        pending["verify_failures"] = pending.get("verify_failures", 0) + 1
+        if pending["verify_failures"] >= _MAX_VERIFY_FAILURES:
+            self._abandon(pending, f"{bad[0]}: corrupt after {_MAX_VERIFY_FAILURES} downloads")
+            return
+        self._set_phase(pending, "download")
+
+    def _abandon(self, pending: dict[str, Any], reason: str) -> None:
+        self.state["pending"] = None
+        self._queue_report("failed", pending["sequence"], reason, pending.get("bytes_fetched", 0))
+        self.save()
+        self._last_result = CycleResult(
+            "failed", pending["sequence"], reason, pending.get("bytes_fetched", 0)
+        )
+
+    # --- stage / switch ----------------------------------------------------------------------
+
+    def _release_doc(self, sequence: int) -> dict[str, Any]:
+        doc: dict[str, Any] = read_json(self.root / "store" / "releases" / f"{sequence}.json")
+        return doc
+
+    def _stage(self, pending: dict[str, Any]) -> None:
+        seq = pending["sequence"]
+        doc = self._release_doc(seq)
+        releases = self.root / "releases"
+        final = releases / str(seq)
+        if not final.is_dir():
+            staging = releases / f".staging-{seq}"
+            if staging.exists():
+                shutil.rmtree(staging)  # a crash left it half-written
+            staging.mkdir()
+            objects = pending["objects"]
+            members = [
+                (m["name"], self._objects() / objects[m["target"]]["sha256"])
+                for m in doc["image"]["members"]
+            ]
+            write_tar(staging / "image.tar", members)
+            checkpoint("stage-partial")
+            for entry in doc["files"]:
+                dest = staging / entry["path"]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self._objects() / objects[entry["target"]]["sha256"], dest)
+                dest.chmod(int(entry.get("mode", 0o644)))
+            write_json(staging / "release.json", doc)
+            fsync_dir(staging)
+            os.rename(staging, final)
+            fsync_dir(releases)
+        checkpoint("stage-renamed")
+        try:
+            self.engine.load(final / "image.tar")
+        except EngineError as exc:
+            raise StepFailed(f"loading the image failed: {exc}") from exc
+        checkpoint("stage-loaded")
+        self._set_phase(pending, "switch")
+
+    def _container(self, name: str) -> str:
+        return f"edgepack-{name}"
+
+    def _switch(self, pending: dict[str, Any]) -> None:
+        target = f"releases/{pending['sequence']}"
+        current = self.root / "current"
+        now = os.readlink(current) if current.is_symlink() else None
+        if now != target:
+            if now is not None:
+                symlink_atomic(self.root / "previous", now)
+            checkpoint("switch-previous")
+            symlink_atomic(current, target)
+        checkpoint("switch-linked")
+        installed = self.state.get("installed")
+        if installed and installed["name"] != pending["name"]:
+            self.engine.stop(self._container(installed["name"]))
+        doc = self._release_doc(pending["sequence"])
+        try:
+            self.engine.start(self._container(pending["name"]), doc["image"]["ref"], self.cfg.port)
+        except EngineError as exc:
+            pending["reason"] = f"runtime did not start: {exc}"
+            self._set_phase(pending, "rollback")
+            return
+        checkpoint("switch-started")
+        pending["trial_started"] = time.time()
+        self._set_phase(pending, "trial")
+
+    # --- trial / commit / rollback -----------------------------------------------------------
+
+    def _trial(self, pending: dict[str, Any]) -> None:
+        name = self._container(pending["name"])
+        if not self.engine.running(name):
+            # Power cut or crash during the trial: the trial starts over with a fresh container.
+            doc = self._release_doc(pending["sequence"])
+            try:
+                self.engine.start(name, doc["image"]["ref"], self.cfg.port)
+            except EngineError as exc:
+                pending["reason"] = f"runtime did not start: {exc}"
+                self._set_phase(pending, "rollback")
+                return
+        checkpoint("trial")
+        reason = self._watch(name)
+        if reason:
+            pending["reason"] = reason
+            self._set_phase(pending, "rollback")
+        else:
+            self._set_phase(pending, "commit")
+
+    def _watch(self, name: str) -> str:
+        """'' when the runtime became ready and stayed ready and running for the trial window."""
+        deadline = time.monotonic() + self.cfg.ready_timeout_s
+        while not ready(self.cfg.port):
+            if time.monotonic() > deadline:
+                return f"runtime not ready within {self.cfg.ready_timeout_s:.0f}s"
+            if not self.engine.running(name):
+                return "runtime container exited before becoming ready"
+            time.sleep(self.cfg.poll_s)
+        end = time.monotonic() + self.cfg.trial_s
+        while time.monotonic() < end:
+            time.sleep(min(self.cfg.poll_s, max(0.0, end - time.monotonic())))
+            # The watchdog: the container must keep running and keep answering ready.
+            if not self.engine.running(name):
+                return "runtime container stopped during the trial window"
+            if not ready(self.cfg.port):
+                return "runtime stopped answering ready during the trial window"
+        return ""
+
+    def _commit(self, pending: dict[str, Any]) -> None:
+        doc = self._release_doc(pending["sequence"])
+        record = {
+            "sequence": pending["sequence"],
+            "name": pending["name"],
+            "version": pending["version"],
+            "ref": doc["image"]["ref"],
+            "dir": f"releases/{pending['sequence']}",
+        }
+        old = self.state.get("installed")
+        self._queue_report(
+            "committed", pending["sequence"], "", pending.get("bytes_fetched", 0), pending
+        )
+        checkpoint("commit-reported")
+        if not old or old["sequence"] != pending["sequence"]:
+            self.state["previous"] = old
+        self.state["installed"] = record
+        self.state["pending"] = None
+        self.save()
+        checkpoint("commit-saved")
+        self._last_result = CycleResult(
+            "committed", pending["sequence"], "", pending.get("bytes_fetched", 0)
+        )
+        self.collect_garbage()
+
+    def _rollback(self, pending: dict[str, Any]) -> None:
+        reason = pending.get("reason", "trial failed")
+        installed = self.state.get("installed")
+        new_name = self._container(pending["name"])
+        current = self.root / "current"
+        if installed:
+            symlink_atomic(current, installed["dir"])
+            checkpoint("rollback-linked")
+            if installed["name"] != pending["name"]:
+                self.engine.stop(new_name)
+            try:
+                self.engine.start(
+                    self._container(installed["name"]), installed["ref"], self.cfg.port
+                )
+            except EngineError as exc:
+                reason += f"; restarting the previous version failed: {exc}"
+        else:
+            self.engine.stop(new_name)
+            if current.is_symlink():
+                current.unlink()
+                fsync_dir(self.root)
+        self.state["failed"] = sorted({*self.state["failed"], pending["sequence"]})
+        self.state["pending"] = None
+        fetched = pending.get("bytes_fetched", 0)
+        self._queue_report("rolled-back", pending["sequence"], reason, fetched)
+        self.save()
+        log.warning("release %d rolled back: %s", pending["sequence"], reason)
+        self._last_result = CycleResult(
+            "rolled-back", pending["sequence"], reason, pending.get("bytes_fetched", 0)
+        )
+        self.collect_garbage()
+
+    def _ensure_running(self) -> None:
+        installed = self.state.get("installed")
+        if not installed:
+            return
+        name = self._container(installed["name"])
+        try:
+            if not self.engine.running(name):
+                log.info("runtime %s not running; starting %s", name, installed["ref"])
+                self.engine.start(name, installed["ref"], self.cfg.port)
+        except EngineError as exc:
+            log.error("could not start the installed runtime: %s", exc)
+
+    # --- garbage collection ------------------------------------------------------------------
+
+    def collect_garbage(self) -> None:
+        """Drop releases and blobs that neither the installed, previous nor pending one needs."""
+        keep: set[int] = set()
+        for key in ("installed", "previous", "pending"):
+            entry = self.state.get(key)
+            if entry:
+                keep.add(int(entry["sequence"]))
+        releases = self.root / "releases"
+        for path in releases.iterdir():
+            if path.name.startswith(".staging-"):
+                seq = int(path.name.removeprefix(".staging-"))
+            elif path.name.isdigit():
+                seq = int(path.name)
+            else:
+                continue
+            if seq not in keep:
+                shutil.rmtree(path)
+        wanted: set[str] = set()
+        for doc_path in (self.root / "store" / "releases").glob("*.json"):
+            seq = int(doc_path.stem)
+            if seq not in keep:
+                doc_path.unlink()
+                continue
+            pending = self.state.get("pending")
+            if pending and pending["sequence"] == seq and "objects" in pending:
+                wanted |= {o["sha256"] for o in pending["objects"].values()}
+            elif (releases / str(seq) / "release.json").exists():
+                wanted |= _release_hashes(read_json(releases / str(seq) / "release.json"))
+            else:
+                wanted = {p.name for p in self._objects().iterdir()}  # unsure: keep all
+                break
+        for path in self._objects().iterdir():
+            if path.name not in wanted:
+                path.unlink()
+
+    # --- reports -----------------------------------------------------------------------------
+
+    def _queue_report(
+        self,
+        outcome: str,
+        sequence: int | None,
+        reason: str,
+        bytes_fetched: int,
+        pending: dict[str, Any] | None = None,
+    ) -> None:
+        installed = self.state.get("installed")
+        report = {
+            "schema": "edgepack.ota-report/v1",
+            "id": f"{self.cfg.device_id}:{sequence}:{outcome}",
+            "device_id": self.cfg.device_id,
+            "channel": self.cfg.channel,
+            "platform": self.cfg.platform,
+            "sequence": sequence,
+            "version": pending["version"] if pending else None,
+            "outcome": outcome,
+            "reason": reason,
+            "bytes_fetched": bytes_fetched,
+            "installed": installed["sequence"] if installed else None,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        name = f"{time.time_ns()}-{outcome}.json"
+        write_json(self.root / "outbox" / name, report)
+
+    def deliver_reports(self) -> None:
+        """Send queued reports (at least once); keep them queued when the URL is unreachable."""
+        for path in sorted((self.root / "outbox").glob("*.json")):
+            body = path.read_bytes()
+            if self.cfg.report_url:
+                request = urllib.request.Request(
+                    self.cfg.report_url,
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                    method="POST",
+                )
+                try:
+                    with urllib.request.urlopen(request, timeout=self.cfg.http_timeout_s):
+                        pass
+                except (urllib.error.URLError, OSError) as exc:
+                    log.warning("report not delivered (%s); kept in %s", exc, path.parent)
+                    return
+            else:
+                target = self.cfg.report_file or (self.root / "reports.jsonl")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                line = json.dumps(json.loads(body), sort_keys=True) + "\n"
+                with target.open("a", encoding="utf-8") as handle:
+                    handle.write(line)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            path.unlink()
+
+
+def _release_targets(doc: dict[str, Any]) -> list[str]:
+    return sorted(
+        {m["target"] for m in doc["image"]["members"]} | {f["target"] for f in doc["files"]}
+    )
+
+
+def _release_hashes(doc: dict[str, Any]) -> set[str]:
+    return {t.rsplit("/", 1)[-1] for t in _release_targets(doc)}
+
+
+def _object_ok(path: Path, want: dict[str, Any]) -> bool:
+    return (
+        path.is_file()
+        and path.stat().st_size == want["length"]
+        and sha256_file(path) == want["sha256"]
+    )

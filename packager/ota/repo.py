@@ -1,0 +1,426 @@
+"""The static TUF repository: keys per role, metadata written with tuf's Metadata API.
+
+On disk (``REPO``)::
+
+    keys/root/<keyid>.pem        root keys: move them OFFLINE after 'ota init' (only needed to
+                                 rotate keys); threshold ROOT_THRESHOLD of ROOT_KEYS
+    keys/online/<keyid>.pem      targets, snapshot, timestamp keys (threshold 1 each): the
+                                 publisher signs releases, rollouts and refreshes with them
+    repository/metadata/         1.root.json, N.targets.json, N.snapshot.json, timestamp.json
+    repository/targets/          releases/<channel>/<seq>.json, blobs/sha256/<hex>, files/...
+    reports/*.jsonl              device outcome reports (HTTP collector or USB pickup)
+
+Serve ``repository/`` with any static web server (Range support makes downloads resumable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+# securesystemslib documents securesystemslib.signer as public but declares no __all__.
+from securesystemslib.signer import CryptoSigner, Signer  # type: ignore[attr-defined]
+
+# tuf documents tuf.api.metadata as the public home of these classes but declares no __all__.
+from tuf.api.metadata import (  # type: ignore[attr-defined]
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+from packager.errors import InputError, UsageError, VerifyError
+from packager.ota.bundle import ReleasePlan, check_percent, plan_release
+from packager.ota.layout import CUSTOM_KEY, METADATA_DIR, TARGETS_DIR, USB_SUBDIR, release_target
+
+ROOT_KEYS = 2
+ROOT_THRESHOLD = 2
+ONLINE_ROLES = ("targets", "snapshot", "timestamp")
+_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """How long each role's metadata stays valid; 'ota refresh' renews snapshot and timestamp."""
+
+    root: timedelta = timedelta(days=365)
+    targets: timedelta = timedelta(days=90)
+    snapshot: timedelta = timedelta(days=7)
+    timestamp: timedelta = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A release as the signed targets metadata describes it."""
+
+    target: str
+    channel: str
+    sequence: int
+    name: str
+    version: str
+    platform: str
+    device_class: str
+    percent: int
+    halted: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "channel": self.channel,
+            "sequence": self.sequence,
+            "name": self.name,
+            "version": self.version,
+            "platform": self.platform,
+            "device_class": self.device_class,
+            "percent": self.percent,
+            "halted": self.halted,
+        }
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _serialize(md: Metadata[Any]) -> bytes:
+    return JSONSerializer(compact=False).serialize(md)
+
+
+class Repository:
+    def __init__(self, path: Path, *, expiry: Expiry | None = None) -> None:
+        self.path = path
+        self.expiry = expiry or Expiry()
+        self.metadata_dir = path / "repository" / METADATA_DIR
+        self.targets_dir = path / "repository" / TARGETS_DIR
+        if not (self.metadata_dir / "1.root.json").is_file():
+            raise InputError(
+                f"{path}: not an OTA repository (no repository/metadata/1.root.json)",
+                hint="create one with 'edgepack ota init REPO'",
+            )
+
+    # --- creation ----------------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        path: Path,
+        *,
+        root_keys: int = ROOT_KEYS,
+        root_threshold: int = ROOT_THRESHOLD,
+        expiry: Expiry | None = None,
+    ) -> Repository:
+        if not 1 <= root_threshold <= root_keys:
+            raise UsageError(
+                f"--root-threshold {root_threshold}: must be between 1 and --root-keys {root_keys}"
+            )
+        if path.exists() and any(path.iterdir()):
+            raise InputError(f"{path}: exists and is not empty", hint="pick a new directory")
+        expiry = expiry or Expiry()
+        now = _now()
+        # Build everything in a sibling temp dir and rename it into place: no half-made repo.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            signers: dict[str, list[Signer]] = {}
+            root = Root(expires=now + expiry.root, consistent_snapshot=True)
+            for role, count, threshold in [
+                ("root", root_keys, root_threshold),
+                *((r, 1, 1) for r in ONLINE_ROLES),
+            ]:
+                folder = staging / "keys" / ("root" if role == "root" else "online")
+                folder.mkdir(parents=True, exist_ok=True)
+                for _ in range(count):
+                    signer = CryptoSigner.generate_ed25519()
+                    key = signer.public_key
+                    root.add_key(key, role)
+                    pem = folder / f"{key.keyid}.pem"
+                    pem.write_bytes(signer.private_bytes)
+                    pem.chmod(0o600)
+                    signers.setdefault(role, []).append(signer)
+                root.roles[role].threshold = threshold
+            meta = staging / "repository" / METADATA_DIR
+            root_md = Metadata(root)
+            for root_signer in signers["root"]:
+                root_md.sign(root_signer, append=True)
+            _write_atomic(meta / "1.root.json", _serialize(root_md))
+            _write_atomic(meta / "root.json", _serialize(root_md))
+            targets = Metadata(Targets(expires=now + expiry.targets))
+            snapshot = Metadata(Snapshot(expires=now + expiry.snapshot))
+            timestamp = Metadata(Timestamp(expires=now + expiry.timestamp))
+            for md, role in (
+                (targets, "targets"),
+                (snapshot, "snapshot"),
+                (timestamp, "timestamp"),
+            ):
+                md.sign(signers[role][0])
+            _write_atomic(meta / "1.targets.json", _serialize(targets))
+            _write_atomic(meta / "1.snapshot.json", _serialize(snapshot))
+            _write_atomic(meta / "timestamp.json", _serialize(timestamp))
+            (staging / "repository" / TARGETS_DIR).mkdir(parents=True)
+            (staging / "reports").mkdir()
+            if path.exists():
+                path.rmdir()
+            os.rename(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return cls(path, expiry=expiry)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def _load(
+        self,
+    ) -> tuple[Metadata[Root], Metadata[Targets], Metadata[Snapshot], Metadata[Timestamp]]:
+        timestamp: Metadata[Timestamp] = Metadata.from_file(
+            str(self.metadata_dir / "timestamp.json")
+        )
+        snap_version = timestamp.signed.snapshot_meta.version
+        snapshot: Metadata[Snapshot] = Metadata.from_file(
+            str(self.metadata_dir / f"{snap_version}.snapshot.json")
+        )
+        targets_version = snapshot.signed.meta["targets.json"].version
+        targets: Metadata[Targets] = Metadata.from_file(
+            str(self.metadata_dir / f"{targets_version}.targets.json")
+        )
+        root_version = max(int(p.name.split(".")[0]) for p in self.metadata_dir.glob("*.root.json"))
+        root: Metadata[Root] = Metadata.from_file(
+            str(self.metadata_dir / f"{root_version}.root.json")
+        )
+        return root, targets, snapshot, timestamp
+
+    def _signer(self, root: Metadata[Root], role: str) -> Signer:
+        for keyid in root.signed.roles[role].keyids:
+            pem = self.path / "keys" / "online" / f"{keyid}.pem"
+            if pem.is_file():
+                return CryptoSigner.from_priv_key_uri(f"file2:{pem}", root.signed.keys[keyid])
+        raise InputError(
+            f"{self.path / 'keys' / 'online'}: no private key for the {role} role",
+            hint="restore the online keys that 'ota init' wrote",
+        )
+
+    def releases(self) -> list[Release]:
+        _, targets, _, _ = self._load()
+        return sorted(
+            (r for r in (_release(n, t) for n, t in targets.signed.targets.items()) if r),
+            key=lambda r: r.sequence,
+        )
+
+    def release(self, channel: str, sequence: int | None) -> Release:
+        mine = [r for r in self.releases() if r.channel == channel]
+        if sequence is not None:
+            mine = [r for r in mine if r.sequence == sequence]
+        if not mine:
+            which = f"sequence {sequence}" if sequence is not None else "any release"
+            raise InputError(f"{self.path}: channel {channel!r} has no {which}")
+        return mine[-1]
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def _commit(
+        self,
+        root: Metadata[Root],
+        targets: Metadata[Targets],
+        snapshot: Metadata[Snapshot],
+        timestamp: Metadata[Timestamp],
+        *,
+        new_targets: bool,
+        timestamp_expiry: timedelta | None = None,
+    ) -> None:
+        """Sign and write (targets,) snapshot and timestamp; timestamp.json goes last, atomically,
+        so a client never sees a timestamp that points at metadata not yet written."""
+        now = _now()
+        if new_targets:
+            targets.signed.version += 1
+            targets.signed.expires = now + self.expiry.targets
+            targets.signatures.clear()
+            targets.sign(self._signer(root, "targets"))
+            _write_atomic(
+                self.metadata_dir / f"{targets.signed.version}.targets.json", _serialize(targets)
+            )
+            snapshot.signed.meta["targets.json"] = MetaFile(version=targets.signed.version)
+        snapshot.signed.version += 1
+        snapshot.signed.expires = now + self.expiry.snapshot
+        snapshot.signatures.clear()
+        snapshot.sign(self._signer(root, "snapshot"))
+        _write_atomic(
+            self.metadata_dir / f"{snapshot.signed.version}.snapshot.json", _serialize(snapshot)
+        )
+        timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
+        timestamp.signed.version += 1
+        timestamp.signed.expires = now + (timestamp_expiry or self.expiry.timestamp)
+        timestamp.signatures.clear()
+        timestamp.sign(self._signer(root, "timestamp"))
+        _write_atomic(self.metadata_dir / "timestamp.json", _serialize(timestamp))
+
+    def next_sequence(self) -> int:
+        return max((r.sequence for r in self.releases()), default=0) + 1
+
+    def plan(self, bundle: Path, *, channel: str = "stable", percent: float = 100.0) -> ReleasePlan:
+        return plan_release(bundle, sequence=self.next_sequence(), channel=channel, percent=percent)
+
+    def publish(
+        self, bundle: Path, *, channel: str = "stable", percent: float = 100.0
+    ) -> ReleasePlan:
+        plan = self.plan(bundle, channel=channel, percent=percent)
+        self.apply(plan)
+        return plan
+
+    def apply(self, plan: ReleasePlan) -> None:
+        """Store the plan's objects and sign it into the metadata.
+
+        Refuses a sequence that is not above every published one; a test that needs a validly
+        signed lower sequence (to check that devices refuse it) calls :meth:`apply_unchecked`.
+        """
+        current = max((r.sequence for r in self.releases()), default=0)
+        if plan.sequence <= current:
+            raise UsageError(
+                f"sequence {plan.sequence}: must be above the latest published ({current})"
+            )
+        self.apply_unchecked(plan)
+
+    def apply_unchecked(self, plan: ReleasePlan, *, replace_channel: bool = False) -> None:
+        for source in plan.objects:
+            self._store(
+                source.target, source.sha256, source.size, source.bundle_file, source.tar_member
+            )
+        doc_target = release_target(plan.channel, plan.sequence)
+        _write_atomic(self.targets_dir / doc_target, plan.document)
+        root, targets, snapshot, timestamp = self._load()
+        if replace_channel:
+            for name in [n for n, t in targets.signed.targets.items() if _release(n, t)]:
+                release = _release(name, targets.signed.targets[name])
+                if release is not None and release.channel == plan.channel:
+                    del targets.signed.targets[name]
+        for source in plan.objects:
+            targets.signed.targets[source.target] = TargetFile(
+                source.size, {"sha256": source.sha256}, source.target
+            )
+        targets.signed.targets[doc_target] = TargetFile(
+            len(plan.document),
+            {"sha256": hashlib.sha256(plan.document).hexdigest()},
+            doc_target,
+            unrecognized_fields={"custom": plan.custom},
+        )
+        self._commit(root, targets, snapshot, timestamp, new_targets=True)
+
+    def _store(
+        self, target: str, sha256: str, size: int, bundle_file: Path, member: str | None
+    ) -> None:
+        dest = self.targets_dir / target
+        if dest.is_file() and dest.stat().st_size == size:
+            return  # content-addressed: already there from an earlier release
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        digest = hashlib.sha256()
+        with _open_source(bundle_file, member) as src, tmp.open("wb") as out:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != sha256:
+            tmp.unlink()
+            where = f"{bundle_file}:{member}" if member else str(bundle_file)
+            raise VerifyError(f"{where}: content does not match its digest sha256:{sha256[:16]}...")
+        os.replace(tmp, dest)
+
+    def set_release(
+        self,
+        channel: str,
+        sequence: int | None = None,
+        *,
+        percent: int | None = None,
+        halted: bool | None = None,
+    ) -> Release:
+        """Change a release's rollout percentage or halted flag (re-signs targets)."""
+        release = self.release(channel, sequence)
+        root, targets, snapshot, timestamp = self._load()
+        info = targets.signed.targets[release.target]
+        new = replace(
+            release,
+            percent=check_percent(percent) if percent is not None else release.percent,
+            halted=halted if halted is not None else release.halted,
+        )
+        data = dict(info.unrecognized_fields["custom"][CUSTOM_KEY])
+        data.update({"percent": new.percent, "halted": new.halted})
+        info.unrecognized_fields["custom"] = {CUSTOM_KEY: data}
+        self._commit(root, targets, snapshot, timestamp, new_targets=True)
+        return new
+
+    def refresh(self, *, timestamp_expiry: timedelta | None = None) -> int:
+        """Re-sign snapshot and timestamp with fresh expiry; returns the new timestamp version."""
+        root, targets, snapshot, timestamp = self._load()
+        self._commit(
+            root, targets, snapshot, timestamp, new_targets=False, timestamp_expiry=timestamp_expiry
+        )
+        return int(timestamp.signed.version)
+
+    def export(self, usb_dir: Path, *, timestamp_expiry: timedelta | None = None) -> Path:
+        """Copy the repository to ``usb_dir/edgepack-ota`` for devices without a network."""
+        self.refresh(timestamp_expiry=timestamp_expiry)
+        dest = usb_dir / USB_SUBDIR
+        staging = usb_dir / f".{USB_SUBDIR}.tmp"
+        if staging.exists():
+            shutil.rmtree(staging)
+        shutil.copytree(self.path / "repository", staging)
+        (staging / "reports").mkdir(exist_ok=True)
+        if dest.exists():
+            reports = dest / "reports"
+            if reports.is_dir():  # keep what devices already left on the stick
+                shutil.copytree(reports, staging / "reports", dirs_exist_ok=True)
+            shutil.rmtree(dest)
+        os.rename(staging, dest)
+        return dest
+
+    @property
+    def trusted_root(self) -> Path:
+        """The file a device needs once (``agent init --trusted-root``)."""
+        return self.metadata_dir / "1.root.json"
+
+
+@contextmanager
+def _open_source(bundle_file: Path, member: str | None) -> Iterator[Any]:
+    if member is None:
+        with bundle_file.open("rb") as handle:
+            yield handle
+        return
+    with tarfile.open(bundle_file, "r:") as tar:
+        extracted = tar.extractfile(member)
+        if extracted is None:
+            raise VerifyError(f"{bundle_file}: {member} is not a regular file")
+        with extracted:
+            yield extracted
+
+
+def _release(name: str, info: TargetFile) -> Release | None:
+    data = info.custom.get(CUSTOM_KEY) if isinstance(info.custom, dict) else None
+    if not isinstance(data, dict) or data.get("kind") != "release":
+        return None
+    return Release(
+        target=name,
+        channel=str(data["channel"]),
+        sequence=int(data["sequence"]),
+        name=str(data["name"]),
+        version=str(data["version"]),
+        platform=str(data["compat"]["platform"]),
+        device_class=str(data["compat"]["device_class"]),
+        percent=int(data["percent"]),
+        halted=bool(data["halted"]),
+    )
