@@ -1,0 +1,73 @@
+"""MCU bundles per test model: measured vs generated arena vs upstream constants, flash estimate,
+and the time to render a project and verify it (cross-compile model_data.cc, read g_model back).
+
+    .venv/bin/python benchmarks/mcu.py [nrf52840-dk]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from packager.backends.base import BuildRequest
+from packager.backends.mcu import McuBackend
+from packager.models.tflite import inspect_tflite
+from packager.targets import McuTarget, resolve_target
+from packager.tools import gcc_arm
+
+TFLM = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "tflm"
+# kTensorArenaSize hand-set in the upstream tflite-micro examples.
+UPSTREAM = {"hello_world_int8.tflite": 3_000, "person_detect.tflite": 136 * 1024}
+
+
+def verify(bundle: Path, model: bytes, spec: McuTarget, work: Path) -> None:
+    obj = work / "model_data.o"
+    flags = (*gcc_arm.cpu_flags(spec.mcu.core, spec.mcu.fpu), "-fdata-sections")
+    gcc_arm.compile_cxx(bundle / "src" / "model_data.cc", obj, flags, bundle / "src")
+    raw = work / "g_model.bin"
+    gcc_arm.dump_section(obj, ".rodata.g_model", raw)
+    if raw.read_bytes() != model:
+        raise SystemExit(f"{bundle}: g_model differs from the .tflite")
+
+
+def main() -> None:
+    target_name = sys.argv[1] if len(sys.argv) > 1 else "nrf52840-dk"
+    target = resolve_target(target_name)
+    assert isinstance(target.spec, McuTarget)
+    print(f"target {target_name} ({target.spec.mcu.core}, arena margin "
+          f"{target.spec.runtime.arena_margin_percent} %)")
+    header = (f"{'model':32} {'bytes':>7} {'measured':>9} {'generated':>10} {'upstream':>9} "
+              f"{'flash est':>10} {'ram need':>9} {'render s':>9} {'verify s':>9}")
+    print(header)
+    print("-" * len(header))
+    for path in sorted(TFLM.glob("*.tflite")):
+        backend = McuBackend()
+        request = BuildRequest(model=path, target=target_name)
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            start = time.perf_counter()
+            info = inspect_tflite(path)
+            report = backend.fit(request, info, target)
+            plan = backend.plan(request, info, target, report)
+            bundle = work / "bundle"
+            bundle.mkdir()
+            backend.execute(plan, bundle, work)
+            rendered = time.perf_counter() - start
+            start = time.perf_counter()
+            verify(bundle, path.read_bytes(), target.spec, work)
+            verified = time.perf_counter() - start
+        arena = plan.payload.arena
+        ram, flash = report.resources
+        upstream = UPSTREAM.get(path.name)
+        print(f"{path.name:32} {info.size_bytes:>7} {arena.measured_bytes:>9} "
+              f"{arena.chosen_bytes:>10} {upstream if upstream else '-':>9} "
+              f"{flash.needed_bytes:>10} {ram.needed_bytes:>9} {rendered:>9.3f} {verified:>9.3f}")
+    print("person_detect.tflite (upstream 136 KiB = 139264 B) is not in ../shared/testdata/tflm.")
+    print("render = inspect + fit (arena bisection in the TFLM interpreter) + plan + write;")
+    print("verify = arm-none-eabi-g++ -c model_data.cc for the target CPU + objcopy compare.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The MCU backend's pure parts and its refusals (arena measured with the TFLM interpreter)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from packager.backends.base import BuildRequest
+from packager.backends.mcu import (
+    TFLM_CORE_BYTES,
+    McuBackend,
+    chosen_arena,
+    hex_lines,
+    measure_arena,
+    tflm_runs,
+)
+from packager.build import build
+from packager.errors import FitError, InputError, UnsupportedError
+from packager.fit import enforce
+from packager.models.tflite import inspect_tflite
+from packager.targets import parse_target, resolve_target
+
+TFLM = Path(__file__).resolve().parents[4] / "shared" / "testdata" / "tflm"
+
+
+def small_target(ram_kb: int, flash_kb: int) -> object:
+    return parse_target(
+        {
+            "name": "tiny",
+            "description": "test part",
+            "device_class": "mcu",
+            "mcu": {"core": "cortex-m4", "freq_mhz": 64, "fpu": "fpv4-sp-d16"},
+            "memory": {"ram_kb": ram_kb, "flash_kb": flash_kb, "ram_reserved_kb": 8,
+                       "flash_reserved_kb": 16},
+            "runtime": {"sdk": "cmake", "board": "tiny", "arena_margin_percent": 10},
+        },
+        "tiny.toml",
+    )
+
+
+@pytest.mark.parametrize(("measured", "margin"), [(1936, 10), (7584, 16), (16, 0), (1001, 7)])
+def test_chosen_arena_is_margin_rounded_up_to_16(measured: int, margin: int) -> None:
+    chosen = chosen_arena(measured, margin)
+    assert chosen % 16 == 0
+    assert measured * (100 + margin) / 100 <= chosen < measured * (100 + margin) / 100 + 16
+
+
+def test_hex_lines_round_trip() -> None:
+    data = bytes(range(256)) * 3 + b"\x07"
+    text = " ".join(hex_lines(data))
+    assert bytes(int(tok.rstrip(","), 16) for tok in text.split()) == data
+
+
+def test_measured_arena_is_the_smallest_that_runs() -> None:
+    data = (TFLM / "hello_world_int8.tflite").read_bytes()
+    measured = measure_arena(data, "hello_world_int8.tflite")
+    assert tflm_runs(data, measured, 1)
+    assert not tflm_runs(data, measured - 16, 1)
+
+
+def test_fit_report_names_parts_and_sources() -> None:
+    path = TFLM / "micro_speech_quantized.tflite"
+    target = resolve_target("nrf52840-dk")
+    report = McuBackend().fit(BuildRequest(model=path, target="nrf52840-dk"),
+                              inspect_tflite(path), target)
+    ram, flash = report.resources
+    parts = dict(flash.needed_parts)
+    assert parts["model"] == path.stat().st_size
+    assert parts["TFLM framework (estimate)"] == TFLM_CORE_BYTES
+    assert {k for k in parts if k.startswith("kernel ")} == {
+        f"kernel {op} (estimate)" for op in
+        ("DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "RESHAPE", "SOFTMAX")
+    }
+    assert "code_size.md" in flash.estimate_source
+    assert ram.available_bytes == 256 * 1024 and report.fits
+    assert dict(ram.needed_parts)["stack/IO allowance (memory.ram_reserved_kb)"] == 24 * 1024
+
+
+@pytest.mark.parametrize(
+    ("ram_kb", "flash_kb", "resource"), [(32, 1024, "ram"), (512, 40, "flash")]
+)
+def test_too_large_is_refused_naming_both_numbers(
+    ram_kb: int, flash_kb: int, resource: str
+) -> None:
+    path = TFLM / "simple_add_model.tflite"
+    target = small_target(ram_kb, flash_kb)
+    report = McuBackend().fit(BuildRequest(model=path, target="tiny.toml"),
+                              inspect_tflite(path), target)  # type: ignore[arg-type]
+    bad = next(r for r in report.resources if not r.fits)
+    assert bad.name == resource
+    with pytest.raises(FitError) as err:
+        enforce(report, force=False, model_label=path.name)
+    line = err.value.one_line()
+    assert f"{resource} needs" in line and "the target has" in line
+    assert f"{bad.needed_bytes / 1024:.1f} KiB" in line
+    assert f"{bad.available_bytes / 1024:.1f} KiB" in line
+
+
+def test_float_model_on_int8_only_target_is_a_clear_refusal() -> None:
+    import tflite_micro
+
+    sine = Path(tflite_micro.__file__).parent / "python" / "tflite_micro" / "sine_float.tflite"
+    if not sine.is_file():
+        pytest.skip("tflite-micro no longer ships sine_float.tflite")
+    target = resolve_target("stm32f746-disco")
+    with pytest.raises(UnsupportedError) as err:
+        McuBackend().fit(BuildRequest(model=sine, target="stm32f746-disco"),
+                         inspect_tflite(sine), target)
+    line = err.value.one_line()
+    assert "float tensors" in line and "int8-only" in line and "--calibration" in line
+
+
+def test_corrupt_model_leaves_no_project(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes((TFLM / "hello_world_int8.tflite").read_bytes()[:900])
+    out = tmp_path / "out" / "bundle"
+    with pytest.raises(InputError) as err:
+        build(BuildRequest(model=broken, target="nrf52840-dk", out=out))
+    assert "broken.tflite" in err.value.one_line()
+    assert not out.exists()
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_plan_is_deterministic_and_sdk_specific() -> None:
+    path = TFLM / "hello_world_int8.tflite"
+    backend = McuBackend()
+    files = {}
+    for name in ("nrf52840-dk", "stm32f746-disco", "esp32-s3"):
+        target = resolve_target(name)
+        request = BuildRequest(model=path, target=name)
+        info = inspect_tflite(path)
+        report = backend.fit(request, info, target)
+        first = backend.plan(request, info, target, report)
+        assert first == backend.plan(request, info, target, report)
+        files[name] = {f.path for f in first.rendered}
+    assert "zephyr/prj.conf" in files["nrf52840-dk"]
+    assert "esp-idf/main/idf_component.yml" in files["esp32-s3"]
+    assert not any(p.startswith(("zephyr/", "esp-idf/")) for p in files["stm32f746-disco"])
+    assert all("src/model_update.c" in f and "cmake/CMakeLists.txt" in f for f in files.values())
+
+
+def test_update_off_drops_stub_and_slots() -> None:
+    path = TFLM / "hello_world_int8.tflite"
+    target = resolve_target("nrf52840-dk")
+    request = BuildRequest(model=path, target="nrf52840-dk", options=(("update", "off"),))
+    info = inspect_tflite(path)
+    backend = McuBackend()
+    report = backend.fit(request, info, target)
+    assert not any("update" in k for k, _ in report.resources[1].needed_parts)
+    plan = backend.plan(request, info, target, report)
+    assert "src/model_update.c" not in {f.path for f in plan.rendered}
+    with pytest.raises(UnsupportedError):
+        backend.fit(BuildRequest(model=path, target="x", options=(("bogus", "1"),)), info, target)
