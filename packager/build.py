@@ -136,7 +136,7 @@ def build(request: BuildRequest) -> BuildResult:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model_path: Path | None = None
+        model_path = _convert_keras(request, work)
         optimization: dict[str, Any] | None = None
         if request.quantize:
             model_path, optimization = _optimize(request, work / "optimize")
@@ -173,6 +173,25 @@ def build(request: BuildRequest) -> BuildResult:
         return BuildResult(bundle=out, plan=plan, manifest=manifest, json_extra=result.json_extra)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _is_keras(path: Path) -> bool:
+    return path.suffix.lower() in (".keras", ".h5") or (
+        path.is_dir() and (path / "saved_model.pb").is_file()
+    )
+
+
+def _convert_keras(request: BuildRequest, work: Path) -> Path | None:
+    """Keras / SavedModel -> fully int8 TFLite (the MCU path), calibrated on --calibration."""
+    if not _is_keras(request.model):
+        return None
+    from packager.models.keras import convert_to_int8_tflite
+
+    console.status(f"converting {request.model.name} to int8 TFLite")
+    data = convert_to_int8_tflite(request.model, request.calibration)
+    path = work / f"{request.model.name.split('.')[0]}.tflite"
+    path.write_bytes(data)
+    return path
 
 
 def _optimize(request: BuildRequest, work_dir: Path) -> tuple[Path, dict[str, Any]]:

@@ -30,12 +30,14 @@ def cli() -> None:
 def _register() -> None:
     from packager.commands.build import build_cmd
     from packager.commands.inspect import inspect_cmd
+    from packager.commands.optimize import optimize_cmd
     from packager.commands.ota import ota_group
     from packager.commands.run import run_cmd
     from packager.commands.targets import targets_group
     from packager.commands.verify import verify_cmd
 
-    for command in (build_cmd, inspect_cmd, targets_group, verify_cmd, run_cmd, ota_group):
+    commands = (build_cmd, inspect_cmd, optimize_cmd, targets_group, verify_cmd, run_cmd, ota_group)
+    for command in commands:
         cli.add_command(command)
 
 

@@ -9,6 +9,14 @@ import click
 from packager.backends.base import BuildRequest
 from packager.build import build
 from packager.console import console
+from packager.errors import UsageError
+
+
+def _parse_opt(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--opt: '{text}' is not KEY=VALUE", hint="e.g. --opt update=off")
+    return key.strip(), value.strip()
 
 
 @click.command("build")
@@ -33,6 +41,28 @@ from packager.console import console
     "--eval", "eval_dir", type=click.Path(path_type=Path), help="Evaluation data directory."
 )
 @click.option(
+    "--max-batch-size",
+    type=click.IntRange(min=0),
+    help="Runtime: merge concurrent requests up to this batch (0 = off) [target's].",
+)
+@click.option(
+    "--batch-delay-us",
+    type=click.IntRange(min=0),
+    help="Runtime: longest wait for a batch to fill, in microseconds [target's].",
+)
+@click.option(
+    "--cache-mb",
+    type=click.IntRange(min=0),
+    help="Runtime: response cache size in MiB (0 = off) [target's].",
+)
+@click.option(
+    "--opt",
+    "opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Backend option, repeatable (MCU: update=on|off).",
+)
+@click.option(
     "--cache-dir",
     type=click.Path(path_type=Path),
     help="Download and layer cache [~/.cache/edgepack].",
@@ -52,6 +82,7 @@ def build_cmd(
     max_batch_size: int | None,
     batch_delay_us: int | None,
     cache_mb: int | None,
+    opts: tuple[str, ...],
     cache_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -72,6 +103,7 @@ def build_cmd(
         max_batch_size=max_batch_size,
         max_queue_delay_us=batch_delay_us,
         cache_mb=cache_mb,
+        options=tuple(_parse_opt(o) for o in opts),
     )
     result = build(request)
     if as_json:

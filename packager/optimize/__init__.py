@@ -1,0 +1,48 @@
+"""Model optimization: prune (PyTorch), quantize (INT8 dynamic/static, FP16), evaluate against the
+FP32 model (the accuracy gate) and report size, latency and accuracy per variant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from packager.optimize.execute import OptimizeResult, optimize
+from packager.optimize.plan import OptimizePlan, plan_optimize
+from packager.optimize.request import OptimizeRequest, Quantize
+
+__all__ = [
+    "OptimizePlan",
+    "OptimizeRequest",
+    "OptimizeResult",
+    "optimize",
+    "optimize_for_build",
+    "plan_optimize",
+]
+
+
+def optimize_for_build(
+    model: Path,
+    quantize: str,
+    calibration: Path | None,
+    eval_dir: Path | None,
+    work_dir: Path,
+) -> tuple[Path, dict[str, object]]:
+    """Run the optimize pipeline for ``edgepack build``: the optimized ONNX path inside
+    ``work_dir`` and the report for the bundle manifest."""
+    from packager.optimize.request import QUANTIZE_CHOICES
+
+    if quantize not in QUANTIZE_CHOICES:
+        from packager.errors import UsageError
+
+        raise UsageError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    chosen: Quantize = quantize
+    request = OptimizeRequest(
+        model=model,
+        out=work_dir / "optimized",
+        quantize=chosen,
+        calibration=calibration,
+        eval_dir=eval_dir,
+        force=True,
+    )
+    result = optimize(request)
+    return result.model, result.report.to_json()

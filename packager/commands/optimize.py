@@ -1,0 +1,257 @@
+"""``edgepack optimize MODEL``: prune, quantize and gate a model on measured accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from packager.console import console
+from packager.errors import UsageError
+from packager.models.torch_export import InputSpec
+from packager.optimize import OptimizeRequest, optimize
+from packager.optimize.request import (
+    FORMAT_CHOICES,
+    METHOD_CHOICES,
+    QUANTIZE_CHOICES,
+    ImagePreprocessing,
+    PruneOptions,
+)
+
+_PRUNE_KINDS = {
+    "l1": "l1",
+    "l1-unstructured": "l1",
+    "l2": "l2",
+    "l2-structured": "l2",
+}
+
+
+@click.command("optimize")
+# A plain path, not click.Path(exists=True): a missing model is our InputError (exit 3).
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), required=True)
+@click.option(
+    "--format",
+    "quant_format",
+    type=click.Choice(FORMAT_CHOICES),
+    default="QDQ",
+    show_default=True,
+    help="Static INT8 graph format.",
+)
+@click.option(
+    "--per-channel/--per-tensor",
+    default=True,
+    show_default=True,
+    help="INT8 weight scales per output channel or one per tensor.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    help="Directory of .npy/.npz tensors or images for static INT8.",
+)
+@click.option(
+    "--calibration-method", type=click.Choice(METHOD_CHOICES), default="MinMax", show_default=True
+)
+@click.option("--resize", metavar="HxW", help="Images: resize to height x width.")
+@click.option(
+    "--layout",
+    type=click.Choice(["NCHW", "NHWC"]),
+    default="NCHW",
+    show_default=True,
+    help="Images: tensor layout.",
+)
+@click.option(
+    "--mean",
+    metavar="M[,M,M]",
+    default="0",
+    show_default=True,
+    help="Images: subtracted after scaling.",
+)
+@click.option(
+    "--std",
+    metavar="S[,S,S]",
+    default="1",
+    show_default=True,
+    help="Images: divided by after subtracting the mean.",
+)
+@click.option(
+    "--scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Images: pixel values (0-255) are multiplied by this first.",
+)
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME=D1,D2,...[:DTYPE]",
+    help="PyTorch: an input's example shape, in forward() order (repeatable).",
+)
+@click.option(
+    "--dynamic-dim",
+    "dynamic_dims",
+    multiple=True,
+    metavar="NAME:AXIS",
+    help="PyTorch: export this axis of an input as dynamic (repeatable).",
+)
+@click.option(
+    "--prune",
+    "prune_specs",
+    multiple=True,
+    metavar="l1=AMOUNT|l2=AMOUNT",
+    help="PyTorch: L1 unstructured or L2 structured (channel) pruning, 0-1.",
+)
+@click.option(
+    "--eval",
+    "eval_dir",
+    type=click.Path(path_type=Path),
+    help="Held-out inputs (.npy/.npz), optional reference outputs or labels.",
+)
+@click.option("--max-accuracy-drop", type=float, help="Fail above this drop (fraction, 0-1).")
+@click.option(
+    "--min-top1-agreement",
+    type=float,
+    help="Fail below this top-1 agreement with FP32 (fraction, 0-1).",
+)
+@click.option("--latency-runs", type=int, default=20, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Directory for the optimized model and its report (created atomically).",
+)
+@click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def optimize_cmd(
+    model: Path,
+    quantize: str,
+    quant_format: str,
+    per_channel: bool,
+    calibration: Path | None,
+    calibration_method: str,
+    resize: str | None,
+    layout: str,
+    mean: str,
+    std: str,
+    scale: float,
+    input_shapes: tuple[str, ...],
+    dynamic_dims: tuple[str, ...],
+    prune_specs: tuple[str, ...],
+    eval_dir: Path | None,
+    max_accuracy_drop: float | None,
+    min_top1_agreement: float | None,
+    latency_runs: int,
+    out: Path,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Quantize (and, for PyTorch models, prune) MODEL, check it against the FP32 model, and
+    write it with a JSON/Markdown/PNG report into --out."""
+    console.configure(quiet=as_json)
+    request = OptimizeRequest(
+        model=model,
+        out=out,
+        quantize=quantize,  # type: ignore[arg-type]  # click.Choice guarantees the literal
+        quant_format=quant_format,  # type: ignore[arg-type]
+        per_channel=per_channel,
+        calibration=calibration,
+        calibration_method=calibration_method,  # type: ignore[arg-type]
+        preprocessing=ImagePreprocessing(
+            resize=parse_resize(resize),
+            layout=layout,  # type: ignore[arg-type]
+            mean=parse_floats("--mean", mean),
+            std=parse_floats("--std", std),
+            scale=scale,
+        ),
+        inputs=parse_inputs(input_shapes, dynamic_dims),
+        prune=parse_prune(prune_specs),
+        eval_dir=eval_dir,
+        max_accuracy_drop=max_accuracy_drop,
+        min_top1_agreement=min_top1_agreement,
+        latency_runs=latency_runs,
+        force=force,
+    )
+    result = optimize(request)
+    if as_json:
+        console.json(result.to_json())
+        return
+    table = Table(title=f"{model.name} -> {result.model}")
+    for column in ("variant", "size", "gzip", "median ms", "top-1 agree", "max abs err"):
+        table.add_column(column)
+    for v in result.report.variants:
+        m = v.metrics
+        table.add_row(
+            v.name,
+            f"{v.size_bytes:,}",
+            f"{v.gzip_bytes:,}",
+            f"{v.latency_ms:.3f}",
+            f"{m.top1_agreement:.2%}" if m else "-",
+            f"{m.max_abs_error:.4g}" if m else "-",
+        )
+    console.table(table)
+    for note in result.report.notes:
+        console.result(f"note: {note}")
+    console.result(f"report: {result.out}")
+
+
+def parse_floats(flag: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError as exc:
+        raise UsageError(
+            f"{flag} {text}: give comma-separated numbers, e.g. 0.485,0.456,0.406"
+        ) from exc
+
+
+def parse_resize(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"--resize {text}: give HEIGHTxWIDTH, e.g. 224x224")
+    return int(parts[0]), int(parts[1])
+
+
+def parse_inputs(shapes: tuple[str, ...], dynamic: tuple[str, ...]) -> tuple[InputSpec, ...]:
+    specs: dict[str, tuple[tuple[int, ...], str]] = {}
+    for text in shapes:
+        name, sep, rest = text.partition("=")
+        dims_text, _, dtype = rest.partition(":")
+        try:
+            dims = tuple(int(d) for d in dims_text.split(","))
+        except ValueError:
+            dims = ()
+        if not sep or not name or not dims or any(d <= 0 for d in dims):
+            raise UsageError(f"--input-shape {text}: give NAME=D1,D2,... e.g. x=1,3,224,224")
+        specs[name] = (dims, dtype or "float32")
+    axes: dict[str, list[int]] = {name: [] for name in specs}
+    for text in dynamic:
+        name, _, axis_text = text.partition(":")
+        if name not in specs or not axis_text.isdigit() or int(axis_text) >= len(specs[name][0]):
+            raise UsageError(
+                f"--dynamic-dim {text}: give NAME:AXIS for an input named by --input-shape"
+            )
+        axes[name].append(int(axis_text))
+    return tuple(
+        InputSpec(name, dims, dtype, tuple(sorted(set(axes[name]))))
+        for name, (dims, dtype) in specs.items()
+    )
+
+
+def parse_prune(specs: tuple[str, ...]) -> PruneOptions:
+    amounts = {"l1": 0.0, "l2": 0.0}
+    for text in specs:
+        kind, _, amount = text.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if kind not in _PRUNE_KINDS or not 0.0 <= value < 1.0:
+            raise UsageError(
+                f"--prune {text}: give l1=AMOUNT (unstructured) or l2=AMOUNT (channels), "
+                "AMOUNT between 0 and 1"
+            )
+        amounts[_PRUNE_KINDS[kind]] = value
+    return PruneOptions(l1_unstructured=amounts["l1"], l2_structured=amounts["l2"])

@@ -1,0 +1,183 @@
+"""PyTorch -> ONNX: load a saved module, TorchScript file or ExportedProgram and export it with
+the dynamo exporter, weights inline.
+
+torch is an optional extra (``edgepack[optimize]``) and is imported only inside these functions,
+so the rest of edgepack starts without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from packager.console import console
+from packager.errors import InputError, ToolMissingError, UnsupportedError
+
+TorchKind = Literal["torch-pickle", "torchscript", "exported-program"]
+
+# ONNX files must stay under protobuf's 2 GiB limit to hold their weights inline.
+_INLINE_LIMIT = 2 * 1024**3 - 1
+# The dynamo exporter's own default opset; 18 has every op the quantizers and converters need.
+EXPORT_OPSET = 18
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input as the user names it on the command line: ``x=1,3,224,224``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    dynamic_axes: tuple[int, ...] = ()  # axes exported as symbolic dimensions
+
+    def dim_name(self, axis: int) -> str:
+        return f"{self.name}_dim{axis}"
+
+
+def require_torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:
+        raise ToolMissingError(
+            "PyTorch is not installed; it is needed to read PyTorch models",
+            hint="pip install 'edgepack[optimize]'",
+        ) from exc
+    return torch
+
+
+def detect_kind(path: Path) -> TorchKind:
+    """Which of the three PyTorch file kinds ``path`` is, from its name and archive entries."""
+    if not path.is_file():
+        raise InputError(f"{path}: PyTorch model file not found; check the path")
+    if path.suffix == ".pt2":
+        return "exported-program"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        # torch.save's legacy (pre-1.6) format is a bare pickle, not a zip archive.
+        return "torch-pickle"
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        return "torchscript"
+    if any(n.endswith("/serialized_exported_program.json") or "/models/" in n for n in names):
+        return "exported-program"
+    return "torch-pickle"
+
+
+def load_torch_model(path: Path, kind: TorchKind) -> Any:
+    """Load the file; an ``nn.Module`` for pickles, an ``ExportedProgram`` for the other kinds."""
+    torch = require_torch()
+    try:
+        if kind == "exported-program":
+            return torch.export.load(str(path))
+        if kind == "torchscript":
+            return torch.jit.load(str(path), map_location="cpu")
+        console.warn(
+            f"{path}: loading a full torch.save pickle executes code from the file; "
+            "only do this with files you trust"
+        )
+        loaded = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many unrelated types for a bad file
+        raise InputError(
+            f"{path}: PyTorch could not read this {kind} file ({_first_line(exc)})",
+            hint="save the model with torch.save(model), torch.jit.save or torch.export.save",
+        ) from exc
+    if not isinstance(loaded, torch.nn.Module):
+        raise InputError(
+            f"{path}: holds a {type(loaded).__name__}, not a torch.nn.Module "
+            "(a state_dict has no architecture)",
+            hint="save the whole module with torch.save(model) or export a .pt2 program",
+        )
+    return loaded.eval()
+
+
+def export_onnx(
+    model: Any, kind: TorchKind, inputs: tuple[InputSpec, ...], dest: Path, source: Path
+) -> None:
+    """Export ``model`` to ``dest`` with torch.onnx's dynamo exporter and inline weights."""
+    torch = require_torch()
+    if kind == "torchscript":
+        if any(spec.dynamic_axes for spec in inputs):
+            raise UnsupportedError(
+                f"{source}: TorchScript is exported with fixed shapes; dynamic dimensions "
+                "need the module (torch.save) or an ExportedProgram (.pt2) with dynamic shapes"
+            )
+        # The dynamo exporter refuses ScriptModules; torch converts them to an ExportedProgram.
+        from torch._export.converter import TS2EPConverter
+
+        model = TS2EPConverter(model, _example_args(torch, inputs, source)).convert()
+    program_kwargs: dict[str, Any] = {}
+    if isinstance(model, torch.export.ExportedProgram):
+        # The program carries its own example inputs and dynamic shapes.
+        args: tuple[Any, ...] = ()
+    else:
+        args = _example_args(torch, inputs, source)
+        dynamic = [
+            {axis: torch.export.Dim(spec.dim_name(axis)) for axis in spec.dynamic_axes} or None
+            for spec in inputs
+        ]
+        if any(d is not None for d in dynamic):
+            program_kwargs["dynamic_shapes"] = tuple(dynamic)
+    input_names = [spec.name for spec in inputs] if inputs else None
+    try:
+        # The exporter reports progress on stdout, which must stay clean for --json.
+        with contextlib.redirect_stdout(io.StringIO()):
+            program = torch.onnx.export(
+                model,
+                args,
+                dynamo=True,
+                input_names=input_names,
+                opset_version=EXPORT_OPSET,
+                verbose=False,
+                **program_kwargs,
+            )
+    except Exception as exc:
+        raise UnsupportedError(
+            f"{source}: torch.onnx (dynamo) could not export the model: {_first_line(exc)}"
+        ) from exc
+    if program is None:  # pragma: no cover - only the legacy exporter returns None
+        raise UnsupportedError(f"{source}: torch.onnx returned no program")
+    proto = program.model_proto
+    inline = proto.ByteSize() < _INLINE_LIMIT
+    with contextlib.redirect_stdout(io.StringIO()):
+        program.save(str(dest), external_data=not inline)
+
+
+def _example_args(torch: Any, inputs: tuple[InputSpec, ...], source: Path) -> tuple[Any, ...]:
+    if not inputs:
+        raise InputError(
+            f"{source}: a PyTorch module needs its input shapes",
+            hint="pass --input-shape NAME=1,3,224,224 for each input, in forward() order",
+        )
+    tensors = []
+    for spec in inputs:
+        # torch.export specialises size-1 dimensions, so a dynamic axis is traced at size 2.
+        shape = [
+            2 if (axis in spec.dynamic_axes and d == 1) else d for axis, d in enumerate(spec.shape)
+        ]
+        dtype = getattr(torch, spec.dtype, None)
+        if dtype is None:
+            raise InputError(f"--input-shape {spec.name}: unknown dtype '{spec.dtype}'")
+        generator = torch.Generator().manual_seed(0)
+        if dtype.is_floating_point:
+            tensors.append(torch.rand(shape, dtype=dtype, generator=generator))
+        else:
+            tensors.append(torch.zeros(shape, dtype=dtype))
+    return tuple(tensors)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    # torch.onnx's errors are a report; the cause is the line after "Exception summary".
+    marker = text.find("## Exception summary")
+    if marker >= 0:
+        text = text[marker + len("## Exception summary") :]
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:300]
+    return type(exc).__name__

@@ -1,0 +1,289 @@
+"""The pure half of ``edgepack optimize``: a request and what is known of the source model become a
+frozen list of steps. Nothing here reads or writes files; ``packager.optimize.execute`` does that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from packager.errors import UnsupportedError, UsageError
+from packager.models.torch_export import InputSpec, TorchKind
+from packager.optimize.request import (
+    CalibrationMethodName,
+    ImagePreprocessing,
+    OptimizeRequest,
+    PruneOptions,
+    QuantFormatName,
+    Quantize,
+)
+
+SourceKind = Literal["onnx", "torch-pickle", "torchscript", "exported-program"]
+
+# Operator domains onnxruntime's CPU provider implements; anything else cannot even be run.
+RUNNABLE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+# QuantizeLinear/DequantizeLinear gained the per-channel ``axis`` attribute in opset 13.
+PER_CHANNEL_QDQ_OPSET = 13
+# onnxruntime's quantizer handles opset 11+ graphs; older ones it only patches the header of.
+INT8_MIN_OPSET = 11
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the executor's inspection found out about the model file before planning."""
+
+    path: Path
+    kind: SourceKind
+    opset: int | None = None  # default-domain opset of an ONNX source
+    foreign_ops: tuple[str, ...] = ()  # "domain::Op" nodes outside RUNNABLE_DOMAINS
+
+
+@dataclass(frozen=True)
+class LoadOnnx:
+    source: Path
+
+
+@dataclass(frozen=True)
+class LoadTorch:
+    source: Path
+    kind: TorchKind
+
+
+@dataclass(frozen=True)
+class ExportTorch:
+    kind: TorchKind
+    inputs: tuple[InputSpec, ...]
+    role: Literal["baseline", "pruned"]
+
+
+@dataclass(frozen=True)
+class Prune:
+    options: PruneOptions
+
+
+@dataclass(frozen=True)
+class ConvertOpset:
+    from_opset: int
+    to_opset: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """onnxruntime's quant_pre_process: symbolic shape inference and graph optimization."""
+
+
+@dataclass(frozen=True)
+class QuantizeInt8:
+    static: bool
+    quant_format: QuantFormatName
+    per_channel: bool
+    calibration: Path | None
+    method: CalibrationMethodName
+    preprocessing: ImagePreprocessing
+    min_samples: int
+
+
+@dataclass(frozen=True)
+class ConvertFp16:
+    """Float weights and activations to float16; inputs and outputs keep their float32 type."""
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    data: Path
+    held_out: bool  # False when only the calibration set was available to compare on
+    preprocessing: ImagePreprocessing
+    max_accuracy_drop: float | None
+    min_top1_agreement: float | None
+
+
+@dataclass(frozen=True)
+class Report:
+    latency_runs: int
+
+
+Step = (
+    LoadOnnx
+    | LoadTorch
+    | ExportTorch
+    | Prune
+    | ConvertOpset
+    | Preprocess
+    | QuantizeInt8
+    | ConvertFp16
+    | Evaluate
+    | Report
+)
+
+
+@dataclass(frozen=True)
+class OptimizePlan:
+    request: OptimizeRequest
+    source: SourceInfo
+    steps: tuple[Step, ...]
+    model_name: str  # file name of the optimized model inside --out
+    baseline_name: str | None  # file name of the FP32 ONNX export kept for PyTorch sources
+
+    def describe(self) -> tuple[str, ...]:
+        return tuple(describe_step(step) for step in self.steps)
+
+
+def required_opset(quantize: Quantize, quant_format: QuantFormatName, per_channel: bool) -> int:
+    """The lowest default-domain opset the chosen precision and format can be written in."""
+    if quantize == "fp16":
+        return 0
+    if quantize == "int8-static" and quant_format == "QDQ" and per_channel:
+        return PER_CHANNEL_QDQ_OPSET
+    return INT8_MIN_OPSET
+
+
+def plan_optimize(request: OptimizeRequest, source: SourceInfo) -> OptimizePlan:
+    """Validate ``request`` against ``source`` and list the steps that produce the result."""
+    _validate(request, source)
+    steps: list[Step] = []
+    if source.kind == "onnx":
+        steps.append(LoadOnnx(source.path))
+        needed = required_opset(request.quantize, request.quant_format, request.per_channel)
+        if source.opset is not None and source.opset < needed:
+            steps.append(ConvertOpset(source.opset, needed, _opset_reason(request, needed)))
+    else:
+        steps.append(LoadTorch(source.path, source.kind))
+        steps.append(ExportTorch(source.kind, request.inputs, "baseline"))
+        if request.prune.active:
+            steps.append(Prune(request.prune))
+            steps.append(ExportTorch(source.kind, request.inputs, "pruned"))
+    if request.quantize == "fp16":
+        steps.append(ConvertFp16())
+    else:
+        steps.append(Preprocess())
+        static = request.quantize == "int8-static"
+        steps.append(
+            QuantizeInt8(
+                static=static,
+                quant_format=request.quant_format,
+                per_channel=request.per_channel,
+                calibration=request.calibration if static else None,
+                method=request.calibration_method,
+                preprocessing=request.preprocessing,
+                min_samples=request.min_calibration_samples,
+            )
+        )
+    data = request.eval_dir or request.calibration
+    if data is not None:
+        steps.append(
+            Evaluate(
+                data=data,
+                held_out=request.eval_dir is not None,
+                preprocessing=request.preprocessing,
+                max_accuracy_drop=request.max_accuracy_drop,
+                min_top1_agreement=request.min_top1_agreement,
+            )
+        )
+    steps.append(Report(request.latency_runs))
+    stem = source.path.name.split(".")[0] or "model"
+    return OptimizePlan(
+        request=request,
+        source=source,
+        steps=tuple(steps),
+        model_name=f"{stem}.{request.quantize}.onnx",
+        baseline_name=None if source.kind == "onnx" else f"{stem}.fp32.onnx",
+    )
+
+
+def describe_step(step: Step) -> str:
+    match step:
+        case LoadOnnx(source):
+            return f"load ONNX {source.name} (external weights inlined)"
+        case LoadTorch(source, kind):
+            return f"load PyTorch {kind} {source.name}"
+        case ExportTorch(_, _, role):
+            return f"export the {role} model to ONNX (torch.onnx dynamo exporter)"
+        case Prune(options):
+            return (
+                f"prune: L1 unstructured {options.l1_unstructured:.0%}, "
+                f"L2 structured channels {options.l2_structured:.0%} (made permanent)"
+            )
+        case ConvertOpset(old, new, reason):
+            return f"convert opset {old} -> {new} ({reason})"
+        case Preprocess():
+            return "pre-process: shape inference and graph optimization"
+        case QuantizeInt8(static=True, quant_format=fmt, per_channel=pc, method=method):
+            granularity = "per-channel" if pc else "per-tensor"
+            return f"quantize static INT8 {fmt}, {granularity}, {method} calibration"
+        case QuantizeInt8(per_channel=pc):
+            return f"quantize dynamic INT8, {'per-channel' if pc else 'per-tensor'} weights"
+        case ConvertFp16():
+            return "convert to FP16 (float32 inputs and outputs kept)"
+        case Evaluate(data, held_out, _, drop, agreement):
+            gate = []
+            if drop is not None:
+                gate.append(f"max accuracy drop {drop:.2%}")
+            if agreement is not None:
+                gate.append(f"min top-1 agreement {agreement:.2%}")
+            where = "held-out set" if held_out else "calibration set (not held out)"
+            suffix = f"; gate: {', '.join(gate)}" if gate else ""
+            return f"evaluate against the FP32 model on {data.name} ({where}){suffix}"
+        case Report(runs):
+            return f"report: size, median latency of {runs} runs, accuracy per variant"
+    raise AssertionError(f"unknown step {step!r}")  # pragma: no cover
+
+
+def _opset_reason(request: OptimizeRequest, needed: int) -> str:
+    if needed == PER_CHANNEL_QDQ_OPSET:
+        return "per-channel QDQ needs QuantizeLinear with an axis"
+    return "onnxruntime's INT8 quantizer needs opset 11 or later"
+
+
+def _validate(request: OptimizeRequest, source: SourceInfo) -> None:
+    if source.foreign_ops:
+        raise UnsupportedError(
+            f"{source.path}: operator {source.foreign_ops[0]} is not an ONNX or onnxruntime "
+            f"operator, so the model cannot be run to {request.quantize}-convert or evaluate it",
+            hint="replace the custom operator or export it as standard ONNX ops",
+        )
+    if request.quantize == "int8-static" and request.calibration is None:
+        raise UsageError(
+            "--quantize int8-static needs --calibration DIR (.npy/.npz tensors or images)"
+        )
+    if request.calibration is not None and request.quantize != "int8-static":
+        raise UsageError(
+            f"--calibration is only used by --quantize int8-static, not {request.quantize}"
+        )
+    gate = request.max_accuracy_drop is not None or request.min_top1_agreement is not None
+    if gate and request.eval_dir is None:
+        raise UsageError(
+            "--max-accuracy-drop/--min-top1-agreement need --eval DIR with held-out inputs"
+        )
+    for flag, value in (
+        ("--max-accuracy-drop", request.max_accuracy_drop),
+        ("--min-top1-agreement", request.min_top1_agreement),
+        ("--prune l1", request.prune.l1_unstructured),
+        ("--prune l2", request.prune.l2_structured),
+    ):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise UsageError(f"{flag}: {value} is not a fraction between 0 and 1")
+    if request.prune.l1_unstructured >= 1.0 or request.prune.l2_structured >= 1.0:
+        raise UsageError("--prune: an amount of 1.0 would zero every weight; use less than 1")
+    if request.latency_runs < 1:
+        raise UsageError("--latency-runs must be at least 1")
+    if source.kind == "onnx":
+        if request.prune.active:
+            raise UnsupportedError(
+                f"{source.path}: pruning needs the PyTorch model (ONNX weights cannot be "
+                "fine-tuned or pruned here)",
+                hint="pass the .pt file with --input-shape, or drop --prune",
+            )
+        if request.inputs:
+            raise UsageError("--input-shape is for PyTorch models; an ONNX model declares its own")
+        return
+    if request.prune.active and source.kind != "torch-pickle":
+        raise UnsupportedError(
+            f"{source.path}: pruning needs the nn.Module, and a {source.kind} file has none",
+            hint="save the module with torch.save(model), or drop --prune",
+        )
+    if source.kind != "exported-program" and not request.inputs:
+        raise UsageError(
+            f"{source.path}: a {source.kind} model needs --input-shape NAME=D1,D2,... per input"
+        )

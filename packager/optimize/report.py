@@ -1,0 +1,180 @@
+"""What an optimization measured, per variant, written as JSON, Markdown and a PNG chart next to
+the optimized model.
+
+Model files are byte-identical for the same inputs; the report is not, because latency is
+measured on this host at run time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from packager.optimize.data import Feed
+from packager.optimize.evaluate import AccuracyMetrics
+from packager.optimize.prune import PruneStats
+
+WARMUP_RUNS = 3
+THREADS = 1  # graph.open_session pins onnxruntime to one thread
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    name: str  # "fp32", "fp32-pruned", "int8-static QDQ", ...
+    file: str | None  # file name inside --out, None for intermediates not kept
+    size_bytes: int
+    gzip_bytes: int
+    latency_ms: float  # median
+    metrics: AccuracyMetrics | None = None  # vs the FP32 model; None for the FP32 model itself
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "file": self.file,
+            "size_bytes": self.size_bytes,
+            "gzip_bytes": self.gzip_bytes,
+            "latency_ms_median": round(self.latency_ms, 4),
+            "metrics": None if self.metrics is None else self.metrics.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class OptimizeReport:
+    source: str
+    source_kind: str
+    quantize: str
+    settings: tuple[tuple[str, object], ...]
+    steps: tuple[str, ...]
+    model_file: str
+    variants: tuple[VariantResult, ...]
+    latency_runs: int
+    prune: PruneStats | None = None
+    evaluation: tuple[tuple[str, object], ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    def variant(self, name: str) -> VariantResult:
+        return next(v for v in self.variants if v.name == name)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "source_kind": self.source_kind,
+            "quantize": self.quantize,
+            "settings": dict(self.settings),
+            "steps": list(self.steps),
+            "model": self.model_file,
+            "variants": [v.to_json() for v in self.variants],
+            "prune": None if self.prune is None else self.prune.to_json(),
+            "evaluation": dict(self.evaluation) or None,
+            "latency": {
+                "runs": self.latency_runs,
+                "warmup": WARMUP_RUNS,
+                "statistic": "median",
+                "threads": THREADS,
+                "provider": "CPUExecutionProvider",
+                "machine": platform.machine(),
+            },
+            "notes": list(self.notes),
+        }
+
+
+def file_sizes(path: Path) -> tuple[int, int]:
+    """(bytes, gzip -9 bytes); zero runs of pruned weights show up only in the second."""
+    data = path.read_bytes()
+    return len(data), len(gzip.compress(data, compresslevel=9, mtime=0))
+
+
+def median_latency_ms(session: Any, feed: Feed, runs: int) -> float:
+    for _ in range(WARMUP_RUNS):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def render_markdown(report: OptimizeReport) -> str:
+    base = report.variants[0]
+    lines = [
+        f"# Optimization report: {report.source}",
+        "",
+        f"Optimized model: `{report.model_file}` ({report.quantize}).",
+        "",
+        "## Variants",
+        "",
+        "| variant | size | gzip | median latency | speed-up | top-1 agreement | "
+        "max abs error | cosine | accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v in report.variants:
+        m = v.metrics
+        speedup = base.latency_ms / v.latency_ms if v.latency_ms > 0 else float("nan")
+        lines.append(
+            f"| {v.name} | {v.size_bytes:,} B ({v.size_bytes / base.size_bytes:.0%}) "
+            f"| {v.gzip_bytes:,} B | {v.latency_ms:.3f} ms | {speedup:.2f}x "
+            f"| {_pct(m.top1_agreement) if m else '-'} "
+            f"| {f'{m.max_abs_error:.4g}' if m else '-'} "
+            f"| {f'{m.cosine_similarity:.5f}' if m else '-'} "
+            f"| {_pct(m.accuracy) if m and m.accuracy is not None else '-'} |"
+        )
+    lines += [
+        "",
+        f"Latency: onnxruntime CPU on this host ({platform.machine()}), {THREADS} thread, "
+        f"median of {report.latency_runs} runs after {WARMUP_RUNS} warm-up runs.",
+    ]
+    if report.prune is not None:
+        p = report.prune
+        lines += [
+            "",
+            "## Pruning",
+            "",
+            f"Measured sparsity {p.sparsity:.1%} ({p.zero_weights:,} of {p.weights:,} weights in "
+            f"{p.layers} layers); {p.zeroed_channels} output channels entirely zero.",
+        ]
+    if report.evaluation:
+        lines += ["", "## Accuracy gate", ""]
+        lines += [f"- {key}: {value}" for key, value in report.evaluation]
+    lines += ["", "## Steps", ""] + [f"{i}. {s}" for i, s in enumerate(report.steps, 1)]
+    if report.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
+    return "\n".join(lines) + "\n"
+
+
+def render_chart(report: OptimizeReport, dest: Path) -> None:
+    """Size, latency and top-1 agreement per variant, as three bar charts in one PNG."""
+    # The object API with the Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = [v.name for v in report.variants]
+    figure = Figure(figsize=(4.0 * 3, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    panels = (
+        ("size (KiB)", [v.size_bytes / 1024 for v in report.variants]),
+        ("median latency (ms)", [v.latency_ms for v in report.variants]),
+        (
+            "top-1 agreement vs fp32 (%)",
+            [100.0 * (v.metrics.top1_agreement if v.metrics else 1.0) for v in report.variants],
+        ),
+    )
+    for index, (title, values) in enumerate(panels, start=1):
+        axes = figure.add_subplot(1, 3, index)
+        bars = axes.bar(range(len(names)), values, color="#4c72b0")
+        axes.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        axes.set_title(title, fontsize=10)
+        axes.bar_label(bars, fmt="%.3g", fontsize=7)
+    figure.suptitle(f"{report.source}: {report.quantize}", fontsize=11)
+    figure.tight_layout()
+    # No "Software" tag, so the bytes do not change with the matplotlib version.
+    figure.savefig(dest, format="png", metadata={"Software": None})
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"

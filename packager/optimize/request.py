@@ -1,0 +1,63 @@
+"""What the user asked ``edgepack optimize`` for, typed and validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from packager.models.torch_export import InputSpec
+
+Quantize = Literal["fp16", "int8-dynamic", "int8-static"]
+QuantFormatName = Literal["QDQ", "QOperator"]
+CalibrationMethodName = Literal["MinMax", "Entropy", "Percentile"]
+Layout = Literal["NCHW", "NHWC"]
+
+QUANTIZE_CHOICES: tuple[Quantize, ...] = ("fp16", "int8-dynamic", "int8-static")
+FORMAT_CHOICES: tuple[QuantFormatName, ...] = ("QDQ", "QOperator")
+METHOD_CHOICES: tuple[CalibrationMethodName, ...] = ("MinMax", "Entropy", "Percentile")
+# Fewer samples than this give calibration ranges that describe noise, not the data.
+MIN_CALIBRATION_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How image files become input tensors: ``((pixels * scale) - mean) / std``."""
+
+    resize: tuple[int, int] | None = None  # (height, width); None: the model's input size
+    layout: Layout = "NCHW"
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Fractions of weights to zero, per prunable layer (Conv/Linear-like ``weight``)."""
+
+    l1_unstructured: float = 0.0  # smallest-|w| single weights
+    l2_structured: float = 0.0  # output channels with the smallest L2 norm (dim 0)
+
+    @property
+    def active(self) -> bool:
+        return self.l1_unstructured > 0 or self.l2_structured > 0
+
+
+@dataclass(frozen=True)
+class OptimizeRequest:
+    model: Path
+    out: Path
+    quantize: Quantize
+    quant_format: QuantFormatName = "QDQ"
+    per_channel: bool = True
+    calibration: Path | None = None
+    calibration_method: CalibrationMethodName = "MinMax"
+    min_calibration_samples: int = MIN_CALIBRATION_SAMPLES
+    preprocessing: ImagePreprocessing = field(default_factory=ImagePreprocessing)
+    inputs: tuple[InputSpec, ...] = ()  # PyTorch sources only
+    prune: PruneOptions = field(default_factory=PruneOptions)
+    eval_dir: Path | None = None
+    max_accuracy_drop: float | None = None  # fraction, e.g. 0.01 for one point
+    min_top1_agreement: float | None = None  # fraction, e.g. 0.98
+    latency_runs: int = 20
+    force: bool = False
