@@ -72,6 +72,7 @@ class BuildPlan:
     # Backend-specific frozen data (an ImageSpec for containers, an McuProject for MCUs).
     payload: Any = None
     context: tuple[tuple[str, Any], ...] = field(default=())  # template context, sorted keys
+    offline: bool = False  # never touch the network: everything must come from the cache
 
     def context_dict(self) -> dict[str, Any]:
         return dict(self.context)

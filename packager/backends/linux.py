@@ -213,6 +213,7 @@ def template_context(plan: BuildPlan, image: ImageResult) -> dict[str, Any]:
             else None
         ),
         "restart_sec": spec.service.restart_sec,
+        "watchdog_sec": spec.service.watchdog_sec,
         "edgepack_version": __version__,
         "inputs": [t.to_json() for t in plan.model.inputs],
         "outputs": [t.to_json() for t in plan.model.outputs],
@@ -249,9 +250,11 @@ class LinuxContainerBackend:
             rendered=(
                 RenderedFile(path=f"{unit}.service", template="linux/service.jinja"),
                 RenderedFile(path="install.sh", template="linux/install.sh.jinja", mode=0o755),
+                RenderedFile(path="supervise.py", template="linux/supervise.py.jinja", mode=0o755),
                 RenderedFile(path="README.md", template="linux/README.md.jinja"),
             ),
             payload=image_spec(request, model, spec, name, request.version),
+            offline=request.offline,
         )
 
     def execute(self, plan: BuildPlan, staging: Path, cache_dir: Path) -> ExecuteResult:
@@ -259,7 +262,7 @@ class LinuxContainerBackend:
 
         spec = plan.payload
         assert isinstance(spec, ImageSpec)
-        image = build_image(spec, staging / "image.tar", cache_dir)
+        image = build_image(spec, staging / "image.tar", cache_dir, offline=plan.offline)
         context = template_context(plan, image)
         written = render_files(plan.rendered, context, staging)
         layers = [

@@ -67,6 +67,7 @@ def _parse_opt(text: str) -> tuple[str, str]:
     type=click.Path(path_type=Path),
     help="Download and layer cache [~/.cache/edgepack].",
 )
+@click.option("--offline", is_flag=True, help="Use only the cache; never download.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def build_cmd(
     model: Path,
@@ -84,6 +85,7 @@ def build_cmd(
     cache_mb: int | None,
     opts: tuple[str, ...],
     cache_dir: Path | None,
+    offline: bool,
     as_json: bool,
 ) -> None:
     """Build a ready-to-flash bundle of MODEL for a target device."""
@@ -97,6 +99,7 @@ def build_cmd(
         force=force,
         base=base,
         cache_dir=cache_dir,
+        offline=offline,
         quantize=quantize,
         calibration=calibration,
         eval_dir=eval_dir,

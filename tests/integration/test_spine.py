@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +329,70 @@ def test_install_sh_refuses_a_damaged_bundle(
     )
     assert proc.returncode == 1
     assert "checksum mismatch" in proc.stderr
+
+
+def _notifications(server: socket.socket, until: Callable[[list[str]], bool],
+                   timeout: float) -> list[str]:
+    messages: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(messages):
+        try:
+            messages.append(server.recv(4096).decode())
+        except TimeoutError:
+            continue
+    return messages
+
+
+def test_supervisor_reports_ready_pings_watchdog_and_exits_when_the_runtime_dies(
+        bundles: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    """supervise.py as systemd runs it (Type=notify), with a real notify socket and podman."""
+    from packager.tools.containers import find_engine
+
+    bundle = Path(bundles["industrial-pc"]["bundle"])
+    engine_args = [f"--engine-arg={a}" for a in find_engine("podman").run_flags]
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(tmp_path / "notify.sock"))
+    server.settimeout(1.0)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+           "WATCHDOG_USEC": "1500000"}
+    argv = [sys.executable, str(bundle / "supervise.py"), "--engine", "podman", *engine_args]
+
+    def watchdogs(msgs: list[str]) -> int:
+        return sum(m == "WATCHDOG=1" for m in msgs)
+
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        msgs = _notifications(server, lambda m: watchdogs(m) >= 2, timeout=180)
+        assert any(m.startswith("READY=1") for m in msgs), msgs
+        assert watchdogs(msgs) >= 2
+        # A runtime that dies stops the supervisor with an error: systemd restarts the unit.
+        subprocess.run(["podman", "kill", "edgepack-mnist"], capture_output=True, check=True)
+        assert proc.wait(timeout=60) != 0
+        # And a clean stop: SIGTERM -> STOPPING=1, the container stopped, exit 0.
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        _notifications(server, lambda m: any(x.startswith("READY=1") for x in m), timeout=180)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "STOPPING=1" in _notifications(server, lambda m: "STOPPING=1" in m, timeout=10)
+        names = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"],
+                               capture_output=True, text=True, check=True).stdout.split()
+        assert "edgepack-mnist" not in names
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["podman", "rm", "-f", "-t", "1", "edgepack-mnist"], capture_output=True)
+        server.close()
+
+
+def test_systemd_accepts_the_unit(bundles: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze missing: apt-get install systemd")
+    bundle = Path(bundles["rpi4"]["bundle"])
+    text = (bundle / "edgepack-mnist.service").read_text()
+    unit = tmp_path / "edgepack-mnist.service"
+    unit.write_text(text.replace("@ENGINE@", "/usr/bin/podman").replace("@ENGINE_ARGS@", ""))
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Type=notify" in text and "WatchdogSec=30" in text

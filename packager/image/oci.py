@@ -1,0 +1,488 @@
+"""OCI documents (config, manifest, index), the image archive and reading it back.
+
+The archive is what ``docker save`` writes since Docker 25: an OCI image layout (``oci-layout``,
+``index.json``, ``blobs/sha256/*``) with the legacy ``manifest.json`` beside it in the same tar, so
+``docker load``, ``podman load`` and ``skopeo ... oci-archive:`` all accept it. Building the
+documents is pure; :func:`write_archive` is the one step that writes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from packager.errors import InputError, VerifyError
+from packager.image.cache import canonical_json
+from packager.image.layer import TarEntry, normalize_path, write_tar
+from packager.image.spec import ImageConfig
+
+MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+CONTAINERD_NAME = "io.containerd.image.name"
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_NS = 1_000_000_000
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+
+
+def sha256_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def blob_name(digest: str) -> str:
+    return "blobs/" + digest.replace(":", "/", 1)
+
+
+def iso_time(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def image_reference(ref_name: str) -> tuple[str, str]:
+    """``edgepack/mnist:1.0`` -> (``docker.io/edgepack/mnist:1.0``, ``1.0``), docker's rules."""
+    name, tag = ref_name, "latest"
+    last = ref_name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, _, tag = ref_name.rpartition(":")
+    first, sep, _ = name.partition("/")
+    has_registry = bool(sep) and ("." in first or ":" in first or first == "localhost")
+    if not has_registry:
+        name = "docker.io/" + (name if sep else "library/" + name)
+    return f"{name}:{tag}", tag
+
+
+def merge_env(*groups: list[tuple[str, str]]) -> list[str]:
+    """``KEY=VALUE`` lines; a later group overrides a key in place, keeping first-seen order."""
+    merged: dict[str, str] = {}
+    for group in groups:
+        for key, value in group:
+            merged[key] = value
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
+def parse_env(lines: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for line in lines:
+        key, _, value = line.partition("=")
+        pairs.append((key, value))
+    return pairs
+
+
+def container_config(
+    config: ImageConfig, *, base: dict[str, Any] | None, extra_env: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """Docker's ``config`` object; the base image's values stay unless ours set them."""
+    out: dict[str, Any] = dict(base or {})
+    base_env = parse_env(list(out.get("Env") or []))
+    defaults = [] if any(k == "PATH" for k, _ in base_env) else [("PATH", DEFAULT_PATH)]
+    out["Env"] = merge_env(defaults, base_env, extra_env, list(config.env))
+    out["User"] = config.user
+    out["Entrypoint"] = list(config.entrypoint)
+    if config.cmd:
+        out["Cmd"] = list(config.cmd)
+    else:
+        out.pop("Cmd", None)  # docker drops the base's Cmd when the entrypoint changes
+    if config.workdir != "/" or "WorkingDir" not in out:
+        out["WorkingDir"] = config.workdir
+    if config.exposed_ports:
+        ports = dict(out.get("ExposedPorts") or {})
+        ports.update({port: {} for port in config.exposed_ports})
+        out["ExposedPorts"] = ports
+    if config.labels:
+        labels = dict(out.get("Labels") or {})
+        labels.update(dict(config.labels))
+        out["Labels"] = labels
+    if config.healthcheck is not None:
+        hc = config.healthcheck
+        out["Healthcheck"] = {
+            "Test": list(hc.test),
+            "Interval": hc.interval_s * _NS,
+            "Timeout": hc.timeout_s * _NS,
+            "StartPeriod": hc.start_period_s * _NS,
+            "Retries": hc.retries,
+        }
+    out["StopSignal"] = config.stop_signal
+    return out
+
+
+def config_document(
+    *,
+    arch: str,
+    variant: str | None,
+    created_epoch: int,
+    container: dict[str, Any],
+    diff_ids: list[str],
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "architecture": arch,
+        "os": "linux",
+        "created": iso_time(created_epoch),
+        "config": container,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": history,
+    }
+    if variant:
+        doc["variant"] = variant
+    return doc
+
+
+def manifest_document(
+    config: Descriptor, layers: list[Descriptor], annotations: dict[str, str]
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "config": config.to_json(),
+        "layers": [layer.to_json() for layer in layers],
+    }
+    if annotations:
+        doc["annotations"] = dict(annotations)
+    return doc
+
+
+def index_document(
+    manifest: Descriptor, ref_name: str, *, arch: str, variant: str | None
+) -> dict[str, Any]:
+    full, tag = image_reference(ref_name)
+    platform: dict[str, str] = {"architecture": arch, "os": "linux"}
+    if variant:
+        platform["variant"] = variant
+    entry = manifest.to_json()
+    entry["platform"] = platform
+    entry["annotations"] = {CONTAINERD_NAME: full, REF_NAME: tag}
+    return {"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": [entry]}
+
+
+def legacy_manifest(config: Descriptor, layers: list[Descriptor], ref_name: str) -> list[Any]:
+    """Docker's pre-OCI ``manifest.json``; the tag is docker's short form (``name:tag``)."""
+    full, _ = image_reference(ref_name)
+    short = full.removeprefix("docker.io/").removeprefix("library/")
+    return [{
+        "Config": blob_name(config.digest),
+        "RepoTags": [short],
+        "Layers": [blob_name(layer.digest) for layer in layers],
+    }]
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+class _VerifyingReader(io.RawIOBase):
+    """Reads a cached blob and refuses, on close, bytes that no longer match its name."""
+
+    def __init__(self, path: Path, digest: str) -> None:
+        super().__init__()
+        self._fh = path.open("rb")
+        self._path = path
+        self._digest = digest
+        self._hash = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._fh.read(size)
+        self._hash.update(chunk)
+        return chunk
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self._hash.update(self._fh.read())
+        self._fh.close()
+        super().close()
+        if "sha256:" + self._hash.hexdigest() != self._digest:
+            self._path.unlink(missing_ok=True)
+            raise VerifyError(f"cached blob {self._path} does not match its digest {self._digest}",
+                              hint="it was removed from the cache; build again")
+
+
+def write_archive(
+    dest: Path,
+    *,
+    blobs: list[tuple[str, Path | bytes]],
+    index: dict[str, Any],
+    legacy: list[Any],
+    mtime: int,
+) -> None:
+    """Write the image tar (uncompressed: the layers inside are gzip already) to ``dest``."""
+    entries = [TarEntry("blobs", "dir", 0o755), TarEntry("blobs/sha256", "dir", 0o755)]
+    seen: set[str] = set()
+    for digest, source in blobs:
+        if digest in seen:
+            continue  # two identical layers are stored once
+        seen.add(digest)
+        if isinstance(source, bytes):
+            entries.append(TarEntry(blob_name(digest), "file", 0o644, size=len(source),
+                                    data=source))
+        else:
+            def opener(path: Path = source, d: str = digest) -> IO[bytes]:
+                return _VerifyingReader(path, d)  # type: ignore[return-value]
+
+            entries.append(TarEntry(blob_name(digest), "file", 0o644,
+                                    size=source.stat().st_size, data=opener))
+    for name, doc in (("oci-layout", {"imageLayoutVersion": "1.0.0"}), ("index.json", index),
+                      ("manifest.json", legacy)):
+        data = canonical_json(doc)
+        entries.append(TarEntry(name, "file", 0o644, size=len(data), data=data))
+    entries.sort(key=lambda e: e.path)
+    with dest.open("wb") as fh:
+        write_tar(entries, fh, mtime=mtime, label="image archive")
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+class ImageSource:
+    """Files of an OCI layout, from a tar (``oci-archive``) or a directory."""
+
+    def __init__(self, tar: tarfile.TarFile | None, root: Path | None, label: str) -> None:
+        self._tar = tar
+        self._root = root
+        self.label = label
+        self._members: dict[str, tarfile.TarInfo] = {}
+        if tar is not None:
+            for member in tar.getmembers():
+                if member.isfile():
+                    self._members[normalize_path(member.name)] = member
+
+    def names(self) -> list[str]:
+        if self._tar is not None:
+            return sorted(self._members)
+        assert self._root is not None
+        return sorted(p.relative_to(self._root).as_posix()
+                      for p in self._root.rglob("*") if p.is_file())
+
+    def exists(self, name: str) -> bool:
+        if self._tar is not None:
+            return name in self._members
+        assert self._root is not None
+        return (self._root / name).is_file()
+
+    def size(self, name: str) -> int:
+        if self._tar is not None:
+            return self._members[name].size
+        assert self._root is not None
+        return (self._root / name).stat().st_size
+
+    def open(self, name: str) -> IO[bytes]:
+        if self._tar is not None:
+            stream = self._tar.extractfile(self._members[name])
+            assert stream is not None  # regular members always have data
+            return stream
+        assert self._root is not None
+        return (self._root / name).open("rb")
+
+    def read_json(self, name: str) -> Any:
+        if not self.exists(name):
+            raise InputError(f"{self.label}: {name} is missing", hint="not an OCI image layout")
+        with self.open(name) as fh:
+            try:
+                return json.loads(fh.read())
+            except ValueError as exc:
+                raise InputError(f"{self.label}: {name} is not valid JSON") from exc
+
+    def hash(self, name: str) -> tuple[str, int]:
+        digest = hashlib.sha256()
+        size = 0
+        with self.open(name) as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        return "sha256:" + digest.hexdigest(), size
+
+
+@contextmanager
+def open_source(path: Path, label: str | None = None) -> Iterator[ImageSource]:
+    """An OCI layout directory or an archive tar, as an :class:`ImageSource`."""
+    label = label or str(path)
+    if path.is_dir():
+        yield ImageSource(None, path, label)
+        return
+    if not path.is_file():
+        raise InputError(f"{label}: no such file or directory", hint="check the --base path")
+    try:
+        tar = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError) as exc:
+        raise InputError(f"{label}: not a readable tar archive ({exc})",
+                         hint="pass an oci-archive tar or an OCI layout directory") from exc
+    with tar:
+        yield ImageSource(tar, None, label)
+
+
+def select_manifest(
+    source: ImageSource, arch: str | None = None
+) -> tuple[Descriptor, dict[str, Any]]:
+    """The image manifest the layout's index names (following one nested index by platform)."""
+    index = source.read_json("index.json")
+    entries = index.get("manifests") if isinstance(index, dict) else None
+    if not entries:
+        raise InputError(f"{source.label}: index.json lists no manifests")
+    for _ in range(2):
+        chosen = entries[0]
+        if len(entries) > 1 and arch is not None:
+            matching = [e for e in entries if (e.get("platform") or {}).get("architecture") == arch]
+            if not matching:
+                raise InputError(f"{source.label}: no manifest for architecture {arch}",
+                                 hint="use a base image built for the target's architecture")
+            chosen = matching[0]
+        desc = Descriptor(str(chosen.get("mediaType", "")), str(chosen["digest"]),
+                          int(chosen["size"]))
+        doc = source.read_json(blob_name(desc.digest))
+        if desc.media_type in (MEDIA_INDEX, DOCKER_MANIFEST_LIST) or "manifests" in doc:
+            entries = doc.get("manifests") or []
+            continue
+        return desc, doc
+    raise InputError(f"{source.label}: index nesting is too deep")
+
+
+def inspect_image_archive(path: Path) -> dict[str, Any]:
+    """Manifest digest, platform, layers with sizes and the config of an image archive."""
+    with open_source(path) as source:
+        index = source.read_json("index.json")
+        desc, manifest = select_manifest(source)
+        config = source.read_json(blob_name(manifest["config"]["digest"]))
+        diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+        layers = []
+        for i, layer in enumerate(manifest.get("layers", [])):
+            layers.append({
+                "digest": layer["digest"],
+                "size": layer["size"],
+                "media_type": layer.get("mediaType"),
+                "diff_id": diff_ids[i] if i < len(diff_ids) else None,
+            })
+        annotations = (index.get("manifests") or [{}])[0].get("annotations", {})
+        return {
+            "manifest_digest": desc.digest,
+            "config_digest": manifest["config"]["digest"],
+            "architecture": config.get("architecture"),
+            "os": config.get("os"),
+            "variant": config.get("variant"),
+            "ref_name": annotations.get(CONTAINERD_NAME),
+            "tag": annotations.get(REF_NAME),
+            "annotations": manifest.get("annotations", {}),
+            "layers": layers,
+            "size_bytes": sum(int(layer["size"]) for layer in layers),
+            "config": config,
+        }
+
+
+def _diff_id(source: ImageSource, name: str) -> str:
+    digest = hashlib.sha256()
+    with source.open(name) as raw:
+        magic = raw.read(2)
+    with source.open(name) as raw:
+        stream: IO[bytes] | gzip.GzipFile = (
+            gzip.GzipFile(fileobj=raw) if magic == b"\x1f\x8b" else raw
+        )
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def verify_image_archive(path: Path) -> list[str]:
+    """Every problem found in an image archive, one line each naming the blob or file."""
+    try:
+        with open_source(path) as source:
+            return _verify(source)
+    except InputError as exc:
+        return [exc.one_line()]
+
+
+def _verify(source: ImageSource) -> list[str]:
+    problems: list[str] = []
+    hashes: dict[str, tuple[str, int]] = {}
+
+    def check_blob(desc: dict[str, Any], what: str) -> bool:
+        digest, size = str(desc.get("digest", "")), int(desc.get("size", -1))
+        name = blob_name(digest)
+        if not source.exists(name):
+            problems.append(f"{name}: missing ({what})")
+            return False
+        if name not in hashes:
+            hashes[name] = source.hash(name)
+        actual, actual_size = hashes[name]
+        ok = True
+        if actual != digest:
+            problems.append(f"{name}: content hashes to {actual} ({what})")
+            ok = False
+        if actual_size != size:
+            problems.append(f"{name}: {actual_size} bytes, descriptor says {size} ({what})")
+            ok = False
+        return ok
+
+    if not source.exists("oci-layout"):
+        problems.append("oci-layout: missing")
+    elif source.read_json("oci-layout").get("imageLayoutVersion") != "1.0.0":
+        problems.append("oci-layout: imageLayoutVersion is not 1.0.0")
+    try:
+        _, manifest = select_manifest(source)
+    except (InputError, KeyError, ValueError, TypeError) as exc:
+        return [*problems, f"index.json: {exc}"]
+    index_entry = source.read_json("index.json")["manifests"][0]
+    if not check_blob(index_entry, "manifest named by index.json"):
+        return problems
+    config_desc = manifest.get("config") or {}
+    if not check_blob(config_desc, "config"):
+        return problems
+    config = source.read_json(blob_name(config_desc["digest"]))
+    layers = manifest.get("layers") or []
+    diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
+    if len(diff_ids) != len(layers):
+        problems.append(f"{blob_name(config_desc['digest'])}: {len(diff_ids)} diff_ids for "
+                        f"{len(layers)} layers")
+    for i, layer in enumerate(layers):
+        if not check_blob(layer, f"layer {i}"):
+            continue
+        name = blob_name(layer["digest"])
+        try:
+            actual = _diff_id(source, name)
+        except (OSError, EOFError) as exc:
+            problems.append(f"{name}: layer {i} does not decompress ({exc})")
+            continue
+        if i < len(diff_ids) and actual != diff_ids[i]:
+            problems.append(f"{name}: uncompressed layer {i} hashes to {actual}, config "
+                            f"rootfs.diff_ids says {diff_ids[i]}")
+    if source.exists("manifest.json"):
+        legacy = source.read_json("manifest.json")
+        entry = legacy[0] if isinstance(legacy, list) and legacy else {}
+        if entry.get("Config") != blob_name(config_desc["digest"]):
+            problems.append(f"manifest.json: Config is {entry.get('Config')!r}, expected "
+                            f"{blob_name(config_desc['digest'])}")
+        if entry.get("Layers") != [blob_name(layer["digest"]) for layer in layers]:
+            problems.append("manifest.json: Layers differ from the OCI manifest's layers")
+        if not entry.get("RepoTags"):
+            problems.append("manifest.json: RepoTags is empty")
+    else:
+        problems.append("manifest.json: missing (docker load needs it)")
+    for name in source.names():
+        if name.startswith("blobs/sha256/") and name not in hashes:
+            digest, _ = source.hash(name)
+            if blob_name(digest) != name:
+                problems.append(f"{name}: content hashes to {digest}")
+    return problems

@@ -1,0 +1,211 @@
+"""Binary wheels for the target platform, installed with pypa/installer into one layer.
+
+pip downloads the wheels for the target's manylinux tags (never for the host), the content cache
+keeps them by sha256 under a lock keyed by platform and pins, and the installed layer is cached by
+the wheel hashes, so a warm build calls pip for nothing.
+"""
+
+from __future__ import annotations
+
+import compileall
+import os
+import py_compile
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from installer import install
+from installer.destinations import SchemeDictionaryDestination
+from installer.sources import WheelFile
+
+from packager.console import console
+from packager.errors import InputError, NetworkError, VerifyError
+from packager.image.cache import ContentCache, cached_layer, key_of, store_layer
+from packager.image.layer import LayerBlob, hash_file, normalize_path, tree_entries, with_parents
+from packager.image.spec import WheelSet
+from packager.tools import pip
+
+_LOCK_VERSION = 1
+_LAYER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LockedWheel:
+    filename: str
+    sha256: str  # hex
+    size: int
+
+
+@dataclass(frozen=True)
+class WheelLayer:
+    blob: LayerBlob
+    wheels: tuple[LockedWheel, ...]
+    cached: bool
+    compiled: bool
+    description: str
+
+
+def lock_key(wheels: WheelSet, arch: str) -> str:
+    return key_of({
+        "version": _LOCK_VERSION,
+        "arch": arch,
+        "platforms": pip.platform_tags(arch),
+        "python": wheels.python_version,
+        "requirements": sorted(wheels.requirements),
+        "with_deps": wheels.with_deps,
+    })
+
+
+def compiles_bytecode(wheels: WheelSet) -> bool:
+    """Pre-compile only when the host's CPython writes the same .pyc format as the target's."""
+    return sys.implementation.name == "cpython" and (
+        f"{sys.version_info.major}.{sys.version_info.minor}" == wheels.python_version
+    )
+
+
+def layer_key(wheels: WheelSet, locked: tuple[LockedWheel, ...], epoch: int) -> str:
+    return key_of({
+        "version": _LAYER_VERSION,
+        "wheels": sorted(w.sha256 for w in locked),
+        "site_packages": wheels.site_packages,
+        "interpreter": wheels.interpreter,
+        "python": wheels.python_version,
+        "bytecode": compiles_bytecode(wheels),
+        "epoch": epoch,
+    })
+
+
+def _lock_from_record(doc: dict[str, Any] | None) -> tuple[LockedWheel, ...] | None:
+    if not doc or doc.get("version") != _LOCK_VERSION:
+        return None
+    try:
+        return tuple(LockedWheel(**w) for w in doc["wheels"])
+    except (KeyError, TypeError):
+        return None
+
+
+def download_wheels(
+    wheels: WheelSet, arch: str, cache: ContentCache
+) -> tuple[LockedWheel, ...]:
+    """Run pip for the target platform and move the wheels into the content cache."""
+    console.status(f"downloading wheels for linux/{arch}: {' '.join(wheels.requirements)}")
+    with cache.staging_dir("wheels-dl-") as staging:
+        pip.download(list(wheels.requirements), staging, arch=arch,
+                     python_version=wheels.python_version, with_deps=wheels.with_deps)
+        locked = []
+        for path in sorted(staging.glob("*.whl")):
+            digest, size = hash_file(path)
+            cache.adopt(path, digest)
+            locked.append(LockedWheel(path.name, digest.removeprefix("sha256:"), size))
+    if not locked:
+        raise NetworkError(f"pip downloaded no wheels for {' '.join(wheels.requirements)}")
+    return tuple(locked)
+
+
+def locked_wheels(
+    wheels: WheelSet, arch: str, cache: ContentCache, *, refresh: bool, offline: bool
+) -> tuple[LockedWheel, ...]:
+    key = lock_key(wheels, arch)
+    locked = None if refresh else _lock_from_record(cache.get_record("wheel-lock", key))
+    if locked is not None:
+        return locked
+    if offline:
+        raise NetworkError(
+            f"offline: no cached wheels for {' '.join(wheels.requirements)} on linux/{arch}",
+            hint="build once with network access to fill the cache",
+        )
+    locked = download_wheels(wheels, arch, cache)
+    cache.put_record("wheel-lock", key, {"version": _LOCK_VERSION,
+                                         "wheels": [vars(w) for w in locked]})
+    return locked
+
+
+def scheme(root: Path, wheels: WheelSet) -> dict[str, str]:
+    """Where each wheel scheme key lands inside ``root`` (the image's root, staged)."""
+    site = root / normalize_path(wheels.site_packages)
+    include = root / "usr/local/include" / f"python{wheels.python_version}"
+    return {
+        "purelib": str(site),
+        "platlib": str(site),
+        "headers": str(include),
+        "scripts": str(root / "usr/local/bin"),
+        "data": str(root / "usr/local"),
+    }
+
+
+def install_wheels(paths: list[Path], wheels: WheelSet, root: Path) -> None:
+    """Install the wheels (named as on PyPI) into ``root`` with the image's interpreter."""
+    destination = SchemeDictionaryDestination(
+        scheme(root, wheels),
+        interpreter=wheels.interpreter,
+        script_kind="posix",
+        bytecode_optimization_levels=(),
+    )
+    for path in paths:
+        try:
+            # installer warns (and skips) when a wheel ships __pycache__ files; numpy does.
+            with WheelFile.open(path) as source, warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                install(source, destination, additional_metadata={"INSTALLER": b"edgepack\n"})
+        except Exception as exc:  # installer raises plain exceptions for malformed wheels
+            raise InputError(f"{path.name}: cannot install this wheel ({exc})",
+                             hint="pin another version of the package") from exc
+
+
+def compile_bytecode(root: Path, wheels: WheelSet) -> None:
+    """Unchecked-hash .pyc files: byte-stable, and emulated start-up skips compiling."""
+    site = root / normalize_path(wheels.site_packages)
+    compileall.compile_dir(
+        site,
+        ddir=wheels.site_packages,
+        quiet=2,
+        workers=1,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )
+
+
+def build_wheel_layer(
+    wheels: WheelSet,
+    arch: str,
+    epoch: int,
+    cache: ContentCache,
+    *,
+    refresh: bool = False,
+    offline: bool = False,
+) -> WheelLayer:
+    locked = locked_wheels(wheels, arch, cache, refresh=refresh, offline=offline)
+    description = "wheels: " + " ".join(w.filename for w in locked)
+    compiled = compiles_bytecode(wheels)
+    key = layer_key(wheels, locked, epoch)
+    hit = cached_layer(cache, "wheel-layer", key)
+    if hit is not None:
+        return WheelLayer(hit, locked, True, compiled, description)
+    with cache.staging_dir("wheels-root-") as staging:
+        named: list[Path] = []
+        (staging / "whl").mkdir()
+        for wheel in locked:
+            blob = cache.verified_blob("sha256:" + wheel.sha256)
+            if blob is None:
+                if offline:
+                    raise NetworkError(f"offline: cached wheel {wheel.filename} is missing",
+                                       hint="build once with network access")
+                # The blob went missing: download again and insist on the same bytes.
+                again = {w.sha256 for w in download_wheels(wheels, arch, cache)}
+                blob = cache.verified_blob("sha256:" + wheel.sha256)
+                if wheel.sha256 not in again or blob is None:
+                    raise VerifyError(f"{wheel.filename}: the index now serves different bytes",
+                                      hint="rebuild with the wheel lock refreshed")
+            link = staging / "whl" / wheel.filename
+            os.symlink(blob, link)
+            named.append(link)
+        root = staging / "root"
+        root.mkdir()
+        console.status(f"installing {len(named)} wheels into {wheels.site_packages}")
+        install_wheels(named, wheels, root)
+        if compiled:
+            compile_bytecode(root, wheels)
+        layer = store_layer(cache, "wheel-layer", key, with_parents(tree_entries(root)),
+                            mtime=epoch, label=f"wheels ({arch})")
+    return WheelLayer(layer, locked, False, compiled, description)
