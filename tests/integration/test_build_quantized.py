@@ -60,7 +60,7 @@ def test_int8_static_bundle_serves_the_quantized_model(
             try:
                 if client.is_server_ready():
                     break
-            except Exception:  # noqa: BLE001 - not listening yet
+            except Exception:
                 pass
             assert time.monotonic() < deadline and proc.poll() is None, "runtime not ready"
             time.sleep(1)
