@@ -38,6 +38,10 @@ class BuildRequest:
     max_batch_size: int | None = None
     max_queue_delay_us: int | None = None
     cache_mb: int | None = None
+    # OTA: the bundle carries the device agent, set up for this TUF repository.
+    ota_repo: str | None = None  # the repository's base URL as devices reach it
+    ota_root: Path | None = None  # the repository's trusted root metadata (1.root.json)
+    ota_channel: str = "stable"
     options: tuple[tuple[str, str], ...] = ()  # backend-specific --opt key=value
 
 

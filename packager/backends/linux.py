@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from packager import __version__
-from packager.backends.base import BuildPlan, BuildRequest, ExecuteResult, RenderedFile
-from packager.errors import InputError, UnsupportedError
+from packager.backends.base import (
+    BuildPlan,
+    BuildRequest,
+    CopiedFile,
+    ExecuteResult,
+    RenderedFile,
+)
+from packager.errors import InputError, UnsupportedError, UsageError
 from packager.fit import FitReport, linux_fit
 from packager.image.spec import (
     ArchiveBase,
@@ -184,6 +190,83 @@ def image_spec(
     )
 
 
+OTA_DIR = "ota"
+OTA_AGENT_DIR = "/opt/edgepack/ota-agent"
+OTA_CONFIG = "/etc/edgepack/ota-agent.json"
+OTA_STATE = "/var/lib/edgepack-ota"
+
+
+def ota_files(request: BuildRequest) -> tuple[tuple[RenderedFile, ...], tuple[CopiedFile, ...]]:
+    """The device agent, its trusted root and units, when the bundle is built for OTA."""
+    if request.ota_repo is None and request.ota_root is None:
+        return (), ()
+    if request.ota_repo is None or request.ota_root is None:
+        raise UsageError(
+            "--ota-repo and --ota-root go together",
+            hint="pass the URL devices reach the repository at and its 1.root.json",
+        )
+    if not request.ota_root.is_file():
+        raise InputError(
+            f"--ota-root: {request.ota_root}: not found",
+            hint="pass the repository's trusted root, e.g. REPO/metadata/1.root.json",
+        )
+    from packager.ota.wheels import agent_source_dir
+
+    source = agent_source_dir()
+    copied = [CopiedFile(path=f"{OTA_DIR}/root.json", source=request.ota_root)]
+    for path in sorted(source.rglob("*.py")):
+        rel = path.relative_to(source).as_posix()
+        if "__pycache__" not in rel:
+            copied.append(CopiedFile(path=f"{OTA_DIR}/lib/edgepack_agent/{rel}", source=path))
+    rendered = (
+        RenderedFile(
+            path=f"{OTA_DIR}/edgepack-ota-agent.service", template="linux/ota-agent.service.jinja"
+        ),
+        RenderedFile(
+            path=f"{OTA_DIR}/edgepack-ota-agent.timer", template="linux/ota-agent.timer.jinja"
+        ),
+    )
+    return rendered, tuple(copied)
+
+
+def copy_files(files: tuple[CopiedFile, ...], root: Path) -> tuple[str, ...]:
+    written = []
+    for item in files:
+        dest = root / item.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(item.source.read_bytes())
+        os.chmod(dest, item.mode)
+        written.append(item.path)
+    return tuple(written)
+
+
+def ota_wheels(plan: BuildPlan, staging: Path, cache_dir: Path) -> tuple[str, ...]:
+    """The agent's wheels for the device's platform, downloaded once into the cache."""
+    from packager.ota.wheels import download_agent_wheels
+
+    spec = plan.target.spec
+    assert isinstance(spec, LinuxTarget)
+    arch = spec.platform.arch
+    assert arch in ("arm64", "amd64")
+    cached = cache_dir / "ota-agent-wheels" / f"{arch}-py{spec.runtime.python}"
+    if not any(cached.glob("*.whl")):
+        if plan.offline:
+            raise InputError(
+                f"offline: the OTA agent's wheels for {arch} are not in {cache_dir}",
+                hint="build once with network access to fill the cache",
+            )
+        partial = cached.with_name(cached.name + ".partial")
+        download_agent_wheels(partial, arch=arch, python_version=spec.runtime.python)
+        partial.rename(cached)
+    written = []
+    for wheel in sorted(cached.glob("*.whl")):
+        rel = f"{OTA_DIR}/wheels/{wheel.name}"
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_bytes(wheel.read_bytes())
+        written.append(rel)
+    return tuple(written)
+
+
 def template_context(plan: BuildPlan, image: ImageResult) -> dict[str, Any]:
     """The one place the Linux templates' context is built."""
     spec = plan.target.spec
@@ -217,6 +300,11 @@ def template_context(plan: BuildPlan, image: ImageResult) -> dict[str, Any]:
         "edgepack_version": __version__,
         "inputs": [t.to_json() for t in plan.model.inputs],
         "outputs": [t.to_json() for t in plan.model.outputs],
+        "ota": plan.context_dict().get("ota"),
+        "agent_dir": OTA_AGENT_DIR,
+        "config_path": OTA_CONFIG,
+        "ota_state": OTA_STATE,
+        "interval_min": 15,
     }
 
 
@@ -240,6 +328,7 @@ class LinuxContainerBackend:
                 hint="linux-container targets serve ONNX models with onnxruntime",
             )
         unit = f"edgepack-{name}"
+        ota_rendered, ota_copied = ota_files(request)
         return BuildPlan(
             backend=self.device_class,
             bundle_name=name,
@@ -252,6 +341,16 @@ class LinuxContainerBackend:
                 RenderedFile(path="install.sh", template="linux/install.sh.jinja", mode=0o755),
                 RenderedFile(path="supervise.py", template="linux/supervise.py.jinja", mode=0o755),
                 RenderedFile(path="README.md", template="linux/README.md.jinja"),
+                *ota_rendered,
+            ),
+            copied=ota_copied,
+            context=(
+                (
+                    "ota",
+                    {"repo": request.ota_repo, "channel": request.ota_channel}
+                    if request.ota_repo
+                    else None,
+                ),
             ),
             payload=image_spec(request, model, spec, name, request.version),
             offline=request.offline,
@@ -265,6 +364,9 @@ class LinuxContainerBackend:
         image = build_image(spec, staging / "image.tar", cache_dir, offline=plan.offline)
         context = template_context(plan, image)
         written = render_files(plan.rendered, context, staging)
+        written += copy_files(plan.copied, staging)
+        if plan.context_dict().get("ota"):
+            written += ota_wheels(plan, staging, cache_dir)
         layers = [
             {
                 "name": layer.name,

@@ -67,6 +67,15 @@ def _parse_opt(text: str) -> tuple[str, str]:
     type=click.Path(path_type=Path),
     help="Download and layer cache [~/.cache/edgepack].",
 )
+@click.option(
+    "--ota-repo", metavar="URL", help="OTA: carry the device agent, set up for this repo."
+)
+@click.option(
+    "--ota-root",
+    type=click.Path(path_type=Path),
+    help="OTA: the repository's trusted root metadata (its 1.root.json).",
+)
+@click.option("--ota-channel", default="stable", show_default=True, help="OTA: release channel.")
 @click.option("--offline", is_flag=True, help="Use only the cache; never download.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def build_cmd(
@@ -85,6 +94,9 @@ def build_cmd(
     cache_mb: int | None,
     opts: tuple[str, ...],
     cache_dir: Path | None,
+    ota_repo: str | None,
+    ota_root: Path | None,
+    ota_channel: str,
     offline: bool,
     as_json: bool,
 ) -> None:
@@ -100,6 +112,9 @@ def build_cmd(
         base=base,
         cache_dir=cache_dir,
         offline=offline,
+        ota_repo=ota_repo,
+        ota_root=ota_root,
+        ota_channel=ota_channel,
         quantize=quantize,
         calibration=calibration,
         eval_dir=eval_dir,
