@@ -138,8 +138,9 @@ def build(request: BuildRequest) -> BuildResult:
     try:
         model_path = _convert_keras(request, work)
         optimization: dict[str, Any] | None = None
-        if request.quantize:
-            model_path, optimization = _optimize(request, work / "optimize")
+        quantize = effective_quantize(request)
+        if quantize:
+            model_path, optimization = _optimize(request, quantize, work / "optimize")
         prepared = prepare(request, model_path=model_path)
         plan = prepared.plan
         staging = work / "bundle"
@@ -194,13 +195,33 @@ def _convert_keras(request: BuildRequest, work: Path) -> Path | None:
     return path
 
 
-def _optimize(request: BuildRequest, work_dir: Path) -> tuple[Path, dict[str, Any]]:
+def effective_quantize(request: BuildRequest) -> str | None:
+    """``--quantize``, else the target's preferred precision (``--quantize fp32`` opts out)."""
+    if request.quantize is not None:
+        return None if request.quantize == "fp32" else request.quantize
+    if request.model.suffix.lower() != ".onnx":
+        return None
+    runtime = getattr(resolve_target(request.target).spec, "runtime", None)
+    preferred = getattr(runtime, "preferred_precision", "fp32")
+    if preferred == "fp32":
+        return None
+    choice = (
+        "fp16"
+        if preferred == "fp16"
+        else ("int8-static" if request.calibration else "int8-dynamic")
+    )
+    console.status(
+        f"the target prefers {preferred}: optimizing to {choice} (--quantize fp32 keeps fp32)"
+    )
+    return choice
+
+
+def _optimize(request: BuildRequest, quantize: str, work_dir: Path) -> tuple[Path, dict[str, Any]]:
     from packager.optimize import optimize_for_build
 
-    assert request.quantize is not None
     work_dir.mkdir(parents=True)
     path, report = optimize_for_build(
-        request.model, request.quantize, request.calibration, request.eval_dir, work_dir
+        request.model, quantize, request.calibration, request.eval_dir, work_dir
     )
     return path, dict(report)
 

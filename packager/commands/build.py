@@ -33,8 +33,8 @@ def _parse_opt(text: str) -> tuple[str, str]:
 @click.option("--force", is_flag=True, help="Build even when the model does not fit the target.")
 @click.option(
     "--quantize",
-    type=click.Choice(["fp16", "int8-dynamic", "int8-static"]),
-    help="Optimize the model first (see 'edgepack optimize').",
+    type=click.Choice(["fp32", "fp16", "int8-dynamic", "int8-static"]),
+    help="Optimize the model first (see 'edgepack optimize') [the target's preferred precision].",
 )
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration data directory.")
 @click.option(

@@ -72,3 +72,20 @@ def test_int8_static_bundle_serves_the_quantized_model(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_target_preferred_precision_applies_unless_overridden(
+        onnx_dir: Path, edgepack_cache: Path, repo_root: Path, tmp_path: Path) -> None:
+    text = (repo_root / "targets" / "industrial-pc.toml").read_text()
+    board = tmp_path / "fp16-board.toml"
+    board.write_text(text.replace('name = "industrial-pc"', 'name = "fp16-board"').replace(
+        "intra_op_threads = 4", 'intra_op_threads = 4\npreferred_precision = "fp16"'))
+    common = ["--target", str(board), "--version", "1.0.0", "--cache-dir", str(edgepack_cache)]
+    preferred = build_json(str(onnx_dir / "mnist.onnx"), *common, "--out", str(tmp_path / "a"))
+    manifest = json.loads((Path(preferred["bundle"]) / "manifest.json").read_text())
+    assert manifest["optimization"]["quantize"] == "fp16"
+    kept = build_json(str(onnx_dir / "mnist.onnx"), *common, "--quantize", "fp32",
+                      "--out", str(tmp_path / "b"))
+    manifest = json.loads((Path(kept["bundle"]) / "manifest.json").read_text())
+    assert "optimization" not in manifest
+    assert manifest["model"]["size_bytes"] == (onnx_dir / "mnist.onnx").stat().st_size
