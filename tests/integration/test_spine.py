@@ -365,6 +365,14 @@ def test_supervisor_reports_ready_pings_watchdog_and_exits_when_the_runtime_dies
         msgs = _notifications(server, lambda m: watchdogs(m) >= 2, timeout=180)
         assert any(m.startswith("READY=1") for m in msgs), msgs
         assert watchdogs(msgs) >= 2
+        # A hung runtime (frozen) gets no watchdog pings: systemd would kill and restart it.
+        subprocess.run(["podman", "pause", "edgepack-mnist"], capture_output=True, check=True)
+        time.sleep(3)  # let an in-flight probe finish
+        _notifications(server, lambda m: False, timeout=1)  # drop pings sent before the freeze
+        hung = _notifications(server, lambda m: False, timeout=5)
+        assert watchdogs(hung) == 0, hung
+        subprocess.run(["podman", "unpause", "edgepack-mnist"], capture_output=True, check=True)
+        assert watchdogs(_notifications(server, lambda m: watchdogs(m) >= 1, timeout=30)) >= 1
         # A runtime that dies stops the supervisor with an error: systemd restarts the unit.
         subprocess.run(["podman", "kill", "edgepack-mnist"], capture_output=True, check=True)
         assert proc.wait(timeout=60) != 0
