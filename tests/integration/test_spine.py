@@ -81,6 +81,7 @@ def test_build_json_document(bundles: dict[str, dict[str, Any]]) -> None:
             "image.tar",
             "edgepack-mnist.service",
             "install.sh",
+            "supervise.py",
             "README.md",
             "SHA256SUMS",
             "manifest.json",
