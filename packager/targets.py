@@ -87,8 +87,10 @@ class LinuxRuntime(_Section):
     max_queue_size: PosInt = 256
     # LRU response cache, bounded; 0 turns it off.
     cache_mb: NonNegInt = 0
-    # onnxruntime's CPU memory arena: off trades some speed for a smaller, steadier RSS.
+    # onnxruntime's CPU memory arena: off trades some speed for a smaller, steadier RSS;
+    # "kSameAsRequested" grows it only by what is asked for (less slack on small devices).
     cpu_mem_arena: bool = True
+    arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = "kNextPowerOfTwo"
 
 
 class JetsonRuntime(_Section):

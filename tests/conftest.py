@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,20 @@ def testdata() -> Path:
 @pytest.fixture(scope="session")
 def onnx_dir(testdata: Path) -> Path:
     return testdata / "onnx"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def testdata_is_left_untouched() -> Iterator[None]:
+    """No test may change the external test data (an optimizer once rewrote its input in place)."""
+    import hashlib
+
+    def digests() -> dict[Path, str]:
+        if not TESTDATA.is_dir():
+            return {}
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(TESTDATA.rglob("*")) if p.is_file()}
+
+    before = digests()
+    yield
+    changed = [str(p) for p, d in digests().items() if before.get(p) != d]
+    assert not changed, f"tests modified the shared test data: {changed}"

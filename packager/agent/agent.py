@@ -461,6 +461,14 @@ class Agent:
                 return "runtime stopped answering ready during the trial window"
         return ""
 
+    def _wait_ready(self, name: str) -> bool:
+        deadline = time.monotonic() + self.cfg.ready_timeout_s
+        while not ready(self.cfg.port):
+            if time.monotonic() > deadline or not self.engine.running(name):
+                return False
+            time.sleep(self.cfg.poll_s)
+        return True
+
     def _commit(self, pending: dict[str, Any]) -> None:
         doc = self._release_doc(pending["sequence"])
         record = {
@@ -493,15 +501,29 @@ class Agent:
         current = self.root / "current"
         if installed:
             symlink_atomic(current, installed["dir"])
+            # The switch pointed 'previous' at the version it replaced; point it back at the one
+            # the state keeps for rollback (or drop it when there is none).
+            previous = self.state.get("previous")
+            if previous:
+                symlink_atomic(self.root / "previous", previous["dir"])
+            elif (self.root / "previous").is_symlink():
+                (self.root / "previous").unlink()
+                fsync_dir(self.root)
             checkpoint("rollback-linked")
             if installed["name"] != pending["name"]:
                 self.engine.stop(new_name)
+            restored = self._container(installed["name"])
             try:
-                self.engine.start(
-                    self._container(installed["name"]), installed["ref"], self.cfg.port
-                )
+                self.engine.start(restored, installed["ref"], self.cfg.port)
             except EngineError as exc:
                 reason += f"; restarting the previous version failed: {exc}"
+            else:
+                # Report only once the version rolled back to serves again (or say it does not).
+                if not self._wait_ready(restored):
+                    reason += (
+                        f"; the previous version did not answer ready within"
+                        f" {self.cfg.ready_timeout_s:.0f}s"
+                    )
         else:
             self.engine.stop(new_name)
             if current.is_symlink():

@@ -110,6 +110,8 @@ def runtime_config(
         "max_queue_delay_us": _pick(request.max_queue_delay_us, runtime.max_queue_delay_us),
         "max_queue_size": runtime.max_queue_size,
         "cache_bytes": _pick(request.cache_mb, runtime.cache_mb) * 1024 * 1024,
+        "cpu_mem_arena": runtime.cpu_mem_arena,
+        "arena_extend_strategy": runtime.arena_extend_strategy,
     }
 
 

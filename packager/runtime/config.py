@@ -15,6 +15,7 @@ from typing import Any
 
 CONFIG_ENV = "EDGEPACK_RUNTIME_CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ARENA_EXTEND_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 
 
 class ConfigError(Exception):
@@ -32,6 +33,12 @@ class RuntimeConfig:
     # 0 leaves the choice to onnxruntime (one intra-op thread per core).
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    # onnxruntime memory: the CPU arena keeps freed buffers for reuse (faster, but the process
+    # keeps its peak); mem_pattern pre-plans buffers for fixed shapes; kSameAsRequested grows the
+    # arena by exactly what is asked instead of doubling (less RAM held on small devices).
+    cpu_mem_arena: bool = True
+    mem_pattern: bool = True
+    arena_extend_strategy: str = "kNextPowerOfTwo"
     log_level: str = "info"
     # Larger bodies are refused with 413 before they are read, so one client cannot exhaust RAM.
     max_request_bytes: int = 64 * 1024 * 1024
@@ -80,6 +87,18 @@ def _positive_number(value: Any) -> str | None:
     return None
 
 
+def _bool(value: Any) -> str | None:
+    if not isinstance(value, bool):
+        return "must be true or false"
+    return None
+
+
+def _arena_extend_strategy(value: Any) -> str | None:
+    if value not in ARENA_EXTEND_STRATEGIES:
+        return f"must be one of {', '.join(ARENA_EXTEND_STRATEGIES)}"
+    return None
+
+
 def _log_level(value: Any) -> str | None:
     if value not in LOG_LEVELS:
         return f"must be one of {', '.join(LOG_LEVELS)}"
@@ -94,6 +113,9 @@ _CHECKS: Mapping[str, Callable[[Any], str | None]] = {
     "port": _int_range(0, 65535),
     "intra_op_threads": _int_range(0),
     "inter_op_threads": _int_range(0),
+    "cpu_mem_arena": _bool,
+    "mem_pattern": _bool,
+    "arena_extend_strategy": _arena_extend_strategy,
     "log_level": _log_level,
     "max_request_bytes": _int_range(1),
     "keepalive_timeout_s": _positive_number,

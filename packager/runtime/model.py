@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,17 +118,63 @@ class Model:
         self.run(feeds, [spec.name for spec in self.signature.outputs])
 
 
+# onnxruntime's ArenaExtendStrategy values (OrtArenaCfg's arena_extend_strategy).
+ARENA_EXTEND_STRATEGIES: Mapping[str, int] = {"kNextPowerOfTwo": 0, "kSameAsRequested": 1}
+_env_arena_lock = threading.Lock()
+_env_arena_registered = False
+
+
+def _use_same_as_requested_arena(ort: Any, options: Any) -> None:
+    """Point the session at a process-wide CPU arena that grows by exactly what is requested.
+
+    The CPU provider ignores provider options (an ``arena_extend_strategy`` there is silently
+    dropped), so the strategy is set on an arena registered with onnxruntime's environment, which
+    sessions use when ``session.use_env_allocators`` is "1". Registered once per process.
+    """
+    global _env_arena_registered
+    with _env_arena_lock:
+        if not _env_arena_registered:
+            memory = ort.OrtMemoryInfo(
+                "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+            )
+            strategy = ARENA_EXTEND_STRATEGIES["kSameAsRequested"]
+            ort.create_and_register_allocator(
+                memory, ort.OrtArenaCfg({"arena_extend_strategy": strategy})
+            )
+            _env_arena_registered = True
+    options.add_session_config_entry("session.use_env_allocators", "1")
+
+
 def load_model(
-    path: Path, name: str, version: str, *, intra_op_threads: int = 0, inter_op_threads: int = 0
+    path: Path,
+    name: str,
+    version: str,
+    *,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+    cpu_mem_arena: bool = True,
+    mem_pattern: bool = True,
+    arena_extend_strategy: str = "kNextPowerOfTwo",
 ) -> Model:
     # Imported here so that the config and protocol modules (and their tests) stay light.
     import onnxruntime as ort
 
+    if arena_extend_strategy not in ARENA_EXTEND_STRATEGIES:
+        raise ModelError(
+            f"arena_extend_strategy must be one of {', '.join(ARENA_EXTEND_STRATEGIES)}"
+            f" (got {arena_extend_strategy!r})"
+        )
     if not path.is_file():
         raise ModelError(f"{path}: model file not found (check model_path in the config)")
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
+    options.enable_cpu_mem_arena = cpu_mem_arena
+    options.enable_mem_pattern = mem_pattern
+    # kNextPowerOfTwo is the session arena's own default; only the other strategy needs the
+    # environment's arena (and without an arena there is nothing to extend).
+    if cpu_mem_arena and arena_extend_strategy != "kNextPowerOfTwo":
+        _use_same_as_requested_arena(ort, options)
     try:
         session = ort.InferenceSession(
             str(path), sess_options=options, providers=["CPUExecutionProvider"]

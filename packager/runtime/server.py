@@ -535,6 +535,9 @@ def serve(config: RuntimeConfig) -> int:
             config.model_version,
             intra_op_threads=config.intra_op_threads,
             inter_op_threads=config.inter_op_threads,
+            cpu_mem_arena=config.cpu_mem_arena,
+            mem_pattern=config.mem_pattern,
+            arena_extend_strategy=config.arena_extend_strategy,
         )
     except ModelError as exc:
         event("model_error", logging.ERROR, message=str(exc))

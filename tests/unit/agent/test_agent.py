@@ -84,6 +84,7 @@ def test_install_update_keep_previous_and_roll_back(
         assert (third.outcome, third.sequence) == ("rolled-back", 3)
         assert_complete(root, 2, port)
         assert json.loads((root / "state.json").read_text())["failed"] == [3]
+        assert os.readlink(root / "previous") == "releases/1"  # still the one kept for rollback
         # Never retried.
         again = Agent(cfg).run_once()
         assert again.outcome == "idle" and again.installed == 2

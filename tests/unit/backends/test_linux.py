@@ -57,6 +57,23 @@ def test_model_layer_holds_model_and_runtime_config(onnx_dir: Path) -> None:
     assert config["model_version"] == "2.0.0"
     assert config["model_path"] == "/opt/edgepack/model/mnist.onnx"
     assert config["port"] == 8080
+    # The runtime in the image accepts exactly what the build writes (unknown keys are fatal).
+    from packager.runtime.config import parse_config
+
+    parsed = parse_config(config, "runtime.json", Path("/"))
+    assert parsed.model_name == "digits" and parsed.cpu_mem_arena is True
+
+
+def test_runtime_settings_come_from_target_then_build_flags(onnx_dir: Path) -> None:
+    zero = _plan(onnx_dir / "Network.onnx", "rpi-zero-2w")
+    config = json.loads(next(f.source for f in zero.layers[-1].files
+                             if f.dest.endswith("runtime.json")))  # type: ignore[arg-type]
+    assert config["arena_extend_strategy"] == "kSameAsRequested"
+    assert config["intra_op_threads"] == 2 and config["max_batch_size"] == 0
+    tuned = _plan(onnx_dir / "Network.onnx", "rpi-zero-2w", max_batch_size=16, cache_mb=4)
+    config = json.loads(next(f.source for f in tuned.layers[-1].files
+                             if f.dest.endswith("runtime.json")))  # type: ignore[arg-type]
+    assert config["max_batch_size"] == 16 and config["cache_bytes"] == 4 * 1024 * 1024
 
 
 def test_runtime_layer_carries_runtime_sources_only(onnx_dir: Path) -> None:

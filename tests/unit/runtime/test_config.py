@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from packager.runtime.config import (
@@ -12,8 +14,11 @@ from packager.runtime.config import (
     load_config,
     parse_config,
 )
+from packager.runtime.model import ModelError, load_model
+from tests.integration.runtime_helpers import TESTDATA
 
 BASE = {"model_name": "mnist", "model_path": "model.onnx"}
+MNIST = TESTDATA / "onnx" / "mnist.onnx"
 
 
 def test_defaults_and_relative_model_path(tmp_path: Path) -> None:
@@ -22,6 +27,62 @@ def test_defaults_and_relative_model_path(tmp_path: Path) -> None:
     assert (config.host, config.port, config.model_version) == ("0.0.0.0", 8080, "1")
     assert (config.intra_op_threads, config.inter_op_threads) == (0, 0)
     assert (config.max_batch_size, config.cache_bytes) == (0, 0)  # batching and cache off
+    # onnxruntime's own defaults
+    assert (config.cpu_mem_arena, config.mem_pattern) == (True, True)
+    assert config.arena_extend_strategy == "kNextPowerOfTwo"
+
+
+def test_memory_settings_are_read(tmp_path: Path) -> None:
+    memory = {
+        "cpu_mem_arena": False,
+        "mem_pattern": False,
+        "arena_extend_strategy": "kSameAsRequested",
+    }
+    config = parse_config({**BASE, **memory}, "c.json", tmp_path)
+    assert (config.cpu_mem_arena, config.mem_pattern) == (False, False)
+    assert config.arena_extend_strategy == "kSameAsRequested"
+
+
+def _config_entry(options: Any, key: str) -> str | None:
+    try:
+        return str(options.get_session_config_entry(key))
+    except RuntimeError:  # onnxruntime raises for a key that was never set
+        return None
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [
+        {},
+        {"cpu_mem_arena": False},
+        {"mem_pattern": False},
+        {"arena_extend_strategy": "kSameAsRequested"},
+        {"cpu_mem_arena": False, "mem_pattern": False, "arena_extend_strategy": "kSameAsRequested"},
+    ],
+)
+def test_a_session_starts_with_each_memory_setting(memory: dict[str, Any]) -> None:
+    config = parse_config({**BASE, "model_path": str(MNIST), **memory}, "c.json", Path("."))
+    model = load_model(
+        config.model_path,
+        config.model_name,
+        config.model_version,
+        cpu_mem_arena=config.cpu_mem_arena,
+        mem_pattern=config.mem_pattern,
+        arena_extend_strategy=config.arena_extend_strategy,
+    )
+    options = model.session.get_session_options()
+    assert options.enable_cpu_mem_arena is config.cpu_mem_arena
+    assert options.enable_mem_pattern is config.mem_pattern
+    env_arena = config.cpu_mem_arena and config.arena_extend_strategy == "kSameAsRequested"
+    assert _config_entry(options, "session.use_env_allocators") == ("1" if env_arena else None)
+    model.warm_up()
+    (scores,) = model.run({"Input3": np.ones((1, 1, 28, 28), np.float32)}, ["Plus214_Output_0"])
+    assert scores.shape == (1, 10)
+
+
+def test_load_model_refuses_an_unknown_arena_strategy() -> None:
+    with pytest.raises(ModelError, match="arena_extend_strategy must be one of kNextPowerOfTwo"):
+        load_model(MNIST, "m", "1", arena_extend_strategy="kDouble")
 
 
 def test_absolute_model_path_is_kept(tmp_path: Path) -> None:
@@ -32,7 +93,10 @@ def test_absolute_model_path_is_kept(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"prot": 80}, "c.json: unknown key 'prot'; known keys: cache_bytes, "),
+        (
+            {"prot": 80},
+            "c.json: unknown key 'prot'; known keys: arena_extend_strategy, cache_bytes, ",
+        ),
         ({"port": True}, "c.json: port must be an integer (got true)"),
         ({"port": 70000}, "c.json: port must be between 0 and 65535 (got 70000)"),
         ({"intra_op_threads": -1}, "intra_op_threads must be >= 0 (got -1)"),
@@ -40,6 +104,13 @@ def test_absolute_model_path_is_kept(tmp_path: Path) -> None:
         ({"model_name": ""}, "model_name must be a non-empty string"),
         ({"log_level": "loud"}, "log_level must be one of debug, info, warning, error"),
         ({"drain_timeout_s": 0}, "drain_timeout_s must be a positive number"),
+        ({"cpu_mem_arena": 1}, "cpu_mem_arena must be true or false (got 1)"),
+        ({"mem_pattern": "false"}, 'mem_pattern must be true or false (got "false")'),
+        (
+            {"arena_extend_strategy": "SameAsRequested"},
+            "arena_extend_strategy must be one of kNextPowerOfTwo, kSameAsRequested",
+        ),
+        ({"arena_extend_strategy": None}, "arena_extend_strategy must be one of"),
     ],
 )
 def test_bad_values_name_the_key_and_the_rule(change: dict[str, object], message: str) -> None:
