@@ -332,8 +332,9 @@ def test_install_sh_refuses_a_damaged_bundle(
     assert "checksum mismatch" in proc.stderr
 
 
-def _notifications(server: socket.socket, until: Callable[[list[str]], bool],
-                   timeout: float) -> list[str]:
+def _notifications(
+    server: socket.socket, until: Callable[[list[str]], bool], timeout: float
+) -> list[str]:
     messages: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not until(messages):
@@ -345,7 +346,8 @@ def _notifications(server: socket.socket, until: Callable[[list[str]], bool],
 
 
 def test_supervisor_reports_ready_pings_watchdog_and_exits_when_the_runtime_dies(
-        bundles: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    bundles: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
     """supervise.py as systemd runs it (Type=notify), with a real notify socket and podman."""
     from packager.tools.containers import find_engine
 
@@ -354,8 +356,7 @@ def test_supervisor_reports_ready_pings_watchdog_and_exits_when_the_runtime_dies
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(str(tmp_path / "notify.sock"))
     server.settimeout(1.0)
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
-           "WATCHDOG_USEC": "1500000"}
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1500000"}
     argv = [sys.executable, str(bundle / "supervise.py"), "--engine", "podman", *engine_args]
 
     def watchdogs(msgs: list[str]) -> int:
@@ -378,14 +379,17 @@ def test_supervisor_reports_ready_pings_watchdog_and_exits_when_the_runtime_dies
         subprocess.run(["podman", "kill", "edgepack-mnist"], capture_output=True, check=True)
         assert proc.wait(timeout=60) != 0
         # And a clean stop: SIGTERM -> STOPPING=1, the container stopped, exit 0.
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _notifications(server, lambda m: any(x.startswith("READY=1") for x in m), timeout=180)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert "STOPPING=1" in _notifications(server, lambda m: "STOPPING=1" in m, timeout=10)
-        names = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"],
-                               capture_output=True, text=True, check=True).stdout.split()
+        names = subprocess.run(
+            ["podman", "ps", "-a", "--format", "{{.Names}}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         assert "edgepack-mnist" not in names
     finally:
         if proc.poll() is None:
@@ -401,7 +405,55 @@ def test_systemd_accepts_the_unit(bundles: dict[str, dict[str, Any]], tmp_path: 
     text = (bundle / "edgepack-mnist.service").read_text()
     unit = tmp_path / "edgepack-mnist.service"
     unit.write_text(text.replace("@ENGINE@", "/usr/bin/podman").replace("@ENGINE_ARGS@", ""))
-    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "Type=notify" in text and "WatchdogSec=30" in text
+
+
+def test_user_base_image_gets_our_layers_on_top(
+    bundles: dict[str, dict[str, Any]], onnx_dir: Path, edgepack_cache: Path, tmp_path: Path
+) -> None:
+    """--base oci-archive:PATH: a user's image (here: another bundle's) with our layers on top."""
+    base = bundles["industrial-pc"]["image"]
+    doc = build_json(
+        str(onnx_dir / "Network.onnx"),
+        "--target",
+        "industrial-pc",
+        "--base",
+        f"oci-archive:{base['archive']}",
+        "--out",
+        str(tmp_path / "b"),
+        "--cache-dir",
+        str(edgepack_cache),
+    )
+    base_digests = [layer["digest"] for layer in base["layers"]]
+    digests = [layer["digest"] for layer in doc["image"]["layers"]]
+    assert digests[: len(base_digests)] == base_digests
+    assert len(digests) > len(base_digests)
+    info = json.loads(
+        subprocess.run(
+            ["skopeo", "inspect", f"oci-archive:{doc['image']['archive']}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert info["Layers"] == digests
+    assert edgepack("verify", doc["bundle"]).returncode == 0
+    # An arm64 base under an amd64 target is refused with one line naming both.
+    wrong = edgepack(
+        "build",
+        str(onnx_dir / "Network.onnx"),
+        "--target",
+        "industrial-pc",
+        "--base",
+        f"oci-archive:{bundles['rpi4']['image']['archive']}",
+        "--out",
+        str(tmp_path / "c"),
+        "--cache-dir",
+        str(edgepack_cache),
+        check=False,
+    )
+    assert wrong.returncode == 3, wrong.stderr
+    assert "arm64" in wrong.stderr and "amd64" in wrong.stderr
+    assert not (tmp_path / "c").exists()
