@@ -81,9 +81,9 @@ def trained_cnn(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         torch.nn.ReLU(),
         torch.nn.MaxPool2d(2),
         torch.nn.Flatten(),
-        torch.nn.Linear(16 * 4 * 4, 256),
+        torch.nn.Linear(16 * 4 * 4, 1024),
         torch.nn.ReLU(),
-        torch.nn.Linear(256, CLASSES),
+        torch.nn.Linear(1024, CLASSES),
     )
     images, labels = stripes(rng, 512)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
