@@ -6,7 +6,6 @@ same inputs: keys sorted, files sorted, no timestamps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from packager import __version__
+from packager.digest import sha256_path
 from packager.errors import InputError, VerifyError
 
 MANIFEST = "manifest.json"
@@ -21,15 +21,10 @@ MANIFEST = "manifest.json"
 # on a device that has no edgepack.
 SUMS = "SHA256SUMS"
 SCHEMA = "edgepack.bundle/v1"
-_CHUNK = 1024 * 1024
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_path(path)[0]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Literal, Protocol
 
 from packager.console import console
+from packager.digest import sha256_path
 
 EntryKind = Literal["file", "dir", "symlink"]
 # Opens the bytes of a file entry; called exactly once, while the entry is written.
@@ -230,10 +231,5 @@ def tree_entries(root: Path, *, prefix: str = "") -> list[TarEntry]:
 
 def hash_file(path: Path) -> tuple[str, int]:
     """``("sha256:<hex>", size)`` of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return "sha256:" + digest.hexdigest(), size
+    hexdigest, size = sha256_path(path)
+    return "sha256:" + hexdigest, size

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from packager.digest import sha256_stream
 from packager.errors import InputError, VerifyError
 from packager.image.cache import canonical_json
 from packager.image.layer import TarEntry, normalize_path, write_tar
@@ -308,13 +309,9 @@ class ImageSource:
                 raise InputError(f"{self.label}: {name} is not valid JSON") from exc
 
     def hash(self, name: str) -> tuple[str, int]:
-        digest = hashlib.sha256()
-        size = 0
         with self.open(name) as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-        return "sha256:" + digest.hexdigest(), size
+            hexdigest, size = sha256_stream(fh)
+        return "sha256:" + hexdigest, size
 
 
 @contextmanager
