@@ -20,6 +20,8 @@ import numpy as np
 from .model import Array
 
 RunFn = Callable[[Mapping[str, Array], Sequence[str], int], list[Array]]
+# Called on the batch worker thread with (results, None) or (None, error).
+DoneFn = Callable[[list[Array] | None, BaseException | None], None]
 
 
 class QueueFull(Exception):
@@ -36,6 +38,7 @@ class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
     results: list[Array] | None = None
     error: BaseException | None = None
+    callback: DoneFn | None = None
 
 
 def _group(inputs: Mapping[str, Array], outputs: tuple[str, ...]) -> tuple[Any, ...]:
@@ -63,19 +66,32 @@ class Batcher:
             return len(self._queue)
 
     def submit(self, inputs: Mapping[str, Array], outputs: Sequence[str]) -> list[Array]:
-        names = tuple(outputs)
-        rows = int(next(iter(inputs.values())).shape[0])
-        pending = _Pending(inputs, names, rows, _group(inputs, names), time.monotonic())
-        with self._cond:
-            if self._stopping or len(self._queue) >= self.max_queue:
-                raise QueueFull
-            self._queue.append(pending)
-            self._cond.notify()
+        """Queue one request and wait for its rows of the batch's results (blocking)."""
+        pending = self._enqueue(inputs, outputs, None)
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
         assert pending.results is not None
         return pending.results
+
+    def enqueue(self, inputs: Mapping[str, Array], outputs: Sequence[str], done: DoneFn) -> None:
+        """Queue one request without waiting: ``done`` is called on the worker thread with its
+        results or its error (an event loop hands them back to its own thread)."""
+        self._enqueue(inputs, outputs, done)
+
+    def _enqueue(
+        self, inputs: Mapping[str, Array], outputs: Sequence[str], done: DoneFn | None
+    ) -> _Pending:
+        names = tuple(outputs)
+        rows = int(next(iter(inputs.values())).shape[0])
+        pending = _Pending(inputs, names, rows, _group(inputs, names), time.monotonic())
+        pending.callback = done
+        with self._cond:
+            if self._stopping or len(self._queue) >= self.max_queue:
+                raise QueueFull
+            self._queue.append(pending)
+            self._cond.notify()
+        return pending
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Finish what is queued, then stop the worker."""
@@ -144,4 +160,10 @@ class Batcher:
                 item.error = exc
         finally:
             for item in items:
-                item.done.set()
+                if item.callback is not None:
+                    try:
+                        item.callback(item.results, item.error)
+                    except Exception:  # a callback's bug must not end the worker
+                        pass
+                else:
+                    item.done.set()

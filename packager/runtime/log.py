@@ -37,6 +37,8 @@ def configure(level: str) -> None:
     logger.propagate = False
 
 
-def event(name: str, level: int = logging.INFO, *, exc_info: bool = False, **fields: Any) -> None:
+def event(
+    name: str, level: int = logging.INFO, *, exc_info: bool | BaseException = False, **fields: Any
+) -> None:
     if logger.isEnabledFor(level):
         logger.log(level, name, extra={"fields": fields}, exc_info=exc_info)

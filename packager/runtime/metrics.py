@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,11 +30,10 @@ class Histogram:
         self.counts = [0] * len(self.buckets)
 
     def observe(self, value: float) -> None:
-        # Callers hold Metrics.lock.
-        for index, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[index] += 1
-                break
+        # Callers hold Metrics.lock. The first bucket whose bound is >= value (none: +Inf only).
+        index = bisect_left(self.buckets, value)
+        if index < len(self.counts):
+            self.counts[index] += 1
         self.total += value
         self.count += 1
 

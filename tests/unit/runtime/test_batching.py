@@ -89,3 +89,24 @@ def test_a_failing_run_fails_every_request_of_the_batch_and_the_worker_survives(
     assert batcher.alive
     batcher.close()
     assert not batcher.alive
+
+
+def test_enqueue_calls_back_with_results_or_error_without_blocking() -> None:
+    gate = threading.Event()
+    batcher = Batcher(Recorder(gate), max_batch_size=4, max_delay_s=0.01, max_queue=8)
+    outcomes: list[tuple[Any, Any]] = []
+    done = threading.Event()
+
+    def callback(results: list[Array] | None, error: BaseException | None) -> None:
+        outcomes.append((results, error))
+        if len(outcomes) == 2:
+            done.set()
+
+    batcher.enqueue({"x": np.ones((1, 2))}, ["y"], callback)
+    batcher.enqueue({"x": np.full((2, 2), 3.0)}, ["y"], callback)
+    assert outcomes == []  # enqueue returned while the run waits at the gate
+    gate.set()
+    assert done.wait(10)
+    results = sorted((r[0].tolist() for r, e in outcomes if r is not None and e is None), key=len)
+    assert results == [[[2.0, 2.0]], [[6.0, 6.0], [6.0, 6.0]]]
+    batcher.close()

@@ -10,9 +10,11 @@ import pytest
 
 from packager.runtime.model import DATATYPES, Signature, TensorSpec
 from packager.runtime.protocol import (
+    ParsedNumbers,
     ProtocolError,
     RequestedOutput,
     encode_infer_response,
+    loads_request,
     parse_infer_request,
 )
 
@@ -214,3 +216,113 @@ def test_request_structure_errors(document: dict[str, Any], message: str) -> Non
     with pytest.raises(ProtocolError) as caught:
         parse_infer_request(json.dumps(document).encode(), None, signature("FP32"))
     assert message in caught.value.message
+
+
+# ---- loads_request: the fast path for large JSON number arrays must equal json.loads exactly ----
+
+
+def _plain(document: Any) -> Any:
+    """ParsedNumbers as the (dtype, values) np.asarray makes of json.loads's list; lists of plain
+    numbers the same way, so that both decodings compare equal."""
+    if isinstance(document, ParsedNumbers):
+        return (document.array.dtype.str, document.array.tolist())
+    if isinstance(document, list):
+        if document and all(type(v) in (int, float) for v in document):
+            array = np.asarray(document)
+            if array.dtype.kind in "if" and array.dtype.itemsize == 8:
+                return (array.dtype.str, array.tolist())
+        return [_plain(v) for v in document]
+    if isinstance(document, dict):
+        return {k: _plain(v) for k, v in document.items()}
+    return document
+
+
+def _array(tokens: list[str], count: int = 600, separator: str = ",") -> str:
+    return "[" + separator.join(tokens[i % len(tokens)] for i in range(count)) + "]"
+
+
+def _doc(template: str, *arrays: str) -> str:
+    """``template`` with each ``ARR`` replaced by the next of ``arrays``."""
+    for array in arrays:
+        template = template.replace("ARR", array, 1)
+    return template
+
+
+ONE = '{"inputs":[{"name":"x","data":ARR}]}'
+PIXELS = [f"{v}.0" for v in range(0, 256, 7)]
+FAST_CASES = {
+    "pixels": _doc(ONE, _array(PIXELS)),
+    "spaced": _doc('{"inputs": [{"name": "x", "data" : ARR}]}', _array(PIXELS, separator=", ")),
+    "integers": _doc(ONE, _array(["0", "1", "-7", "255"])),
+    "mixed": _doc(ONE, _array(["1", "2.5", "1e3", "-0", "3E-2"])),
+    "two-inputs": _doc(
+        '{"inputs":[{"name":"a","data":ARR},{"name":"b","data":ARR}],"id":"r"}',
+        _array(PIXELS),
+        _array(["1", "2"]),
+    ),
+}
+FALLBACK_CASES = {
+    "few-repeats": _doc(ONE, _array([str(i / 7) for i in range(600)])),
+    "huge-integers": _doc(ONE, _array(["1", str(2**64 - 1)])),
+    "elsewhere": _doc(
+        '{"parameters":{"data":ARR},"inputs":[{"name":"x","data":ARR}]}',
+        _array(PIXELS),
+        _array(PIXELS),
+    ),
+    "duplicate-key": _doc(
+        '{"inputs":[{"name":"x","data":ARR,"data":ARR}]}', _array(PIXELS), _array(["1"])
+    ),
+    "nested": _doc('{"inputs":[{"name":"x","data":[ARR,ARR]}]}', _array(PIXELS), _array(PIXELS)),
+    "sentinel-lookalike": _doc(
+        '{"id":"\\u0000edgepack-numbers-0","inputs":[{"name":"x","data":ARR}]}', _array(PIXELS)
+    ),
+}
+MALFORMED_CASES = {
+    "empty-token": _doc(ONE, _array(["1", "", "2"])),
+    "leading-plus": _doc(ONE, _array(["1", "+1"])),
+    "leading-zero": _doc(ONE, _array(["1", "01"])),
+    "bare-dot": _doc(ONE, _array(["1", ".5"])),
+    "truncated": _doc('{"inputs":[{"name":"x","data":ARR}', _array(PIXELS)),
+}
+
+
+@pytest.mark.parametrize("text", FAST_CASES.values(), ids=list(FAST_CASES))
+def test_large_number_arrays_decode_straight_to_numpy_as_json_would(text: str) -> None:
+    document = loads_request(text.encode())
+    assert all(isinstance(entry["data"], ParsedNumbers) for entry in document["inputs"])
+    assert _plain(document) == _plain(json.loads(text))
+
+
+@pytest.mark.parametrize("text", FALLBACK_CASES.values(), ids=list(FALLBACK_CASES))
+def test_unusual_arrays_fall_back_to_json_loads(text: str) -> None:
+    assert _plain(loads_request(text.encode())) == _plain(json.loads(text))
+
+
+@pytest.mark.parametrize("text", MALFORMED_CASES.values(), ids=list(MALFORMED_CASES))
+def test_malformed_arrays_raise_what_json_loads_raises(text: str) -> None:
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError) as got:
+        loads_request(text.encode())
+    assert str(got.value) == str(expected.value)
+
+
+def test_fast_path_arrays_are_validated_like_lists() -> None:
+    sig = signature("FP32", "INT64")
+    pixels = [float(i % 50) for i in range(600)]
+    request = parse_infer_request(
+        body(
+            tensor("FP32", pixels, [300, 2]),
+            tensor("INT64", [i % 9 for i in range(600)], [300, 2]),
+        ),
+        None,
+        sig,
+    )
+    np.testing.assert_array_equal(
+        request.inputs["x_FP32"].ravel(), np.asarray(pixels, dtype=np.float32)
+    )
+    assert request.inputs["x_INT64"].dtype == np.dtype("<i8")
+    with pytest.raises(ProtocolError, match="INT64 needs integers"):
+        parse_infer_request(body(tensor("INT64", pixels[:1] + [0.5] * 599, [300, 2])), None, sig)
+    with pytest.raises(ProtocolError, match="needs 600 elements, got 598"):
+        parse_infer_request(body(tensor("FP32", pixels[:598], [300, 2])), None, sig)

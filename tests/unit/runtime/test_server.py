@@ -1,18 +1,32 @@
-"""The App's routing and health state without sockets (the HTTP path is in tests/integration)."""
+"""The App's routing and health state without sockets, and the HTTP/1.1 server in this process on
+loopback (the runtime as a real process is in tests/integration)."""
 
 from __future__ import annotations
 
+import http.client
 import json
-from collections.abc import Mapping, Sequence
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from packager.runtime import server as server_module
 from packager.runtime.config import RuntimeConfig
 from packager.runtime.model import load_model
-from packager.runtime.server import FAILURES_UNTIL_UNHEALTHY, App, endpoint_label
+from packager.runtime.server import (
+    FAILURES_UNTIL_UNHEALTHY,
+    App,
+    HeadError,
+    Headers,
+    RuntimeServer,
+    endpoint_label,
+    parse_head,
+)
 from tests.integration.runtime_helpers import TESTDATA
 
 NETWORK = TESTDATA / "onnx" / "Network.onnx"
@@ -90,3 +104,194 @@ def test_batched_app_returns_the_same_scores_as_unbatched() -> None:
 )
 def test_endpoint_labels_are_a_fixed_set(path: str, label: str) -> None:
     assert endpoint_label(path) == label
+
+
+def test_headers_get_ignores_case() -> None:
+    head = parse_head(
+        b"POST /v2/models/m/infer HTTP/1.1\r\nInference-Header-Content-Length: 12\r\n"
+        b"content-length: 40"
+    )
+    assert isinstance(head.headers, Headers)
+    assert head.headers.get("Inference-Header-Content-Length") == "12"
+    assert head.headers.get("CONTENT-LENGTH") == "40"
+    assert (head.method, head.target, head.length, head.keep_alive) == (
+        "POST",
+        "/v2/models/m/infer",
+        40,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GARBAGE", 400),
+        (b"GET /x HTTP/2.0", 505),
+        (b"GET /x FTP/1.1", 400),
+        (b"GET /x HTTP/1.1\r\nno colon here", 400),
+        (b"GET /x HTTP/1.1\r\n folded: value", 400),
+        (b"POST /x HTTP/1.1\r\nHost: a", 411),
+        (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked", 411),
+        (b"POST /x HTTP/1.1\r\nContent-Length: -1", 400),
+        (b"POST /x HTTP/1.1\r\nContent-Length: 1_0", 400),
+        (b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4", 400),
+    ],
+)
+def test_malformed_heads_are_refused(head: bytes, status: int) -> None:
+    with pytest.raises(HeadError) as refused:
+        parse_head(head)
+    assert refused.value.status == status
+
+
+def test_http_1_0_closes_unless_keep_alive_is_asked() -> None:
+    assert not parse_head(b"GET /x HTTP/1.0").keep_alive
+    assert parse_head(b"GET /x HTTP/1.0\r\nConnection: keep-alive").keep_alive
+    assert not parse_head(b"GET /x HTTP/1.1\r\nConnection: close").keep_alive
+
+
+# ---- the HTTP server in this process -----------------------------------------------------------
+
+
+@pytest.fixture(params=["inline", "pool", "batched"])
+def served(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A RuntimeServer on loopback, its inference on the loop, in the thread pool or batched."""
+    if request.param == "pool":
+        monkeypatch.setattr(server_module, "INLINE_RUN_S", 0.0)  # every model counts as slow
+    config: dict[str, Any] = {"keepalive_timeout_s": 1.0, "drain_timeout_s": 5.0}
+    if request.param == "batched":
+        config.update(max_batch_size=8, max_queue_delay_us=1000)
+    app = make_app(**config)
+    server = RuntimeServer(("127.0.0.1", 0), app)
+    server.start()
+    yield server
+    server.drain(5)
+    app.close()
+    server.stop()
+
+
+def _infer_request(rows: int = 1, *, connection: str = "", version: str = "1.1") -> bytes:
+    body = infer_body(rows)
+    extra = f"Connection: {connection}\r\n" if connection else ""
+    return (
+        f"POST /v2/models/iris/infer HTTP/{version}\r\nHost: x\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _responses(data: bytes) -> list[tuple[int, bytes]]:
+    """Split a byte stream into (status, body) by Content-Length."""
+    found = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        length = next(
+            int(v) for k, _, v in (line.partition(": ") for line in lines) if k == "Content-Length"
+        )
+        found.append((int(lines[0].split()[1]), rest[:length]))
+        data = rest[length:]
+    return found
+
+
+def test_pipelined_requests_are_answered_in_order(served: RuntimeServer) -> None:
+    port = served.server_address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            _infer_request(1)
+            + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+            + _infer_request(3)
+            + b"GET /v2/nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+            + _infer_request(2, connection="close")
+        )
+        replies = _responses(_read_all(sock))
+    assert [status for status, _ in replies] == [200, 200, 200, 404, 200]
+    shapes = [json.loads(body)["outputs"][0]["shape"] for _, body in replies[0::2]]
+    assert shapes == [[1, 3], [3, 3], [2, 3]]
+    assert json.loads(replies[1][1]) == {"live": True}
+
+
+def test_keep_alive_over_many_requests_with_http_client(served: RuntimeServer) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", served.server_address[1], timeout=10)
+    for rows in (1, 2, 3) * 5:
+        connection.request("POST", "/v2/models/iris/infer", body=infer_body(rows))
+        reply = connection.getresponse()
+        assert reply.status == 200
+        assert reply.getheader("Server", "").startswith("edgepack-runtime/")
+        assert reply.getheader("Date")
+        assert json.loads(reply.read())["outputs"][0]["shape"] == [rows, 3]
+    connection.close()
+
+
+def test_http_1_0_and_connection_close_end_the_connection(served: RuntimeServer) -> None:
+    port = served.server_address[1]
+    for request in (_infer_request(version="1.0"), _infer_request(connection="close")):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(request)
+            reply = _read_all(sock)  # returns because the server closes
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"\r\nConnection: close\r\n" in reply
+
+
+def test_expect_100_continue_is_answered_before_the_body(served: RuntimeServer) -> None:
+    body = infer_body(2)
+    with socket.create_connection(("127.0.0.1", served.server_address[1]), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        assert sock.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        sock.shutdown(socket.SHUT_WR)  # the reply still comes, then the server closes
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_bad_request_line_and_version_answer_and_close(served: RuntimeServer) -> None:
+    port = served.server_address[1]
+    for request, status in ((b"NONSENSE\r\n\r\n", 400), (b"GET / HTTP/2.0\r\n\r\n", 505)):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(request)
+            reply = _read_all(sock)
+        assert reply.startswith(f"HTTP/1.1 {status} ".encode())
+        assert b'{"error":' in reply
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_timeout(served: RuntimeServer) -> None:
+    with socket.create_connection(("127.0.0.1", served.server_address[1]), timeout=10) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        reply = _read_all(sock)  # the live reply, then EOF once keepalive_timeout_s (1 s) passed
+        assert reply.endswith(b'{"live":true}')
+        assert 0.9 < time.monotonic() - started < 5
+
+
+def test_drain_waits_for_the_request_in_flight_and_closes_idle_connections(
+    served: RuntimeServer,
+) -> None:
+    port = served.server_address[1]
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    busy = socket.create_connection(("127.0.0.1", port), timeout=10)
+    request = _infer_request(1)
+    busy.sendall(request[:20])  # a request half sent: in flight
+    deadline = time.monotonic() + 5
+    while served.in_flight < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    drained: list[bool] = []
+    drainer = threading.Thread(target=lambda: drained.append(served.drain(5)))
+    drainer.start()
+    assert _read_all(idle) == b""  # closed at once
+    time.sleep(0.2)
+    assert not drained  # still waiting for the half-sent request
+    busy.sendall(request[20:])
+    reply = _read_all(busy)
+    drainer.join(10)
+    assert drained == [True]
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in reply
+    idle.close()
+    busy.close()
