@@ -125,12 +125,14 @@ def source_lines(base: DebianBase) -> list[str]:
 
 
 def lock_key(base: DebianBase, arch: str) -> str:
-    return key_of({
-        "arch": arch,
-        "suite": base.suite,
-        "sources": source_lines(base),
-        "packages": sorted(set(base.packages)),
-    })
+    return key_of(
+        {
+            "arch": arch,
+            "suite": base.suite,
+            "sources": source_lines(base),
+            "packages": sorted(set(base.packages)),
+        }
+    )
 
 
 def parse_stanzas(text: str) -> list[dict[str, str]]:
@@ -219,19 +221,26 @@ def resolve(base: DebianBase, arch: str, cache: ContentCache) -> DebianLock:
     for item in planned:
         package, version, _ = split_deb_filename(item.filename)
         specs.append(f"{package}={version}")
-    stanzas = {(s.get("Package", ""), s.get("Version", "")): s
-               for s in parse_stanzas(apt.show(root, specs))}
+    stanzas = {
+        (s.get("Package", ""), s.get("Version", "")): s
+        for s in parse_stanzas(apt.show(root, specs))
+    }
     locked = []
     for item in planned:
         package, version, deb_arch = split_deb_filename(item.filename)
         stanza = stanzas.get((package, version))
         if stanza is None or "SHA256" not in stanza:
-            raise VerifyError(f"apt index has no SHA256 for {package}={version}",
-                              hint="refresh the package lock")
-        locked.append(LockedPackage(package, version, deb_arch, item.filename, item.size,
-                                    stanza["SHA256"].lower()))
-    return DebianLock(arch, base.suite, tuple(base.packages),
-                      tuple(sorted(locked, key=lambda p: p.package)))
+            raise VerifyError(
+                f"apt index has no SHA256 for {package}={version}", hint="refresh the package lock"
+            )
+        locked.append(
+            LockedPackage(
+                package, version, deb_arch, item.filename, item.size, stanza["SHA256"].lower()
+            )
+        )
+    return DebianLock(
+        arch, base.suite, tuple(base.packages), tuple(sorted(locked, key=lambda p: p.package))
+    )
 
 
 def load_or_resolve_lock(
@@ -270,22 +279,35 @@ def fetch_debs(
         return found
     if offline:
         names = ", ".join(p.package for p in missing[:5])
-        raise NetworkError(f"offline: {len(missing)} locked packages are not cached ({names})",
-                           hint="build once with network access to fill the cache")
+        raise NetworkError(
+            f"offline: {len(missing)} locked packages are not cached ({names})",
+            hint="build once with network access to fill the cache",
+        )
     root = _apt_root(cache, base, lock.arch)
     if not any((root.root / "lists").glob("*Packages*")):
         apt.update(root)
     total = sum(p.size for p in missing)
     console.status(f"downloading {len(missing)} Debian packages ({total / 1e6:.1f} MB)")
-    with cache.staging_dir("debs-") as staging:
-        apt.download(root, [f"{p.package}={p.version}" for p in missing], staging)
+    sizes = {p.package: p.size for p in missing}
+    with (
+        cache.staging_dir("debs-") as staging,
+        console.progress("Debian packages", total) as bar,
+    ):
+        apt.download(
+            root,
+            [f"{p.package}={p.version}" for p in missing],
+            staging,
+            on_fetched=lambda name: bar.advance(sizes.get(name.split(":")[0], 0)),
+        )
         for pkg in missing:
             deb = staging / pkg.filename
             if not deb.is_file():
                 candidates = sorted(staging.glob(f"{pkg.package}_*.deb"))
                 if len(candidates) != 1:
-                    raise NetworkError(f"apt-get download did not produce {pkg.filename}",
-                                       hint="refresh the package lock")
+                    raise NetworkError(
+                        f"apt-get download did not produce {pkg.filename}",
+                        hint="refresh the package lock",
+                    )
                 deb = candidates[0]
             digest, size = hash_file(deb)
             if digest != "sha256:" + pkg.sha256 or size != pkg.size:
@@ -330,16 +352,31 @@ def merge_package_tar(
         if existing is not None and existing.kind == "dir":
             continue  # a file never replaces a directory another package populated
         if member.issym():
-            entries[path] = TarEntry(path, "symlink", 0o777, member.uid, member.gid,
-                                     linkname=member.linkname)
+            entries[path] = TarEntry(
+                path, "symlink", 0o777, member.uid, member.gid, linkname=member.linkname
+            )
         elif member.islnk():
             # Hard links become copies: sorted output could put the link before its target.
             target = tf.getmember(member.linkname)
-            entries[path] = TarEntry(path, "file", target.mode, target.uid, target.gid,
-                                     size=target.size, data=_member_opener(tf, member))
+            entries[path] = TarEntry(
+                path,
+                "file",
+                target.mode,
+                target.uid,
+                target.gid,
+                size=target.size,
+                data=_member_opener(tf, member),
+            )
         elif member.isreg():
-            entries[path] = TarEntry(path, "file", member.mode, member.uid, member.gid,
-                                     size=member.size, data=_member_opener(tf, member))
+            entries[path] = TarEntry(
+                path,
+                "file",
+                member.mode,
+                member.uid,
+                member.gid,
+                size=member.size,
+                data=_member_opener(tf, member),
+            )
         # Device nodes and fifos have no place in an image layer; engines provide /dev.
 
 
@@ -352,8 +389,14 @@ def skeleton_entries(
         extra.append(TarEntry(name, "symlink", 0o777, linkname=f"usr/{name}"))
         if f"usr/{name}" not in entries:
             extra.append(TarEntry(f"usr/{name}", "dir", 0o755))
-    for path, mode in (("tmp", 0o1777), ("var/tmp", 0o1777), ("root", 0o700),
-                       ("proc", 0o555), ("sys", 0o555), ("dev", 0o755)):
+    for path, mode in (
+        ("tmp", 0o1777),
+        ("var/tmp", 0o1777),
+        ("root", 0o700),
+        ("proc", 0o555),
+        ("sys", 0o555),
+        ("dev", 0o755),
+    ):
         extra.append(TarEntry(path, "dir", mode))
 
     def text(path: str, content: str) -> TarEntry:
@@ -369,17 +412,20 @@ def skeleton_entries(
     return extra
 
 
-def base_layer_key(base: DebianBase, lock: DebianLock, users: tuple[tuple[str, int], ...],
-                   epoch: int) -> str:
-    return key_of({
-        "version": _LAYER_VERSION,
-        "arch": lock.arch,
-        "suite": lock.suite,
-        "packages": [p.sha256 for p in lock.packages],
-        "exclude": list(base.exclude),
-        "users": [list(u) for u in users],
-        "epoch": epoch,
-    })
+def base_layer_key(
+    base: DebianBase, lock: DebianLock, users: tuple[tuple[str, int], ...], epoch: int
+) -> str:
+    return key_of(
+        {
+            "version": _LAYER_VERSION,
+            "arch": lock.arch,
+            "suite": lock.suite,
+            "packages": [p.sha256 for p in lock.packages],
+            "exclude": list(base.exclude),
+            "users": [list(u) for u in users],
+            "epoch": epoch,
+        }
+    )
 
 
 def build_base_layer(
@@ -394,8 +440,9 @@ def build_base_layer(
 ) -> BaseLayer:
     """The Debian base layer blob, from the cache when the same lock built it before."""
     lock, _ = load_or_resolve_lock(base, arch, cache, refresh=refresh, offline=offline)
-    description = (f"debian {lock.suite} {arch}: "
-                   + " ".join(f"{p.package}={p.version}" for p in lock.packages))
+    description = f"debian {lock.suite} {arch}: " + " ".join(
+        f"{p.package}={p.version}" for p in lock.packages
+    )
     key = base_layer_key(base, lock, users, epoch)
     hit = cached_layer(cache, "debian-layer", key)
     if hit is not None:
@@ -414,8 +461,15 @@ def build_base_layer(
         status = "\n".join(status_parts).encode()
         for entry in skeleton_entries(arch, lock.suite, users, entries):
             entries[entry.path] = entry
-        entries["var/lib/dpkg/status"] = TarEntry("var/lib/dpkg/status", "file", 0o644,
-                                                  size=len(status), data=status)
-        blob = store_layer(cache, "debian-layer", key, with_parents(entries.values()),
-                           mtime=epoch, label=f"base ({arch})")
+        entries["var/lib/dpkg/status"] = TarEntry(
+            "var/lib/dpkg/status", "file", 0o644, size=len(status), data=status
+        )
+        blob = store_layer(
+            cache,
+            "debian-layer",
+            key,
+            with_parents(entries.values()),
+            mtime=epoch,
+            label=f"base ({arch})",
+        )
     return BaseLayer(blob, lock, False, description)

@@ -48,14 +48,16 @@ class WheelLayer:
 
 
 def lock_key(wheels: WheelSet, arch: str) -> str:
-    return key_of({
-        "version": _LOCK_VERSION,
-        "arch": arch,
-        "platforms": pip.platform_tags(arch),
-        "python": wheels.python_version,
-        "requirements": sorted(wheels.requirements),
-        "with_deps": wheels.with_deps,
-    })
+    return key_of(
+        {
+            "version": _LOCK_VERSION,
+            "arch": arch,
+            "platforms": pip.platform_tags(arch),
+            "python": wheels.python_version,
+            "requirements": sorted(wheels.requirements),
+            "with_deps": wheels.with_deps,
+        }
+    )
 
 
 def compiles_bytecode(wheels: WheelSet) -> bool:
@@ -66,15 +68,17 @@ def compiles_bytecode(wheels: WheelSet) -> bool:
 
 
 def layer_key(wheels: WheelSet, locked: tuple[LockedWheel, ...], epoch: int) -> str:
-    return key_of({
-        "version": _LAYER_VERSION,
-        "wheels": sorted(w.sha256 for w in locked),
-        "site_packages": wheels.site_packages,
-        "interpreter": wheels.interpreter,
-        "python": wheels.python_version,
-        "bytecode": compiles_bytecode(wheels),
-        "epoch": epoch,
-    })
+    return key_of(
+        {
+            "version": _LAYER_VERSION,
+            "wheels": sorted(w.sha256 for w in locked),
+            "site_packages": wheels.site_packages,
+            "interpreter": wheels.interpreter,
+            "python": wheels.python_version,
+            "bytecode": compiles_bytecode(wheels),
+            "epoch": epoch,
+        }
+    )
 
 
 def _lock_from_record(doc: dict[str, Any] | None) -> tuple[LockedWheel, ...] | None:
@@ -86,14 +90,27 @@ def _lock_from_record(doc: dict[str, Any] | None) -> tuple[LockedWheel, ...] | N
         return None
 
 
-def download_wheels(
-    wheels: WheelSet, arch: str, cache: ContentCache
-) -> tuple[LockedWheel, ...]:
+def download_wheels(wheels: WheelSet, arch: str, cache: ContentCache) -> tuple[LockedWheel, ...]:
     """Run pip for the target platform and move the wheels into the content cache."""
     console.status(f"downloading wheels for linux/{arch}: {' '.join(wheels.requirements)}")
-    with cache.staging_dir("wheels-dl-") as staging:
-        pip.download(list(wheels.requirements), staging, arch=arch,
-                     python_version=wheels.python_version, with_deps=wheels.with_deps)
+    # Without dependency resolution each pin is its own download, which gives a progress bar;
+    # with it, pip must see all pins at once.
+    batches = (
+        [[r] for r in wheels.requirements] if not wheels.with_deps else [list(wheels.requirements)]
+    )
+    with (
+        cache.staging_dir("wheels-dl-") as staging,
+        console.progress("wheels", len(batches), bytes_=False) as bar,
+    ):
+        for batch in batches:
+            pip.download(
+                batch,
+                staging,
+                arch=arch,
+                python_version=wheels.python_version,
+                with_deps=wheels.with_deps,
+            )
+            bar.advance(1)
         locked = []
         for path in sorted(staging.glob("*.whl")):
             digest, size = hash_file(path)
@@ -117,8 +134,9 @@ def locked_wheels(
             hint="build once with network access to fill the cache",
         )
     locked = download_wheels(wheels, arch, cache)
-    cache.put_record("wheel-lock", key, {"version": _LOCK_VERSION,
-                                         "wheels": [vars(w) for w in locked]})
+    cache.put_record(
+        "wheel-lock", key, {"version": _LOCK_VERSION, "wheels": [vars(w) for w in locked]}
+    )
     return locked
 
 
@@ -150,8 +168,10 @@ def install_wheels(paths: list[Path], wheels: WheelSet, root: Path) -> None:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 install(source, destination, additional_metadata={"INSTALLER": b"edgepack\n"})
         except Exception as exc:  # installer raises plain exceptions for malformed wheels
-            raise InputError(f"{path.name}: cannot install this wheel ({exc})",
-                             hint="pin another version of the package") from exc
+            raise InputError(
+                f"{path.name}: cannot install this wheel ({exc})",
+                hint="pin another version of the package",
+            ) from exc
 
 
 def compile_bytecode(root: Path, wheels: WheelSet) -> None:
@@ -189,14 +209,18 @@ def build_wheel_layer(
             blob = cache.verified_blob("sha256:" + wheel.sha256)
             if blob is None:
                 if offline:
-                    raise NetworkError(f"offline: cached wheel {wheel.filename} is missing",
-                                       hint="build once with network access")
+                    raise NetworkError(
+                        f"offline: cached wheel {wheel.filename} is missing",
+                        hint="build once with network access",
+                    )
                 # The blob went missing: download again and insist on the same bytes.
                 again = {w.sha256 for w in download_wheels(wheels, arch, cache)}
                 blob = cache.verified_blob("sha256:" + wheel.sha256)
                 if wheel.sha256 not in again or blob is None:
-                    raise VerifyError(f"{wheel.filename}: the index now serves different bytes",
-                                      hint="rebuild with the wheel lock refreshed")
+                    raise VerifyError(
+                        f"{wheel.filename}: the index now serves different bytes",
+                        hint="rebuild with the wheel lock refreshed",
+                    )
             link = staging / "whl" / wheel.filename
             os.symlink(blob, link)
             named.append(link)
@@ -206,6 +230,12 @@ def build_wheel_layer(
         install_wheels(named, wheels, root)
         if compiled:
             compile_bytecode(root, wheels)
-        layer = store_layer(cache, "wheel-layer", key, with_parents(tree_entries(root)),
-                            mtime=epoch, label=f"wheels ({arch})")
+        layer = store_layer(
+            cache,
+            "wheel-layer",
+            key,
+            with_parents(tree_entries(root)),
+            mtime=epoch,
+            label=f"wheels ({arch})",
+        )
     return WheelLayer(layer, locked, False, compiled, description)

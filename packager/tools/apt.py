@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,10 +139,29 @@ def show(apt: AptRoot, specs: list[str]) -> str:
     return proc.stdout.decode("utf-8", "replace")
 
 
-def download(apt: AptRoot, specs: list[str], dest: Path) -> None:
-    """Download exact ``name=version`` debs into ``dest``; apt checks them against the index."""
-    proc = APT_GET.run([*apt.options(), "-q", "download", *specs], cwd=dest,
-                       timeout=_TIMEOUT_S, check=False)
+def fetched_package(line: str) -> str | None:
+    """The package in apt's "Get:2 http://mirror suite/main arm64 zlib1g arm64 1:1.2 [82 kB]"."""
+    parts = line.split()
+    if len(parts) > 5 and parts[0].startswith("Get:"):
+        return parts[4]
+    return None
+
+
+def download(
+    apt: AptRoot, specs: list[str], dest: Path, on_fetched: Callable[[str], None] | None = None
+) -> None:
+    """Download exact ``name=version`` debs into ``dest``; apt checks them against the index.
+
+    ``on_fetched`` is called with each package name as apt reports it ("Get:N ... name arch
+    version [size]"), for a progress bar.
+    """
+
+    def line(text: str) -> None:
+        name = fetched_package(text)
+        if on_fetched is not None and name is not None:
+            on_fetched(name)
+
+    proc = APT_GET.stream([*apt.options(), "download", *specs], line, cwd=dest, timeout=_TIMEOUT_S)
     if proc.returncode != 0:
         raise NetworkError(
             f"apt-get download failed: {_tail(proc.stderr)}",

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +81,35 @@ class Tool:
                 f"{self.name} failed (exit {proc.returncode}): {_tail(proc.stderr or proc.stdout)}"
             )
         return proc
+
+    def stream(
+        self,
+        args: Sequence[str | os.PathLike[str]],
+        on_line: Callable[[str], None],
+        *,
+        cwd: Path | None = None,
+        timeout: float | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run the tool, calling ``on_line`` with each stdout line as it comes (for progress).
+
+        stderr is collected for the caller's error message; the return code is not checked.
+        """
+        exe = self.require()
+        argv = [exe, *(os.fspath(a) for a in args)]
+        with (
+            tempfile.TemporaryFile() as errors,
+            subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=errors) as proc,
+        ):
+            assert proc.stdout is not None
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for raw in proc.stdout:
+                on_line(raw.decode("utf-8", "replace").rstrip("\n"))
+                if deadline is not None and time.monotonic() > deadline:
+                    proc.kill()
+                    raise ToolFailedError(f"{self.name} timed out after {timeout:.0f}s")
+            proc.wait()
+            errors.seek(0)
+            return subprocess.CompletedProcess(argv, proc.returncode, b"", errors.read())
 
     def popen(
         self,
