@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
-	$(VENV)/bin/pip install -q -e '.[test,optimize,mcu]'
+	$(VENV)/bin/pip install -q -e '.[test,optimize,mcu,mcu-convert]'
 	touch $@
 
 # qemu-user for foreign-architecture images (edgepack run, tests); binfmt_misc is not mounted

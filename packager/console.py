@@ -7,7 +7,9 @@ Human output (progress bars, status lines, tables) goes to stderr so that stdout
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -85,6 +87,28 @@ class ProgressTask:
     def set_total(self, total: float) -> None:
         if self._bar is not None and self._task is not None:
             self._bar.update(self._task, total=total)
+
+
+@contextmanager
+def capture_fd(fd: int) -> Iterator[list[str]]:
+    """Collect what native code writes straight to file descriptor ``fd`` (1 or 2).
+
+    TensorFlow's converter and the TFLM interpreter write to the process's stdout/stderr from
+    C++, past ``sys.stdout``; on stdout that would corrupt ``--json`` documents. The captured
+    text is in the yielded list once the block ends.
+    """
+    sink: list[str] = []
+    (sys.stdout if fd == 1 else sys.stderr).flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield sink
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            sink.append(tmp.read().decode("utf-8", "replace"))
 
 
 console = Reporter()

@@ -9,10 +9,6 @@ files to render as a frozen :class:`McuProject`, and execute() writes them. Noth
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +18,7 @@ import jinja2
 
 from packager import __version__
 from packager.backends.base import BuildPlan, BuildRequest, ExecuteResult, RenderedFile
+from packager.console import capture_fd
 from packager.errors import InputError, UnsupportedError
 from packager.fit import FitReport, Resource
 from packager.models.info import ModelInfo
@@ -184,22 +181,6 @@ def chosen_arena(measured: int, margin_percent: int) -> int:
     return round_up(measured + -(-measured * margin_percent // 100), ARENA_ALIGN)
 
 
-@contextmanager
-def _stderr_to(sink: list[str]) -> Iterator[None]:
-    """Collect what native code writes to fd 2 (the TFLM interpreter logs there)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            sink.append(tmp.read().decode("utf-8", "replace"))
-
-
 def _tflm_probe(data: bytes, arena: int, inputs: int) -> bool:
     import numpy as np
     from tflite_micro.python.tflite_micro import runtime  # type: ignore[import-untyped]
@@ -243,8 +224,7 @@ def measure_arena(data: bytes, source: str) -> int:
     """The smallest tensor arena (a multiple of 16 B) in which the TensorFlow Lite Micro
     interpreter allocates and invokes the model: a bisection over real interpreter runs."""
     analysis = analyze_tflite(data, source)
-    log: list[str] = []
-    with _stderr_to(log):
+    with capture_fd(2) as log:
         hi = round_up(max(4 * KIB, 2 * analysis.activation_bytes), ARENA_ALIGN)
         while not tflm_runs(data, hi, len(analysis.inputs)):
             hi *= 2

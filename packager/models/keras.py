@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from packager.console import capture_fd
 from packager.errors import InputError, ToolMissingError, UnsupportedError
 from packager.models.info import TensorInfo
 
@@ -46,6 +47,12 @@ def _input_signature(tf: Any, model: Any, source: Path) -> list[TensorInfo]:
 
 def convert_to_int8_tflite(path: Path, calibration: Path | None) -> bytes:
     """A fully integer (int8 inputs, outputs and kernels) TFLite flatbuffer of ``path``."""
+    # TensorFlow's C++ side prints to fd 1 while loading and converting; keep stdout for --json.
+    with capture_fd(1):
+        return _convert(path, calibration)
+
+
+def _convert(path: Path, calibration: Path | None) -> bytes:
     if calibration is None:
         raise InputError(
             f"{path}: a fully int8 model needs representative inputs",
