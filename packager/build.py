@@ -136,7 +136,7 @@ def build(request: BuildRequest) -> BuildResult:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model_path = _convert_keras(request, work)
+        model_path = _convert_to_tflite(request, work)
         optimization: dict[str, Any] | None = None
         quantize = effective_quantize(request)
         if quantize:
@@ -182,14 +182,22 @@ def _is_keras(path: Path) -> bool:
     )
 
 
-def _convert_keras(request: BuildRequest, work: Path) -> Path | None:
-    """Keras / SavedModel -> fully int8 TFLite (the MCU path), calibrated on --calibration."""
-    if not _is_keras(request.model):
-        return None
-    from packager.models.keras import convert_to_int8_tflite
+def _convert_to_tflite(request: BuildRequest, work: Path) -> Path | None:
+    """Keras / SavedModel (any target), or PyTorch for an MCU target -> fully int8 TFLite,
+    calibrated on --calibration. Other models go on as they are."""
+    from packager.models.torch_tflite import TORCH_SUFFIXES
 
+    if _is_keras(request.model):
+        from packager.models.keras import convert_to_int8_tflite as convert
+    elif (
+        request.model.suffix.lower() in TORCH_SUFFIXES
+        and resolve_target(request.target).device_class == "mcu"
+    ):
+        from packager.models.torch_tflite import convert_torch_to_int8_tflite as convert
+    else:
+        return None
     console.status(f"converting {request.model.name} to int8 TFLite")
-    data = convert_to_int8_tflite(request.model, request.calibration)
+    data = convert(request.model, request.calibration)
     path = work / f"{request.model.name.split('.')[0]}.tflite"
     path.write_bytes(data)
     return path
