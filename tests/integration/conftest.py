@@ -73,3 +73,52 @@ def cleanup_containers() -> Iterator[list[str]]:
     yield names
     for name in names:
         subprocess.run(["podman", "rm", "-f", "-t", "1", name], capture_output=True)
+
+
+def run_install_sh(
+    bundle: Path, *, extra_env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """The bundle's own install.sh with podman and no systemd (this host has none running);
+    the engine flags this sandbox needs go through EDGEPACK_ENGINE_ARGS, as a user would."""
+    from packager.tools.containers import find_engine
+
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "EDGEPACK_ENGINE_ARGS": " ".join(find_engine("podman").run_flags),
+        **(extra_env or {}),
+    }
+    return subprocess.run(
+        [
+            "sh",
+            str(bundle / "install.sh"),
+            "--engine",
+            "podman",
+            "--no-systemd",
+            "--timeout",
+            "120",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def litert_int8_outputs(tflite: Path, x: Any) -> Any:
+    """Run a fully int8 .tflite in the desktop LiteRT interpreter on float rows of ``x``,
+    quantizing inputs and dequantizing outputs with the model's own parameters."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tflite))
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
+    (scale, zero), (o_scale, o_zero) = inp["quantization"], out["quantization"]
+    rows = []
+    for sample in x:
+        q = np.clip(np.round(sample / scale + zero), -128, 127).astype(np.int8)
+        interpreter.set_tensor(inp["index"], q.reshape(inp["shape"]))
+        interpreter.invoke()
+        rows.append((interpreter.get_tensor(out["index"]).astype(np.float32) - o_zero) * o_scale)
+    return np.concatenate(rows)

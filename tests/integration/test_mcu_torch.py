@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.integration.conftest import build_json, edgepack
+from tests.integration.conftest import build_json, edgepack, litert_int8_outputs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,33 +33,29 @@ def torch_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     calibration.mkdir()
     rng = np.random.default_rng(0)
     np.save(calibration / "set.npy", rng.uniform(0, 1, size=(32, 1, 8, 8)).astype(np.float32))
-    return {"pt": root / "net.pt", "pt2": root / "net.pt2", "calibration": calibration,
-            "module": root / "net.pt"}
-
-
-def _litert(tflite: Path, x: np.ndarray) -> np.ndarray:
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(tflite))
-    interpreter.allocate_tensors()
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
-    (scale, zero), (o_scale, o_zero) = inp["quantization"], out["quantization"]
-    rows = []
-    for sample in x:
-        q = np.clip(np.round(sample / scale + zero), -128, 127).astype(np.int8)
-        interpreter.set_tensor(inp["index"], q.reshape(inp["shape"]))
-        interpreter.invoke()
-        rows.append((interpreter.get_tensor(out["index"]).astype(np.float32) - o_zero) * o_scale)
-    return np.concatenate(rows)
+    return {
+        "pt": root / "net.pt",
+        "pt2": root / "net.pt2",
+        "calibration": calibration,
+        "module": root / "net.pt",
+    }
 
 
 @pytest.mark.parametrize("kind", ["pt", "pt2"])
-def test_torch_to_int8_tflm_project(kind: str, torch_model: dict[str, Path],
-                                    tmp_path: Path) -> None:
-    doc = build_json(str(torch_model[kind]), "--target", "stm32f746-disco", "--name", "net",
-                     "--calibration", str(torch_model["calibration"]),
-                     "--out", str(tmp_path / "bundle"))
+def test_torch_to_int8_tflm_project(
+    kind: str, torch_model: dict[str, Path], tmp_path: Path
+) -> None:
+    doc = build_json(
+        str(torch_model[kind]),
+        "--target",
+        "stm32f746-disco",
+        "--name",
+        "net",
+        "--calibration",
+        str(torch_model["calibration"]),
+        "--out",
+        str(tmp_path / "bundle"),
+    )
     bundle = Path(doc["bundle"])
     assert json.loads((bundle / "manifest.json").read_text())["model"]["format"] == "tflite"
     assert "AddFullyConnected" in (bundle / "src" / "op_resolver.h").read_text()
@@ -68,17 +64,25 @@ def test_torch_to_int8_tflm_project(kind: str, torch_model: dict[str, Path],
     module = torch.load(torch_model["module"], weights_only=False)
     with torch.no_grad():
         reference = module(torch.from_numpy(x)).numpy()
-    converted = _litert(tflite, x)
+    converted = litert_int8_outputs(tflite, x)
     span = float(reference.max() - reference.min())
     assert np.abs(converted - reference).mean() < 0.02 * span
     assert float((converted.argmax(1) == reference.argmax(1)).mean()) >= 0.8
     assert edgepack("verify", str(bundle)).returncode == 0
 
 
-def test_torch_without_calibration_is_one_line(torch_model: dict[str, Path],
-                                               tmp_path: Path) -> None:
-    proc = edgepack("build", str(torch_model["pt"]), "--target", "stm32f746-disco",
-                    "--out", str(tmp_path / "b"), check=False)
+def test_torch_without_calibration_is_one_line(
+    torch_model: dict[str, Path], tmp_path: Path
+) -> None:
+    proc = edgepack(
+        "build",
+        str(torch_model["pt"]),
+        "--target",
+        "stm32f746-disco",
+        "--out",
+        str(tmp_path / "b"),
+        check=False,
+    )
     assert proc.returncode == 3
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "--calibration" in errors[0]

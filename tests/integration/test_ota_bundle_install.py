@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.tools.containers import find_engine
-from tests.integration.conftest import REPO, build_json, edgepack
+from tests.integration.conftest import REPO, build_json, edgepack, run_install_sh
 from tests.unit.agent.helpers import Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -52,27 +51,8 @@ def test_ota_bundle_installs_agent_and_release(
         assert any(f.startswith("ota/wheels/tuf-") for f in files)
         assert any(f.startswith("ota/wheels/cryptography-") for f in files)
         edgepack("ota", "publish", str(bundle), "--repo", str(repo))
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-            "EDGEPACK_ROOT": str(device),
-            "EDGEPACK_ENGINE_ARGS": " ".join(find_engine("podman").run_flags),
-        }
         try:
-            proc = subprocess.run(
-                [
-                    "sh",
-                    str(bundle / "install.sh"),
-                    "--engine",
-                    "podman",
-                    "--no-systemd",
-                    "--timeout",
-                    "120",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=600,
-                env=env,
-            )
+            proc = run_install_sh(bundle, extra_env={"EDGEPACK_ROOT": str(device)})
             assert proc.returncode == 0, proc.stdout + proc.stderr
             assert "otademo 1.0.0 is ready" in proc.stdout
             # The agent came from the bundle's wheels (no pip on the "device") and committed v1.

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from tests.integration.conftest import REPO, build_json, edgepack, free_port
+from tests.integration.conftest import REPO, build_json, edgepack, free_port, run_install_sh
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -288,28 +288,8 @@ def test_install_sh_loads_and_starts_with_podman(
     bundle = Path(bundles["industrial-pc"]["bundle"])
     port = 8080  # install.sh publishes the runtime's own port
     subprocess.run(["podman", "rm", "-f", "-t", "1", "edgepack-mnist"], capture_output=True)
-    from packager.tools.containers import find_engine
-
-    engine_args = " ".join(find_engine("podman").run_flags)
     try:
-        proc = subprocess.run(
-            [
-                "sh",
-                str(bundle / "install.sh"),
-                "--engine",
-                "podman",
-                "--no-systemd",
-                "--timeout",
-                "120",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={
-                "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-                "EDGEPACK_ENGINE_ARGS": engine_args,
-            },
-        )
+        proc = run_install_sh(bundle, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"ready on http://127.0.0.1:{port}/v2/models/mnist" in proc.stdout
     finally:
