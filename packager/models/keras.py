@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from packager.console import capture_fd
-from packager.errors import InputError, ToolMissingError, UnsupportedError
+from packager.errors import InputError, UnsupportedError
+from packager.extras import require
 from packager.models.info import TensorInfo
 
 # Fewer samples give int8 ranges that clip real inputs (the TFLite converter's own guidance is
@@ -23,14 +24,7 @@ MIN_CALIBRATION_SAMPLES = 16
 
 
 def _tensorflow() -> Any:
-    try:
-        import tensorflow as tf  # type: ignore[import-untyped,import-not-found,unused-ignore]
-    except ImportError as exc:
-        raise ToolMissingError(
-            "converting Keras/SavedModel models to TFLite needs TensorFlow",
-            hint="pip install 'edgepack[mcu-convert]' (tensorflow==2.21.0)",
-        ) from exc
-    return tf
+    return require("tensorflow", "converting Keras/SavedModel models to TFLite", "mcu-convert")
 
 
 def _input_signature(tf: Any, model: Any, source: Path) -> list[TensorInfo]:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from packager.console import console
-from packager.errors import InputError, ToolMissingError, UnsupportedError
+from packager.errors import InputError, UnsupportedError
+from packager.extras import require
 
 TorchKind = Literal["torch-pickle", "torchscript", "exported-program"]
 
@@ -40,14 +41,7 @@ class InputSpec:
 
 
 def require_torch() -> Any:
-    try:
-        import torch
-    except ImportError as exc:
-        raise ToolMissingError(
-            "PyTorch is not installed; it is needed to read PyTorch models",
-            hint="pip install 'edgepack[optimize]'",
-        ) from exc
-    return torch
+    return require("torch", "reading PyTorch models", "optimize")
 
 
 def detect_kind(path: Path) -> TorchKind:

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from packager.console import capture_fd
-from packager.errors import InputError, ToolMissingError, UnsupportedError
+from packager.errors import InputError, UnsupportedError
+from packager.extras import require
 from packager.models.info import TensorInfo
 from packager.models.keras import MIN_CALIBRATION_SAMPLES
 from packager.models.torch_export import detect_kind, load_torch_model, require_torch
@@ -21,14 +22,7 @@ TORCH_SUFFIXES = (".pt", ".pth", ".pt2")
 
 
 def _litert_torch() -> Any:
-    try:
-        import litert_torch  # type: ignore[import-untyped,import-not-found,unused-ignore]
-    except ImportError as exc:
-        raise ToolMissingError(
-            "converting PyTorch models to TFLite needs litert-torch",
-            hint="pip install 'edgepack[mcu-convert]'",
-        ) from exc
-    return litert_torch
+    return require("litert_torch", "converting PyTorch models to TFLite", "mcu-convert")
 
 
 def convert_torch_to_int8_tflite(path: Path, calibration: Path | None) -> bytes:
