@@ -6,13 +6,15 @@ VENV ?= .venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := python3 python3-venv python3-dev gcc g++ make curl ca-certificates \
 	debian-archive-keyring podman skopeo umoci runc qemu-user-static binfmt-support uidmap \
-	fuse-overlayfs slirp4netns gcc-arm-none-eabi binutils-arm-none-eabi libnewlib-arm-none-eabi
+	fuse-overlayfs slirp4netns gcc-arm-none-eabi binutils-arm-none-eabi libnewlib-arm-none-eabi \
+	mmdebstrap arch-test libstdc++-arm-none-eabi-newlib qemu-system-arm cmake ninja-build \
+	bubblewrap
 DEMO_TARGET ?= rpi4
 DEMO_OUT ?= demo-out/mnist-$(DEMO_TARGET)
 
-.PHONY: setup apt venv binfmt demo test lint typecheck bench clean
+.PHONY: setup apt venv binfmt docker-tools demo test lint typecheck bench clean
 
-setup: apt venv binfmt
+setup: apt venv binfmt docker-tools
 
 apt: .setup-apt.stamp
 .setup-apt.stamp:
@@ -36,6 +38,12 @@ binfmt:
 	@if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then \
 		grep -v '^#' /usr/lib/binfmt.d/qemu-aarch64.conf | $(SUDO) tee /proc/sys/fs/binfmt_misc/register >/dev/null; fi
 	@echo "binfmt: qemu-aarch64 $$(head -1 /proc/sys/fs/binfmt_misc/qemu-aarch64)"
+
+# Debian trixie's Docker engine, containerd, buildx and tini, unpacked (never installed) into
+# .ci/docker-tools through a private apt configuration, for the tests that drive a private dockerd.
+# Fast when already done.
+docker-tools: | apt
+	.ci/docker-tools.sh
 
 demo: setup
 	$(VENV)/bin/edgepack inspect tests/data/mnist.onnx

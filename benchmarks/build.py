@@ -7,9 +7,16 @@ Prints, for mnist (26 KB) and a ~50 MB model, side by side in one run:
 - the time of a rebuild of identical inputs (every layer from the cache);
 - the image size, compressed and uncompressed, per layer;
 - the ratio of the warm build time to the time `gzip -6` takes over the same new layer bytes
-  (the runtime and model layers, the only ones a warm build writes): the practical floor.
+  (the runtime and model layers, the only ones a warm build writes): the practical floor;
+- (issue 16) the mnist image before/after the layer policy (`--no-slim` vs the default), each
+  layer compressed and uncompressed, the same slim image with `--compression zstd`, and the
+  runtime's cold start (time to ready, `edgepack run --smoke-test`, under qemu for an arm64
+  target) of the full and the slim image, alternated, as a ratio.
+- (issue 13) the same arm64 mnist image built the way CI pipelines build it today, `docker
+  buildx build` of a Dockerfile FROM a local python base with `pip install onnxruntime` under
+  qemu-user, vs `edgepack build`, cold and warm, side by side, as a ratio (`--buildx-only`).
 
-Usage: python benchmarks/build.py [--target rpi4] [--keep DIR]
+Usage: python benchmarks/build.py [--target rpi4] [--keep DIR] [--starts N] [--slim-only]
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import gzip
 import io
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -59,7 +67,9 @@ def retrained(model: Path, dest: Path) -> Path:
     return dest
 
 
-def build(model: Path, target: str, out: Path, cache: Path) -> tuple[float, dict[str, Any]]:
+def build(
+    model: Path, target: str, out: Path, cache: Path, *flags: str
+) -> tuple[float, dict[str, Any]]:
     start = time.perf_counter()
     proc = subprocess.run(
         [
@@ -77,6 +87,7 @@ def build(model: Path, target: str, out: Path, cache: Path) -> tuple[float, dict
             "--cache-dir",
             str(cache),
             "--json",
+            *flags,
         ],
         cwd=REPO,
         capture_output=True,
@@ -116,13 +127,167 @@ def mib(n: int) -> str:
     return f"{n / 2**20:8.2f} MiB"
 
 
+def cold_start(bundle: Path, port: int) -> float:
+    """Seconds from `podman run` to a ready runtime (`edgepack run --smoke-test`)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "packager", "run", str(bundle), "--smoke-test", "--json",
+         "--engine", "podman", "--port", str(port), "--timeout", "900"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"edgepack run failed: {proc.stderr}")
+    return float(json.loads(proc.stdout)["ready_after_s"])
+
+
+def slim_report(target: str, work: Path, starts: int) -> None:
+    """Issue 16: full (--no-slim) vs slim image, gzip and zstd, and cold start side by side."""
+    model = REPO / "tests" / "data" / "mnist.onnx"
+    cache = work / "cache-slim"
+    variants = {
+        "full": build(model, target, work / "mnist-full", cache, "--no-slim")[1],
+        "slim": build(model, target, work / "mnist-slim", cache)[1],
+        "slim+zstd": build(model, target, work / "mnist-zstd", cache, "--compression", "zstd")[1],
+    }
+    print()
+    print(f"layer policy ({target} mnist): compressed / uncompressed bytes per layer")
+    header = "".join(f" {name:>24}" for name in variants)
+    print(f"  {'layer':<8}{header}")
+    names = [layer["name"] for layer in variants["full"]["image"]["layers"]]
+    for index, name in enumerate(names):
+        cells = ""
+        for doc in variants.values():
+            layer = doc["image"]["layers"][index]
+            cells += f" {layer['size']:>11} / {layer['uncompressed_size']:>10}"
+        print(f"  {name:<8}{cells}")
+    cells = "".join(f" {doc['image']['size_bytes']:>11} {'(image.tar)':>12}"
+                    for doc in variants.values())
+    print(f"  {'archive':<8}{cells}")
+    if starts <= 0:
+        return
+    # Alternate full and slim so that load on the machine hits both alike; best of N each.
+    times: dict[str, list[float]] = {"full": [], "slim": []}
+    for _ in range(starts):
+        for label in ("full", "slim"):
+            times[label].append(cold_start(Path(variants[label]["bundle"]), 19090))
+    best = {label: min(values) for label, values in times.items()}
+    median = {label: statistics.median(values) for label, values in times.items()}
+    print()
+    print(f"cold start to ready ({target}, {starts} alternated starts each):")
+    for label, values in times.items():
+        print(f"  {label:<5} best {best[label]:6.1f}s  median {median[label]:6.1f}s  "
+              f"(all: {', '.join(f'{v:.1f}' for v in values)})")
+    print(f"  slim/full: best {best['slim'] / best['full']:.2f}, "
+          f"median {median['slim'] / median['full']:.2f}")
+
+
+# --- issue 13: a buildx Dockerfile build (the way users do it today) vs edgepack build ----------
+
+BUILDX_DOCKERFILE = """\
+FROM edgepack-bench/python-arm64:bookworm
+COPY requirements.txt /tmp/requirements.txt
+# Under qemu-user: pip (and every RUN) executes arm64 code on this amd64 host.
+RUN --mount=type=secret,id=ca-bundle \\
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi; \\
+    python3 -m pip install --no-cache-dir --break-system-packages --no-deps \\
+      -r /tmp/requirements.txt
+COPY edgepack_runtime /opt/edgepack/edgepack_runtime
+COPY model.onnx /opt/model/model.onnx
+ENV PYTHONPATH=/opt/edgepack
+USER 10001:10001
+CMD ["python3", "-m", "edgepack_runtime.server"]
+"""
+
+
+def python_base(work: Path, given: Path | None) -> tuple[Path, float]:
+    """An arm64 Debian bookworm rootfs with python3 and pip (the stand-in for Docker Hub's
+    ``python:3.11-slim``, which cannot be pulled here): mmdebstrap minbase under qemu (needs
+    arch-test, in the Makefile's apt list)."""
+    if given is not None:
+        return given, 0.0
+    tar = work / "bookworm-arm64-python.tar"
+    start = time.perf_counter()
+    subprocess.run(
+        ["mmdebstrap", "--quiet", "--variant=minbase", "--mode=root", "--architectures=arm64",
+         "--include=python3,python3-pip,ca-certificates", "bookworm", str(tar)],
+        check=True, timeout=1800,
+    )
+    return tar, time.perf_counter() - start
+
+
+def buildx_report(work: Path, base_tar: Path | None) -> None:
+    """The rpi4 mnist bundle's content (onnxruntime + numpy pins, the runtime, the model) built
+    as an arm64 image by ``docker buildx build`` from a local python base, pip under qemu, vs
+    ``edgepack build``; both cold (nothing cached, every wheel downloaded) and warm (a new model
+    over a warm cache). One private dockerd (tests/integration/dockerd.py), one run."""
+    sys.path.insert(0, str(REPO))
+    from tests.integration.dockerd import private_dockerd  # the test harness's daemon
+
+    tar, base_s = python_base(work, base_tar)
+    context = work / "buildx-context"
+    shutil.rmtree(context, ignore_errors=True)
+    context.mkdir()
+    (context / "Dockerfile").write_text(BUILDX_DOCKERFILE)
+    shutil.copy(REPO / "packager" / "runtime" / "requirements.txt", context)
+    shutil.copytree(REPO / "packager" / "runtime", context / "edgepack_runtime",
+                    ignore=shutil.ignore_patterns("__pycache__", "requirements.txt"))
+    model = REPO / "tests" / "data" / "mnist.onnx"
+    shutil.copy(model, context / "model.onnx")
+    ca = Path("/etc/ssl/certs/ca-certificates.crt")
+    secret = ["--secret", f"id=ca-bundle,src={ca}"] if ca.is_file() else []
+    timings: dict[str, float] = {}
+    with private_dockerd(work) as daemon:
+        daemon.docker("import", "--platform", "linux/arm64", tar,
+                      "edgepack-bench/python-arm64:bookworm", timeout=600)
+
+        def buildx(label: str, *flags: str) -> None:
+            start = time.perf_counter()
+            daemon.docker("buildx", "build", "--platform", "linux/arm64", "--network", "host",
+                          *secret, *flags, "--output",
+                          f"type=oci,dest={work / (label + '.oci.tar')}", context, timeout=3600)
+            timings[f"buildx {label}"] = time.perf_counter() - start
+
+        buildx("cold", "--no-cache")
+        retrained(model, context / "model.onnx")
+        buildx("warm")
+    cache = work / "cache-buildx-row"
+    shutil.rmtree(cache, ignore_errors=True)
+    timings["edgepack cold"], _ = build(model, "rpi4", work / "bx-cold", cache)
+    timings["edgepack warm"], _ = build(retrained(model, work / "bx-v2.onnx"), "rpi4",
+                                        work / "bx-warm", cache)
+    print()
+    print("arm64 mnist image: docker buildx (FROM a local python base, pip install under qemu)"
+          " vs edgepack build, one run")
+    if base_s:
+        print(f"  (making the local python base, mmdebstrap under qemu, uncounted: {base_s:.0f}s)")
+    for kind in ("cold", "warm"):
+        docker_s, edgepack_s = timings[f"buildx {kind}"], timings[f"edgepack {kind}"]
+        print(f"  {kind}: buildx {docker_s:7.1f}s   edgepack {edgepack_s:7.1f}s   "
+              f"buildx/edgepack {docker_s / edgepack_s:5.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", default="rpi4")
     parser.add_argument("--keep", type=Path, help="keep the work directory here")
+    parser.add_argument("--starts", type=int, default=3, help="cold starts per image (0: none)")
+    parser.add_argument("--slim-only", action="store_true", help="only the issue-16 figures")
+    parser.add_argument("--buildx-only", action="store_true", help="only the issue-13 row")
+    parser.add_argument("--no-buildx", action="store_true", help="leave out the issue-13 row")
+    parser.add_argument("--python-base", type=Path,
+                        help="issue 13: an arm64 bookworm rootfs tar with python3 and pip")
     args = parser.parse_args()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="edgepack-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.buildx_only:
+        buildx_report(work, args.python_base)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        return
+    if args.slim_only:
+        slim_report(args.target, work, args.starts)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     models = {
         "mnist": REPO / "tests" / "data" / "mnist.onnx",
         "big-50MB": big_model(work / "big.onnx"),
@@ -175,6 +340,9 @@ def main() -> None:
                 f"{layer['size'] / max(layer['uncompressed_size'], 1):>6.2f}  {cached}"
             )
         print(f"  {'total':<8} {mib(total_c):>13} {mib(total_u):>13}")
+    slim_report(args.target, work, args.starts)
+    if not args.no_buildx:
+        buildx_report(work, args.python_base)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -6,11 +6,13 @@ and the time to render a project and verify it (cross-compile model_data.cc, rea
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from packager.backends import mcu_emulate
 from packager.backends.base import BuildRequest
 from packager.backends.mcu import McuBackend
 from packager.models.tflite import inspect_tflite
@@ -39,7 +41,10 @@ def main() -> None:
     print(f"target {target_name} ({target.spec.mcu.core}, arena margin "
           f"{target.spec.runtime.arena_margin_percent} %)")
     header = (f"{'model':32} {'bytes':>7} {'measured':>9} {'generated':>10} {'upstream':>9} "
-              f"{'flash est':>10} {'ram need':>9} {'render s':>9} {'verify s':>9}")
+              f"{'flash est':>10} {'ram need':>9} {'render s':>9} {'verify s':>9} "
+              f"{'flash lnk':>10} {'ram lnk':>8} {'insn ref':>10} {'insn cmsis':>10} "
+              f"{'lnk/est':>7}")
+    emulate = bool(os.environ.get("EDGEPACK_TFLM_TREE"))
     print(header)
     print("-" * len(header))
     for path in sorted(TFLM.glob("*.tflite")):
@@ -53,20 +58,31 @@ def main() -> None:
             plan = backend.plan(request, info, target, report)
             bundle = work / "bundle"
             bundle.mkdir()
-            backend.execute(plan, bundle, work)
+            result = backend.execute(plan, bundle, work)
             rendered = time.perf_counter() - start
             start = time.perf_counter()
             verify(bundle, path.read_bytes(), target.spec, work)
             verified = time.perf_counter() - start
+            runs = {k: mcu_emulate.emulate_project(bundle, set(result.files), target.spec,
+                                                   None, kernels=k)
+                    for k in mcu_emulate.KERNEL_SETS} if emulate else {}
         arena = plan.payload.arena
         ram, flash = report.resources
         upstream = UPSTREAM.get(path.name)
         print(f"{path.name:32} {info.size_bytes:>7} {arena.measured_bytes:>9} "
               f"{arena.chosen_bytes:>10} {upstream if upstream else '-':>9} "
-              f"{flash.needed_bytes:>10} {ram.needed_bytes:>9} {rendered:>9.3f} {verified:>9.3f}")
+              f"{flash.needed_bytes:>10} {ram.needed_bytes:>9} {rendered:>9.3f} {verified:>9.3f} "
+              + (f"{runs['reference'].flash_bytes:>10} {runs['reference'].ram_bytes:>8} "
+                 f"{runs['reference'].instructions[0]:>10} {runs['cmsis-nn'].instructions[0]:>10} "
+                 f"{runs['reference'].flash_bytes / flash.needed_bytes:>7.2f}" if runs else
+                 "(set EDGEPACK_TFLM_TREE for linked sizes and instruction counts)"))
     print("person_detect.tflite (upstream 136 KiB = 139264 B) is not in ../shared/testdata/tflm.")
     print("render = inspect + fit (arena bisection in the TFLM interpreter) + plan + write;")
     print("verify = arm-none-eabi-g++ -c model_data.cc for the target CPU + objcopy compare.")
+    print("flash/ram lnk = arm-none-eabi-size of the linked firmware (text+data, data+bss), "
+          "reference kernels;")
+    print("insn = instructions per inference on zeros under qemu -icount shift=0 (+-40), "
+          "reference vs CMSIS-NN kernels; lnk/est = linked flash / estimated flash.")
 
 
 if __name__ == "__main__":

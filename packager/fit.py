@@ -104,18 +104,53 @@ def linux_fit(model: ModelInfo, target: LoadedTarget) -> FitReport:
         ("previous version", image),
         ("image.tar", image),
     )
+    available_storage, storage_note = storage_available(target)
     storage = Resource(
         name="storage",
         needed_bytes=sum(v for _, v in storage_needed),
-        available_bytes=max((spec.storage.size_mb - spec.storage.reserved_mb) * MIB, 0),
+        available_bytes=available_storage,
         needed_parts=storage_needed,
-        available_note=(
-            f"{spec.storage.size_mb} MB {spec.storage.kind} - "
-            f"{spec.storage.reserved_mb} MB reserved"
-        ),
+        available_note=storage_note,
         estimate_source="base image + wheels (measured, rounded up) + model",
     )
     return FitReport(target=target.name, resources=(memory, storage))
+
+
+# The image lives twice once installed: the running version and the previous one for rollback.
+INSTALLED_COPIES = 2
+
+
+def storage_available(target: LoadedTarget) -> tuple[int, str]:
+    """(bytes, how they were computed) of a Linux target's storage that images may use."""
+    spec = target.spec
+    assert isinstance(spec, LinuxTarget | JetsonTarget)
+    available = max((spec.storage.size_mb - spec.storage.reserved_mb) * MIB, 0)
+    note = f"{spec.storage.size_mb} MB {spec.storage.kind} - {spec.storage.reserved_mb} MB reserved"
+    return available, note
+
+
+def with_image_storage(
+    report: FitReport, target: LoadedTarget, unpacked_bytes: int, archive_bytes: int
+) -> FitReport:
+    """``report`` with its storage estimate replaced by the built image's real sizes: every
+    layer's uncompressed tar (a base archive's layers included), installed twice, plus the
+    bundle's image.tar."""
+    available, note = storage_available(target)
+    parts = (
+        ("image (installed)", unpacked_bytes),
+        ("previous version", unpacked_bytes),
+        ("image.tar", archive_bytes),
+    )
+    storage = Resource(
+        name="storage",
+        needed_bytes=sum(v for _, v in parts),
+        available_bytes=available,
+        needed_parts=parts,
+        available_note=note,
+        estimate_source="the built image: uncompressed size of every layer, and the archive",
+    )
+    resources = tuple(storage if r.name == "storage" else r for r in report.resources)
+    return FitReport(target=report.target, resources=resources)
 
 
 def enforce(report: FitReport, *, force: bool, model_label: str) -> None:

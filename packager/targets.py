@@ -3,17 +3,26 @@
 A target file is data, not code. Every section is a pydantic model with unknown keys refused, and
 validation problems are reported as ``targets/rpi4.toml: memory.ram_mb: must be a positive
 integer`` with a close-match suggestion where one exists.
+
+Targets are shared between teams and downloaded from vendors, and their strings reach shell
+scripts, systemd units, Python and C sources in the bundle. So every string field is either a
+``Literal`` or checked here, once, against a whole-string allow-list (a :class:`Form`, matched
+with ``re.fullmatch``: no trailing newline slips through ``$``); the templates escape each value
+again for the language it lands in (``packager.render``).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from packager.errors import TargetError
 from packager.resources import targets_dir
@@ -21,8 +30,173 @@ from packager.resources import targets_dir
 DeviceClass = Literal["linux-container", "jetson", "mcu"]
 Arch = Literal["arm64", "amd64", "armv7"]
 Precision = Literal["fp32", "fp16", "int8"]
-PosInt = Annotated[int, Field(gt=0, strict=True)]
-NonNegInt = Annotated[int, Field(ge=0, strict=True)]
+# Integers are bounded too: no device setting needs more than 2**31 - 1 of anything, and a
+# 30-digit number is a hostile or broken file, not a big board.
+INT_MAX = 2**31 - 1
+PosInt = Annotated[int, Field(gt=0, le=INT_MAX, strict=True)]
+NonNegInt = Annotated[int, Field(ge=0, le=INT_MAX, strict=True)]
+
+# Target files are small; a bigger one is not a target (and is not read whole into memory).
+MAX_TARGET_FILE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Form:
+    """A whole-string allow-list: ``pattern`` must match all of a value (``re.fullmatch``).
+
+    ``description`` is the allowed form in words, as error messages show it.
+    """
+
+    pattern: str
+    description: str
+
+    def matches(self, value: str) -> bool:
+        return re.fullmatch(self.pattern, value) is not None
+
+
+# A bundle, unit, container and image name (also --name): exactly one path component of the OCI
+# distribution spec's repository-name grammar (`[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`,
+# github.com/opencontainers/distribution-spec, spec.md "Pulling manifests"), at most 63
+# characters. Podman/docker refuse anything else on `load` ("invalid reference format"), and
+# this form needs no quoting anywhere (shell, systemd, Python, C, file names).
+NAME_FORM = Form(
+    r"(?=[a-z0-9._-]{1,63}\Z)[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*",
+    "lower-case letters and digits, separated by single '.' or '_', '__' or runs of '-', "
+    "starting and ending with a letter or digit, at most 63 characters (e.g. rpi4)",
+)
+# --version: exactly an OCI tag (`[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`, distribution-spec): the
+# image is tagged with it. None of these characters is special to a shell.
+VERSION_FORM = Form(
+    r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}",
+    "letters, digits, '.', '_' and '-', not starting with '.' or '-', at most 128 characters "
+    "(an OCI image tag, e.g. 1.4.0 or 1.4.0-rc.1)",
+)
+# --ota-repo: the URL devices reach the update repository at (the agent takes http(s) and file).
+OTA_REPO_FORM = Form(
+    r"(https?://([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(:[0-9]{1,5})?(/[A-Za-z0-9._~+/-]*)?"
+    r"|file:///[A-Za-z0-9._~+/-]*)",
+    "an http://, https:// or file:/// URL of letters, digits and . _ ~ + / - "
+    "(no query, spaces or quotes; e.g. https://updates.example.com/edgepack/)",
+)
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_FORM = Form(rf"(?=.{{1,253}}\Z){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?", "a DNS host name")
+
+
+def ota_repo_problem(url: str) -> str | None:
+    """Why ``url`` is no usable ``--ota-repo`` (one phrase), or None when it is.
+
+    Beyond :data:`OTA_REPO_FORM`'s characters, the URL is parsed (``urllib.parse.urlsplit``) and
+    must be http(s) with a DNS host name or bracketed IP address, a port in 1-65535, no userinfo,
+    query or fragment, and a normalised path (no ``.``/``..`` or empty segments); or
+    ``file:///ABSOLUTE/PATH`` with the same path rule. Source: RFC 3986 (URI syntax), RFC 1123
+    (host names).
+    """
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    if not OTA_REPO_FORM.matches(url):
+        return f"must match {OTA_REPO_FORM.description}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        return "must not carry a user name or password"
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return "must not have a query or fragment"
+    if parts.scheme in ("http", "https"):
+        host = parts.hostname or ""
+        if host.startswith("[") or ":" in host:
+            try:
+                ipaddress.IPv6Address(host.strip("[]"))
+            except ValueError:
+                return f"host {host!r} is not a valid IPv6 address"
+        elif not _HOST_FORM.matches(host):
+            return f"host {host!r} is not a valid host name"
+        if port is not None and not 1 <= port <= 65535:
+            return f"port {port} is not in 1-65535"
+        if parts.netloc.endswith(":"):
+            return "has an empty port"
+    elif parts.scheme == "file":
+        if parts.netloc:
+            return "file URLs must be file:///ABSOLUTE/PATH (no host)"
+    else:  # pragma: no cover - OTA_REPO_FORM admits only these schemes
+        return "must be an http://, https:// or file:/// URL"
+    segments = parts.path.split("/")[1:]
+    if any(seg in (".", "..") for seg in segments):
+        return "path must not contain '.' or '..' segments"
+    if any(seg == "" for seg in segments[:-1]):
+        return "path must not contain empty segments ('//')"
+    return None
+
+
+# --ota-channel (and the channel names a repository publishes under).
+CHANNEL_FORM = Form(
+    r"[a-z0-9][a-z0-9._-]{0,62}",
+    "lower-case letters, digits, '.', '_' and '-', starting with a letter or digit, "
+    "at most 63 characters (e.g. stable)",
+)
+# Prose shown to people (description, vendor, accelerator name): one line, no quotes, no
+# shell, systemd or template metacharacters.
+TEXT_FORM = Form(
+    r"[A-Za-z0-9][A-Za-z0-9 .,()/+_-]{0,199}",
+    "one line of letters, digits, spaces and . , ( ) / + _ -, starting with a letter or digit, "
+    "at most 200 characters",
+)
+# Identifiers of hardware and boards: cortex-a72, armv8.2-a, sse4.2, nrf52840dk/nrf52840.
+TOKEN_FORM = Form(
+    r"[A-Za-z0-9][A-Za-z0-9._+/-]{0,63}",
+    "letters, digits, '.', '_', '+', '/' and '-', starting with a letter or digit, "
+    "at most 64 characters (e.g. cortex-a72)",
+)
+# A toolchain prefix names programs (arm-none-eabi-gcc): no dots or slashes.
+TOOLCHAIN_FORM = Form(
+    r"[a-z0-9][a-z0-9_-]{0,63}",
+    "lower-case letters, digits, '_' and '-' (a tool prefix such as arm-none-eabi)",
+)
+VARIANT_FORM = Form(r"v[0-9]{1,2}", "'v' and a number, as OCI platform variants are (e.g. v8)")
+DEBIAN_BASE_FORM = Form(
+    r"debian:[a-z]{2,32}", "debian:SUITE with a lower-case Debian suite name (e.g. debian:bookworm)"
+)
+VERSION_NUMBER_FORM = Form(
+    r"r?[0-9]{1,4}(\.[0-9]{1,4}){0,3}", "a dotted version number (e.g. 5.1.2 or r35.4.1)"
+)
+IMAGE_REF_FORM = Form(
+    r"[a-z0-9][a-z0-9._-]{0,127}(:[0-9]{1,5})?(/[a-z0-9][a-z0-9._-]{0,127}){0,8}"
+    r"(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?(@sha256:[0-9a-f]{64})?",
+    "an image reference of lower-case letters, digits, '.', '_', '-' and '/' with an optional "
+    ":tag and @sha256:digest (e.g. nvcr.io/nvidia/l4t-jetpack:r35.4.1)",
+)
+
+
+def _checked(form: Form) -> AfterValidator:
+    def check(value: str) -> str:
+        if not form.matches(value):
+            raise PydanticCustomError(
+                "edgepack_form", "must match {form}", {"form": form.description}
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+# ``str`` field types that only hold values of their form.
+Name = Annotated[str, Field(strict=True), _checked(NAME_FORM)]
+Text = Annotated[str, Field(strict=True), _checked(TEXT_FORM)]
+Token = Annotated[str, Field(strict=True), _checked(TOKEN_FORM)]
+Toolchain = Annotated[str, Field(strict=True), _checked(TOOLCHAIN_FORM)]
+# cpu.qemu: a qemu CPU model name (`qemu-aarch64 -cpu help`), passed to qemu-user as QEMU_CPU.
+QEMU_CPU_FORM = Form(
+    r"[a-z0-9][a-z0-9.-]{0,31}",
+    "a qemu CPU model name: lower-case letters, digits, '.' and '-', at most 32 characters "
+    "(e.g. cortex-a72; list them with qemu-aarch64-static -cpu help)",
+)
+QemuCpu = Annotated[str, Field(strict=True), _checked(QEMU_CPU_FORM)]
+Variant = Annotated[str, Field(strict=True), _checked(VARIANT_FORM)]
+DebianBaseRef = Annotated[str, Field(strict=True), _checked(DEBIAN_BASE_FORM)]
+VersionNumber = Annotated[str, Field(strict=True), _checked(VERSION_NUMBER_FORM)]
+ImageRef = Annotated[str, Field(strict=True), _checked(IMAGE_REF_FORM)]
 
 
 class _Section(BaseModel):
@@ -34,7 +208,7 @@ class Platform(_Section):
 
     os: Literal["linux"] = "linux"
     arch: Arch
-    variant: str | None = None
+    variant: Variant | None = None
 
     @property
     def oci(self) -> str:
@@ -43,9 +217,12 @@ class Platform(_Section):
 
 class Cpu(_Section):
     cores: PosInt
-    model: str
-    isa: tuple[str, ...] = ()
+    model: Token
+    isa: tuple[Token, ...] = ()
     freq_mhz: PosInt | None = None
+    # The CPU `edgepack run` emulates (qemu-user -cpu); unset: the qemu model named like
+    # cpu.model (packager.tools.qemu.QEMU_CPU_MODELS).
+    qemu: QemuCpu | None = None
 
 
 class LinuxMemory(_Section):
@@ -63,16 +240,19 @@ class Storage(_Section):
 
 class Accelerator(_Section):
     kind: Literal["none", "gpu", "npu", "dsp"] = "none"
-    name: str | None = None
-    tops: float | None = Field(default=None, gt=0)
-    compute_capability: str | None = None
+    name: Text | None = None
+    # Strict like every other number: "12" and true are type errors, not 12.0 and 1.0; bounded
+    # like the integers (no accelerator has 2**31 - 1 TOPS, 1e40 is a broken file).
+    tops: float | None = Field(default=None, gt=0, le=INT_MAX, allow_inf_nan=False, strict=True)
+    compute_capability: VersionNumber | None = None
 
 
 class LinuxRuntime(_Section):
     """How the on-device runtime is packaged for a Linux (container) target."""
 
     engine: Literal["onnxruntime"] = "onnxruntime"
-    base: str = "debian:bookworm"
+    # The apt sources of the image are built from the suite named here (packager.image.debian).
+    base: DebianBaseRef = "debian:bookworm"
     python: Literal["3.11"] = "3.11"
     container_engine: Literal["docker", "podman"] = "docker"
     port: Annotated[int, Field(gt=0, lt=65536, strict=True)] = 8080
@@ -95,11 +275,11 @@ class LinuxRuntime(_Section):
 
 class JetsonRuntime(_Section):
     engine: Literal["tensorrt"] = "tensorrt"
-    jetpack: str
-    l4t: str
-    base: str
-    tensorrt: str
-    cuda: str
+    jetpack: VersionNumber
+    l4t: VersionNumber
+    base: ImageRef
+    tensorrt: VersionNumber
+    cuda: VersionNumber
     port: Annotated[int, Field(gt=0, lt=65536, strict=True)] = 8080
     overhead_mb: PosInt = 600
     preferred_precision: Precision = "fp16"
@@ -108,8 +288,10 @@ class JetsonRuntime(_Section):
 class Service(_Section):
     """systemd limits for the runtime's unit on the device."""
 
-    memory_max_mb: PosInt | None = None
-    cpu_quota_percent: PosInt | None = None
+    # Bounded by what the engines' run flags take (packager.agent.confinement.FLAGS): 1 TiB and
+    # 256 CPUs are beyond any edge device.
+    memory_max_mb: Annotated[int, Field(gt=0, le=1024 * 1024, strict=True)] | None = None
+    cpu_quota_percent: Annotated[int, Field(gt=0, le=256 * 100, strict=True)] | None = None
     restart_sec: PosInt = 5
     watchdog_sec: NonNegInt = 30
 
@@ -119,7 +301,7 @@ class McuCore(_Section):
     freq_mhz: PosInt
     fpu: Literal["none", "fpv4-sp-d16", "fpv5-sp-d16", "fpv5-d16", "single"] = "none"
     dsp: bool = False
-    isa: tuple[str, ...] = ()
+    isa: tuple[Token, ...] = ()
 
 
 class McuMemory(_Section):
@@ -128,23 +310,27 @@ class McuMemory(_Section):
     # RAM the application keeps outside the tensor arena (stack, I/O buffers, the SDK's heap).
     ram_reserved_kb: NonNegInt = 16
     flash_reserved_kb: NonNegInt = 64
+    # Address of the first flash byte as the CPU sees it (0 on nRF52, 0x08000000 on STM32; a
+    # flash offset on ESP32): the model-update slots are placed from it. flash_reserved_kb is
+    # kept free at the top of flash.
+    flash_base: NonNegInt = 0
 
 
 class McuRuntime(_Section):
     engine: Literal["tflite-micro"] = "tflite-micro"
     sdk: Literal["cmake", "zephyr", "esp-idf", "arduino"]
-    board: str
+    board: Token
     # Percent added to the measured arena; per-architecture alignment and allocator slack.
     arena_margin_percent: NonNegInt = 10
     int8_only: bool = True
-    toolchain: str = "arm-none-eabi"
+    toolchain: Toolchain = "arm-none-eabi"
 
 
 class _TargetBase(_Section):
     schema_version: Literal[1] = 1
-    name: str
-    description: str
-    vendor: str | None = None
+    name: Name
+    description: Text
+    vendor: Text | None = None
 
 
 class LinuxTarget(_TargetBase):
@@ -243,7 +429,10 @@ def _suggest(word: str, options: Iterable[str]) -> str:
 
 def _friendly(error: Any, root: type[BaseModel], raw: dict[str, Any]) -> tuple[str, str]:
     """Turn one pydantic error into (dotted field path, problem)."""
-    loc = [p for p in error["loc"] if p not in _SECTION_MODELS]
+    loc = list(error["loc"])
+    # The union's tag (device_class) heads the location; a section may share its name ("mcu").
+    if loc and loc[0] in _SECTION_MODELS:
+        loc = loc[1:]
     path = ".".join(str(p) for p in loc) or "(top level)"
     kind = error["type"]
     ctx = error.get("ctx") or {}
@@ -253,10 +442,23 @@ def _friendly(error: Any, root: type[BaseModel], raw: dict[str, Any]) -> tuple[s
         return path, "unknown key" + _suggest(str(loc[-1]), options)
     if kind == "missing":
         return path, "is required"
+    if kind == "edgepack_form":
+        return path, f"must match {ctx.get('form', 'its allowed form')}"
     if kind == "greater_than" and ctx.get("gt") == 0:
+        if isinstance(error.get("input"), float):
+            return path, "must be a positive number"
         return path, "must be a positive integer"
+    if kind == "finite_number":
+        return path, "must be a finite number"
+    if kind == "less_than_equal":
+        limit = ctx.get("le")
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)
+        return path, f"must be at most {limit}"
     if kind == "greater_than_equal" and ctx.get("ge") == 0:
         return path, "must be zero or a positive integer"
+    if kind in ("float_type", "float_parsing"):
+        return path, "must be a number (not a string or true/false)"
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return path, "must be an integer"
     if kind in ("string_type",):
@@ -307,11 +509,21 @@ def load_target_file(path: Path) -> LoadedTarget:
     if not path.is_file():
         raise TargetError(f"{shown}: target file not found", hint="check the path to --target")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_TARGET_FILE_BYTES + 1)
+    except OSError as exc:
+        raise TargetError(f"{shown}: cannot be read: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_TARGET_FILE_BYTES:
+        raise TargetError(f"{shown}: larger than {MAX_TARGET_FILE_BYTES} bytes: not a target file")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise TargetError(f"{shown}: not valid TOML: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise TargetError(f"{shown}: not a UTF-8 text file") from exc
+    except RecursionError as exc:
+        # tomllib recurses once per nested array or inline table.
+        raise TargetError(f"{shown}: not valid TOML: nested too deeply") from exc
     loaded = parse_target(data, shown)
     return loaded
 

@@ -1,13 +1,18 @@
 """``edgepack run``: try a bundle on this machine before flashing it.
 
 The bundle's own image runs in a real container engine: natively when the architectures match,
-under qemu-user emulation otherwise. Nothing about the image is changed for the trial.
+under qemu-user emulation otherwise. Emulation is of the device's own CPU model (the manifest's
+``target.cpu.qemu``: cortex-a72 for a Raspberry Pi 4), not qemu's default ``max`` with every ARMv8.x
+extension, so code the device cannot execute stops here with an illegal instruction too. Nothing
+about the image is changed for the trial.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,9 +26,18 @@ from typing import Any
 from packager.bundle.manifest import read_manifest
 from packager.bundle.verify import verify_bundle
 from packager.console import console
-from packager.errors import RuntimeCheckError, UsageError, VerifyError
+from packager.errors import RuntimeCheckError, ToolMissingError, UsageError, VerifyError
+from packager.image.emulation import cpuinfo_text
 from packager.tools.containers import Engine, find_engine
-from packager.tools.qemu import ensure_binfmt, needs_emulation
+from packager.tools.qemu import (
+    QEMU_CPU_ENV,
+    QEMU_CPU_PATTERN,
+    QEMU_DEFAULT_CPU,
+    emulated_cpu,
+    ensure_binfmt,
+    needs_emulation,
+    qemu_cpu_models,
+)
 
 CPUINFO = Path(__file__).resolve().parent / "image" / "data"
 _V2_DATATYPES = {
@@ -49,6 +63,7 @@ class RunRequest:
     engine: str | None = None
     smoke_test: bool = False  # start, check ready and one inference, stop
     timeout_s: float = 300.0
+    cpu: str | None = None  # qemu CPU model to emulate instead of the target's (--cpu)
 
 
 @dataclass(frozen=True)
@@ -59,12 +74,14 @@ class RunResult:
     url: str
     ready_after_s: float
     smoke: dict[str, Any] | None
+    cpu: str | None = None  # the qemu CPU model emulated; None when the image runs natively
 
     def to_json(self) -> dict[str, Any]:
         return {
             "bundle": str(self.bundle),
             "engine": self.engine,
             "emulated": self.emulated,
+            "cpu": self.cpu,
             "url": self.url,
             "ready_after_s": round(self.ready_after_s, 2),
             "smoke_test": self.smoke,
@@ -84,7 +101,45 @@ def _http(url: str, body: bytes | None = None, timeout: float = 10.0) -> tuple[i
         return 0, b""
 
 
-def wait_ready(engine: Engine, container: str, base_url: str, timeout_s: float) -> float:
+def choose_cpu(target: Any, override: str | None) -> tuple[str, bool]:
+    """(qemu CPU model, whether it is the device's own) for an emulated run of a bundle whose
+    manifest ``target`` table is given: ``override`` (--cpu), else the manifest's
+    ``cpu.qemu``, else the qemu model named like its ``cpu.model``; qemu's ``max`` (not the
+    device's own) when none of these gives one.
+
+    Raises VerifyError when the manifest's value is not a qemu CPU name (manifests are
+    untrusted input), UsageError for a bad --cpu."""
+    if override is not None:
+        if not re.fullmatch(QEMU_CPU_PATTERN, override):
+            raise UsageError(
+                f"--cpu {override!r}: not a qemu CPU model name",
+                hint="e.g. --cpu cortex-a72, or --cpu max for every extension qemu has",
+            )
+        return override, True
+    cpu = target.get("cpu") if isinstance(target, dict) else None
+    if not isinstance(cpu, dict):
+        return QEMU_DEFAULT_CPU, False
+    value = cpu.get("qemu")
+    if value is None and isinstance(cpu.get("model"), str):
+        value = emulated_cpu(cpu["model"])
+    if value is None:
+        return QEMU_DEFAULT_CPU, False
+    if not isinstance(value, str) or not re.fullmatch(QEMU_CPU_PATTERN, value):
+        raise VerifyError(
+            f"manifest.json: target.cpu.qemu {str(value)[:40]!r} is not a qemu CPU model name",
+            hint="rebuild the bundle",
+        )
+    return value, True
+
+
+# qemu-user's last words when the guest dies of a signal it does not handle. As the container's
+# PID 1 the process cannot die of that signal, so the container hangs instead of exiting.
+_QEMU_FATAL = re.compile(r"qemu: uncaught target signal (\d+) \(([^)]*)\)")
+
+
+def wait_ready(
+    engine: Engine, container: str, base_url: str, timeout_s: float, cpu: str | None = None
+) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         status, _ = _http(f"{base_url}/v2/health/ready", timeout=5)
@@ -94,6 +149,15 @@ def wait_ready(engine: Engine, container: str, base_url: str, timeout_s: float) 
             logs = engine.logs(container, tail=20).strip().splitlines()
             tail = " | ".join(logs[-3:]) if logs else "(no output)"
             raise RuntimeCheckError(f"the runtime exited before it was ready: {tail}")
+        if cpu is not None:
+            fatal = _QEMU_FATAL.search(engine.logs(container, tail=20))
+            if fatal:
+                raise RuntimeCheckError(
+                    f"the runtime died of signal {fatal.group(1)} ({fatal.group(2)}) on the "
+                    f"emulated {cpu} CPU before it was ready",
+                    hint="the image uses an instruction this CPU lacks: build it for the device's "
+                    "CPU (see the target's cpu.isa), or try --cpu max to see if that is the cause",
+                )
         time.sleep(1.0)
     raise RuntimeCheckError(
         f"the runtime was not ready within {timeout_s:.0f}s at {base_url}/v2/health/ready",
@@ -146,6 +210,48 @@ def _stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@dataclass(frozen=True)
+class Emulation:
+    """How an emulated container is started: the CPU and what the engine is given for it."""
+
+    cpu: str
+    env: tuple[tuple[str, str], ...]
+    volumes: tuple[str, ...]
+
+
+def plan_emulation(
+    manifest: dict[str, Any], arch: str, override: str | None, scratch: Path
+) -> Emulation:
+    """QEMU_CPU for the container, and a /proc/cpuinfo of that core written into ``scratch``
+    (onnxruntime reads /proc/cpuinfo at import and crashes on the host's x86 text).
+
+    Raises ToolMissingError when this host's qemu does not emulate the chosen CPU."""
+    target = manifest.get("target")
+    cpu, own = choose_cpu(target, override)
+    if not own:
+        console.warn(
+            f"the bundle's manifest names no CPU model qemu emulates; running on qemu's "
+            f"'{cpu}' CPU (every extension), so an instruction the device lacks will not show "
+            "here (set cpu.qemu in the target file, or pass --cpu)"
+        )
+    available = qemu_cpu_models(arch)
+    if cpu not in available:
+        raise ToolMissingError(
+            f"qemu-user for {arch} on this host does not emulate the CPU model '{cpu}'",
+            hint="install a newer qemu-user-static (cortex-a76 needs qemu 7.0), or pass --cpu "
+            "with one of: " + ", ".join(sorted(available)),
+        )
+    cpuinfo = CPUINFO / f"cpuinfo-{arch}.txt"
+    target_cpu = target.get("cpu") if isinstance(target, dict) else None
+    cores = target_cpu.get("cores") if isinstance(target_cpu, dict) else None
+    text = cpuinfo_text(cpu, cores if isinstance(cores, int) and 0 < cores <= 256 else 4)
+    if text is not None:
+        cpuinfo = scratch / "cpuinfo"
+        cpuinfo.write_text(text, encoding="ascii")
+    volumes = (f"{cpuinfo}:/proc/cpuinfo:ro",) if cpuinfo.is_file() else ()
+    return Emulation(cpu=cpu, env=((QEMU_CPU_ENV, cpu),), volumes=volumes)
+
+
 def run_bundle(request: RunRequest) -> RunResult:
     problems = verify_bundle(request.bundle)
     if problems:
@@ -160,50 +266,51 @@ def run_bundle(request: RunRequest) -> RunResult:
     platform = str(image["platform"])
     arch = platform.split("/")[1]
     engine = find_engine(request.engine)
-    volumes: list[str] = []
     emulated = needs_emulation(arch)
-    if emulated:
-        ensure_binfmt(arch)
-        # onnxruntime reads /proc/cpuinfo at import and crashes on the host's x86 text.
-        cpuinfo = CPUINFO / f"cpuinfo-{arch}.txt"
-        if cpuinfo.is_file():
-            volumes.append(f"{cpuinfo}:/proc/cpuinfo:ro")
-    console.status(f"loading {image['ref']} into {engine.name}")
-    engine.load(request.bundle / str(image["archive"]))
-    container = f"edgepack-run-{manifest['name']}-{request.port}"
-    engine.remove(container)
-    container_port = int(image.get("port", 8080))
-    base_url = f"http://127.0.0.1:{request.port}"
-    console.status(
-        f"starting {container} ({platform}{', emulated by qemu-user' if emulated else ''})"
-    )
-    engine.run_detached(
-        str(image["ref"]),
-        name=container,
-        publish=[f"127.0.0.1:{request.port}:{container_port}"],
-        volumes=volumes,
-        platform=platform,
-    )
-    try:
-        with _stop_on_sigterm():
-            ready_after = wait_ready(engine, container, base_url, request.timeout_s)
-            console.status(
-                f"ready after {ready_after:.1f}s: {base_url}/v2/models/{manifest['name']}"
-            )
-            smoke = None
-            if request.smoke_test:
-                smoke = smoke_inference(
-                    base_url, str(manifest["name"]), manifest["model"]["inputs"]
-                )
-                console.status(f"inference OK in {smoke['latency_s']}s")
-            else:
-                console.status("serving; press Ctrl-C to stop")
-                _serve_until_stopped(engine, container)
-    except KeyboardInterrupt:
-        smoke = None
-        ready_after = 0.0
-    finally:
+    with tempfile.TemporaryDirectory(prefix="edgepack-run-") as scratch:
+        emulation = None
+        if emulated:
+            ensure_binfmt(arch)
+            emulation = plan_emulation(manifest, arch, request.cpu, Path(scratch))
+        cpu = emulation.cpu if emulation else None
+        console.status(f"loading {image['ref']} into {engine.name}")
+        engine.load(request.bundle / str(image["archive"]))
+        container = f"edgepack-run-{manifest['name']}-{request.port}"
         engine.remove(container)
+        container_port = int(image.get("port", 8080))
+        base_url = f"http://127.0.0.1:{request.port}"
+        console.status(
+            f"starting {container} ({platform}"
+            f"{f', emulated by qemu-user on a {cpu} CPU' if emulated else ''})"
+        )
+        engine.run_detached(
+            str(image["ref"]),
+            name=container,
+            publish=[f"127.0.0.1:{request.port}:{container_port}"],
+            volumes=emulation.volumes if emulation else (),
+            platform=platform,
+            env=emulation.env if emulation else (),
+        )
+        try:
+            with _stop_on_sigterm():
+                ready_after = wait_ready(engine, container, base_url, request.timeout_s, cpu)
+                console.status(
+                    f"ready after {ready_after:.1f}s: {base_url}/v2/models/{manifest['name']}"
+                )
+                smoke = None
+                if request.smoke_test:
+                    smoke = smoke_inference(
+                        base_url, str(manifest["name"]), manifest["model"]["inputs"]
+                    )
+                    console.status(f"inference OK in {smoke['latency_s']}s")
+                else:
+                    console.status("serving; press Ctrl-C to stop")
+                    _serve_until_stopped(engine, container)
+        except KeyboardInterrupt:
+            smoke = None
+            ready_after = 0.0
+        finally:
+            engine.remove(container)
     return RunResult(
         bundle=request.bundle,
         engine=engine.name,
@@ -211,6 +318,7 @@ def run_bundle(request: RunRequest) -> RunResult:
         url=f"{base_url}/v2/models/{manifest['name']}",
         ready_after_s=ready_after,
         smoke=smoke,
+        cpu=cpu,
     )
 
 

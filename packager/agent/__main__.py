@@ -82,15 +82,21 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
     if usb is not None:
         repo = Path(usb).resolve().joinpath(USB_SUBDIR).as_uri() + "/"
         values.setdefault("report_file", Path(usb) / USB_SUBDIR / "reports" / "device.jsonl")
+        # The stick's own directories are untrusted: no symlink below the directory given.
+        values.setdefault("report_root", Path(usb))
     if repo is None:
         raise SystemExit("edgepack-agent: give --repo URL or --usb DIR")
     device_id = values.pop("device_id", None) or _default_device_id()
     plat = values.pop("platform", None) or f"linux/{_ARCH.get(platform.machine(), 'unknown')}"
+    if values.get("report_root") is not None:
+        values["report_root"] = Path(values["report_root"])
     if "report_file" in values and values["report_file"] is not None:
         values["report_file"] = Path(values["report_file"])
         if usb is not None and values["report_file"].name == "device.jsonl":
             values["report_file"] = values["report_file"].with_name(f"{device_id}.jsonl")
     values["engine_args"] = tuple(values.get("engine_args") or ())
+    if values.get("bundle_key") is not None:
+        values["bundle_key"] = Path(values["bundle_key"])
     return AgentConfig(
         root=Path(values.pop("root")), repo_url=repo, device_id=device_id, platform=plat, **values
     )

@@ -20,8 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -32,9 +34,12 @@ from typing import Any
 
 from tuf.api.exceptions import DownloadError, LengthOrHashMismatchError
 
+from .confinement import ConfinementError, detached_args
 from .engine import Engine, EngineError, ready
 from .fetch import Transport, download_resumable
-from .protocol import RELEASE_SCHEMA, ReleaseInfo, in_cohort
+from .paths import PathError, create_file, open_append
+from .protocol import RELEASE_SCHEMA, ReleaseInfo, check_release, in_cohort
+from .signature import SignatureError, check_release_bundle, public_key_from_pem
 from .store import (
     fsync_dir,
     read_json,
@@ -51,7 +56,10 @@ STATE_SCHEMA = "edgepack.agent-state/v1"
 # Fault injection for the crash tests: the agent SIGKILLs itself at the named checkpoint, which is
 # what a power cut at that instant looks like to the next start. Unset in production.
 CRASH_ENV = "EDGEPACK_AGENT_CRASH_AT"
-_MAX_VERIFY_FAILURES = 3
+# Phases in which the installed version's container is the one that should be running (the
+# switch, trial, commit and rollback phases replace or restore it themselves).
+_KEEP_INSTALLED_RUNNING = (None, "download", "verify", "stage")
+_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -67,10 +75,25 @@ class AgentConfig:
     port: int = 8080
     report_url: str | None = None
     report_file: Path | None = None
+    # The trusted directory report_file lies under: no component below it may be a symlink
+    # (a USB stick's own directories are not trusted). Default: report_file's parent.
+    report_root: Path | None = None
     ready_timeout_s: float = 120.0
     trial_s: float = 30.0
     poll_s: float = 1.0
     http_timeout_s: float = 30.0
+    # A download must move at least min_window_bytes in every window_s seconds, or it is cut
+    # (and resumes next cycle): a mirror that drips bytes cannot hold the agent. 32 KiB per
+    # 30 s (about 1 KiB/s) is far below any working link, GPRS included.
+    min_window_bytes: int = 32 * 1024
+    window_s: float = 30.0
+    # A release whose bytes fail their signed hashes this many times is reported as failed and
+    # skipped until a newer sequence appears (a mirror corrupting one blob cannot pin it).
+    max_verify_failures: int = 3
+    # The bundle signer's Ed25519 public key (PEM): when set, a release is staged only if its
+    # manifest.dsse.json verifies with it and the signed manifest.json matches what was staged
+    # (signature.check_release_bundle), in addition to TUF. install.sh pins the key it checked.
+    bundle_key: Path | None = None
 
 
 @dataclass
@@ -123,6 +146,7 @@ def _empty_state() -> dict[str, Any]:
         "pending": None,
         "highest_seen": 0,
         "failed": [],
+        "skipped": {},
         "last_refusal": "",
     }
 
@@ -132,7 +156,11 @@ class Agent:
         self.cfg = config
         self.root = config.root
         self.engine = engine or Engine(config.engine, config.engine_args)
-        self.transport = Transport(timeout_s=config.http_timeout_s)
+        self.transport = Transport(
+            timeout_s=config.http_timeout_s,
+            min_window_bytes=config.min_window_bytes,
+            window_s=config.window_s,
+        )
         self._repo: Repo | None = None
         self._accounted = 0
         self.timings: dict[str, float] = {}  # seconds per phase in this cycle (benchmarks)
@@ -170,15 +198,21 @@ class Agent:
         return result
 
     def _cycle(self) -> CycleResult:
-        if self.state.get("pending") is None:
+        pending = self.state.get("pending")
+        if (pending or {}).get("phase") in _KEEP_INSTALLED_RUNNING:
+            # Whatever an update is doing (or failing to do), the device keeps a runtime.
             self._ensure_running()
+        if pending is None:
             result = self._check()
             if result is not None:
                 return result
         try:
             return self._advance()
         except StepFailed as exc:
-            pending = self.state.get("pending") or {}
+            pending = self.state.get("pending")
+            if pending is None:  # the step gave the release up (skipped): say so
+                self._last_result.extra["phase_s"] = dict(self.timings)
+                return self._last_result
             return CycleResult(
                 "pending",
                 pending.get("sequence"),
@@ -218,6 +252,9 @@ class Agent:
             return CycleResult("idle", newest.sequence, "up to date")
         if newest.sequence in self.state["failed"]:
             return CycleResult("idle", newest.sequence, "release failed its trial here before")
+        skipped = self.state.get("skipped", {}).get(str(newest.sequence))
+        if skipped:
+            return CycleResult("idle", newest.sequence, f"release skipped here: {skipped}")
         if newest.halted:
             return CycleResult("not-eligible", newest.sequence, "release is halted")
         if not in_cohort(self.cfg.device_id, newest.percent):
@@ -300,10 +337,27 @@ class Agent:
         doc = read_json(doc_path)
         if doc.get("schema") != RELEASE_SCHEMA or doc.get("sequence") != pending["sequence"]:
             raise StepFailed(f"{pending['target']}: not a {RELEASE_SCHEMA} document")
+        try:
+            check_release(doc)
+        except PathError as exc:
+            # Validly signed does not mean well-formed: never stage a path outside the release.
+            self._skip(pending, "refused", f"{pending['target']}: {exc}")
+            return
+        if doc["name"] != pending["name"] or doc.get("version") != pending["version"]:
+            self._skip(pending, "refused", f"{pending['target']}: name/version differ from targets")
+            return
         objects: dict[str, dict[str, Any]] = {}
         for target in _release_targets(doc):
             info = repo.targetinfo(target)
-            objects[target] = {"sha256": info.hashes["sha256"], "length": info.length}
+            try:
+                digest = _signed_sha256(info)
+                if digest != target.rsplit("/", 1)[1]:
+                    raise PathError(f"signed sha256 {digest[:16]}... is not the target's name")
+            except PathError as exc:
+                # Content-addressed: the name is the hash, and the hash names a store file.
+                self._skip(pending, "refused", f"{target}: {exc}")
+                return
+            objects[target] = {"sha256": digest, "length": info.length}
         pending["objects"] = objects
         self.save()
         for target, want in sorted(objects.items()):
@@ -316,13 +370,19 @@ class Agent:
     def _fetch_verified(self, repo: Repo, target: str, final: Path, info: Any) -> None:
         if final.exists():
             return
-        part = self.root / "store" / "partial" / f"{info.hashes['sha256']}.part"
+        try:
+            digest = _signed_sha256(info)
+        except PathError as exc:
+            self._skip(self.state["pending"], "refused", f"{target}: {exc}")
+            raise StepFailed(str(exc)) from exc
+        part = self.root / "store" / "partial" / f"{digest}.part"
         try:
             download_resumable(self.transport, repo.url(target), part, info.length)
             with part.open("rb") as handle:
                 info.verify_length_and_hashes(handle)
         except LengthOrHashMismatchError as exc:
             part.unlink(missing_ok=True)
+            self._count_verify_failure(f"{target}: does not match its signed hash")
             raise StepFailed(f"{target}: does not match its signed hash; discarded") from exc
         except DownloadError as exc:
             raise StepFailed(f"{target}: download interrupted ({exc}); will resume") from exc
@@ -340,18 +400,31 @@ class Agent:
             return
         for target in bad:
             (self._objects() / pending["objects"][target]["sha256"]).unlink(missing_ok=True)
-        pending["verify_failures"] = pending.get("verify_failures", 0) + 1
-        if pending["verify_failures"] >= _MAX_VERIFY_FAILURES:
-            self._abandon(pending, f"{bad[0]}: corrupt after {_MAX_VERIFY_FAILURES} downloads")
-            return
-        self._set_phase(pending, "download")
+        if not self._count_verify_failure(f"{bad[0]}: corrupt"):
+            self._set_phase(pending, "download")
 
-    def _abandon(self, pending: dict[str, Any], reason: str) -> None:
+    def _count_verify_failure(self, what: str) -> bool:
+        """Count one failed verification of the pending release; True when that was the last
+        one allowed and the release is now skipped (reported as failed)."""
+        pending = self.state["pending"]
+        pending["verify_failures"] = pending.get("verify_failures", 0) + 1
+        self.save()
+        limit = self.cfg.max_verify_failures
+        if pending["verify_failures"] < limit:
+            return False
+        self._skip(pending, "failed", f"{what} ({limit} failed verifications)")
+        return True
+
+    def _skip(self, pending: dict[str, Any], outcome: str, reason: str) -> None:
+        """Drop the pending release, report it once, and skip it until a newer sequence."""
+        log.warning("release %d %s: %s", pending["sequence"], outcome, reason)
         self.state["pending"] = None
-        self._queue_report("failed", pending["sequence"], reason, pending.get("bytes_fetched", 0))
+        skipped = self.state.setdefault("skipped", {})
+        skipped[str(pending["sequence"])] = reason
+        self._queue_report(outcome, pending["sequence"], reason, pending.get("bytes_fetched", 0))
         self.save()
         self._last_result = CycleResult(
-            "failed", pending["sequence"], reason, pending.get("bytes_fetched", 0)
+            outcome, pending["sequence"], reason, pending.get("bytes_fetched", 0)
         )
 
     # --- stage / switch ----------------------------------------------------------------------
@@ -377,16 +450,35 @@ class Agent:
             ]
             write_tar(staging / "image.tar", members)
             checkpoint("stage-partial")
-            for entry in doc["files"]:
-                dest = staging / entry["path"]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self._objects() / objects[entry["target"]]["sha256"], dest)
-                dest.chmod(int(entry.get("mode", 0o644)))
+            try:
+                check_release(doc)  # checked at download; again here, where it is used
+                for entry in doc["files"]:
+                    # O_EXCL|O_NOFOLLOW under the fresh staging dir, one component at a time.
+                    fd = create_file(staging, entry["path"], entry.get("mode", 0o644))
+                    with (
+                        os.fdopen(fd, "wb") as out,
+                        open(self._objects() / objects[entry["target"]]["sha256"], "rb") as src,
+                    ):
+                        shutil.copyfileobj(src, out)
+            except PathError as exc:
+                shutil.rmtree(staging)
+                self._skip(pending, "refused", f"{pending['target']}: {exc}")
+                return
             write_json(staging / "release.json", doc)
             fsync_dir(staging)
             os.rename(staging, final)
             fsync_dir(releases)
         checkpoint("stage-renamed")
+        if self.cfg.bundle_key is not None:
+            try:
+                key = public_key_from_pem(self.cfg.bundle_key.read_bytes(), "bundle_key")
+                keyid = check_release_bundle(final, key, doc["files"])
+            except (SignatureError, OSError, tarfile.TarError, KeyError) as exc:
+                # Never loaded: a release the bundle key did not sign is dropped, not retried.
+                shutil.rmtree(final, ignore_errors=True)
+                self._skip(pending, "refused", f"{pending['target']}: bundle signature: {exc}")
+                return
+            log.info("release %d: bundle signature verified (key %s)", seq, keyid[:16])
         try:
             self.engine.load(final / "image.tar")
         except EngineError as exc:
@@ -396,6 +488,14 @@ class Agent:
 
     def _container(self, name: str) -> str:
         return f"edgepack-{name}"
+
+    def _start(self, name: str, ref: str, release_dir: str) -> None:
+        """Start ``ref`` with the confinement its bundle's unit uses (``confinement.json``)."""
+        try:
+            confinement = detached_args(self.root / release_dir)
+        except ConfinementError as exc:
+            raise EngineError(str(exc)) from exc
+        self.engine.start(name, ref, self.cfg.port, confinement)
 
     def _switch(self, pending: dict[str, Any]) -> None:
         target = f"releases/{pending['sequence']}"
@@ -412,7 +512,7 @@ class Agent:
             self.engine.stop(self._container(installed["name"]))
         doc = self._release_doc(pending["sequence"])
         try:
-            self.engine.start(self._container(pending["name"]), doc["image"]["ref"], self.cfg.port)
+            self._start(self._container(pending["name"]), doc["image"]["ref"], target)
         except EngineError as exc:
             pending["reason"] = f"runtime did not start: {exc}"
             self._set_phase(pending, "rollback")
@@ -429,7 +529,7 @@ class Agent:
             # Power cut or crash during the trial: the trial starts over with a fresh container.
             doc = self._release_doc(pending["sequence"])
             try:
-                self.engine.start(name, doc["image"]["ref"], self.cfg.port)
+                self._start(name, doc["image"]["ref"], f"releases/{pending['sequence']}")
             except EngineError as exc:
                 pending["reason"] = f"runtime did not start: {exc}"
                 self._set_phase(pending, "rollback")
@@ -514,7 +614,7 @@ class Agent:
                 self.engine.stop(new_name)
             restored = self._container(installed["name"])
             try:
-                self.engine.start(restored, installed["ref"], self.cfg.port)
+                self._start(restored, installed["ref"], installed["dir"])
             except EngineError as exc:
                 reason += f"; restarting the previous version failed: {exc}"
             else:
@@ -548,7 +648,7 @@ class Agent:
         try:
             if not self.engine.running(name):
                 log.info("runtime %s not running; starting %s", name, installed["ref"])
-                self.engine.start(name, installed["ref"], self.cfg.port)
+                self._start(name, installed["ref"], installed["dir"])
         except EngineError as exc:
             log.error("could not start the installed runtime: %s", exc)
 
@@ -635,14 +735,36 @@ class Agent:
                     log.warning("report not delivered (%s); kept in %s", exc, path.parent)
                     return
             else:
-                target = self.cfg.report_file or (self.root / "reports.jsonl")
-                target.parent.mkdir(parents=True, exist_ok=True)
                 line = json.dumps(json.loads(body), sort_keys=True) + "\n"
-                with target.open("a", encoding="utf-8") as handle:
-                    handle.write(line)
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                try:
+                    self._append_report(line.encode())
+                except (PathError, OSError) as exc:
+                    log.warning("report not written (%s); kept in %s", exc, path.parent)
+                    return
             path.unlink()
+
+    def _append_report(self, line: bytes) -> None:
+        """Append to the report file without following a link planted anywhere below its
+        trusted root (a USB stick's directories and file are the stick owner's to choose)."""
+        target = self.cfg.report_file or (self.root / "reports.jsonl")
+        base = self.cfg.report_root or target.parent
+        try:
+            rel = target.relative_to(base).as_posix()
+        except ValueError as exc:
+            raise PathError(f"{target}: not under the report root {base}") from exc
+        with os.fdopen(open_append(base, rel), "ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _signed_sha256(info: Any) -> str:
+    """The target's signed sha256, which names its file in the store: 64 hex digits or
+    PathError (a signed 'hash' such as '../../x' must not become a path)."""
+    digest = info.hashes.get("sha256") if isinstance(info.hashes, dict) else None
+    if not isinstance(digest, str) or not _HEX.fullmatch(digest):
+        raise PathError(f"signed sha256 {digest!r} is not 64 lower-case hex digits")
+    return digest
 
 
 def _release_targets(doc: dict[str, Any]) -> list[str]:

@@ -50,16 +50,31 @@ class Engine:
         self._run(["stop", "-t", "2", name], check=False)
         self._run(["rm", "-f", name], check=False)
 
-    def start(self, name: str, ref: str, port: int, container_port: int = 8080) -> None:
-        """Replace whatever runs under ``name`` by a fresh container of ``ref`` (idempotent)."""
+    def start(
+        self,
+        name: str,
+        ref: str,
+        port: int,
+        confinement: Sequence[str],
+        container_port: int = 8080,
+    ) -> None:
+        """Replace whatever runs under ``name`` by a fresh container of ``ref`` (idempotent),
+        confined by ``confinement`` (:func:`.confinement.detached_args`: the flags the bundle's
+        unit uses plus the restart policy); the device's own ``run_args`` come last."""
         self.stop(name)
-        self._run(
-            ["run", "-d", "--name", name, "-p", f"{port}:{container_port}", *self.run_args, ref]
-        )
+        publish = f"{port}:{container_port}"
+        argv = ["run", "-d", "--name", name, "-p", publish, *confinement, *self.run_args]
+        self._run([*argv, "--", ref])
 
     def running(self, name: str) -> bool:
-        out = self._run(["inspect", "--format", "{{.State.Running}}", name], check=False)
-        return out.strip().lower() == "true"
+        """True while the container runs and has not been restarted by its restart policy (a
+        restart means the runtime exited: the agent's trial counts that as a failure)."""
+        out = self._run(
+            ["inspect", "--format", "{{.State.Running}} {{.RestartCount}}", name], check=False
+        )
+        fields = out.strip().lower().split()
+        restarts = fields[1] if len(fields) > 1 else "0"
+        return bool(fields) and fields[0] == "true" and restarts in ("0", "<no")
 
     def remove_image(self, ref: str) -> None:
         self._run(["rmi", ref], check=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 # tuf documents tuf.api.metadata as the public home of these classes but declares no __all__.
@@ -11,6 +13,16 @@ from tuf.ngclient.updater import Updater
 
 from .fetch import Transport, TufFetcher
 from .protocol import METADATA_DIR, RELEASE_PREFIX, TARGETS_DIR, ReleaseInfo
+
+
+def system_now() -> datetime:
+    """The device's clock (UTC), which tuf itself would read."""
+    return datetime.now(UTC)
+
+
+# The clock every expiry check of this module uses. A named test seam: tests that move the
+# device's clock (tests/unit/agent/test_offline_expiry.py) rebind it; production never does.
+now: Callable[[], datetime] = system_now
 
 
 class TrustError(Exception):
@@ -39,6 +51,14 @@ class Repo:
             config=UpdaterConfig(prefix_targets_with_hash=False),
             bootstrap=None,
         )
+        if now is not system_now:
+            # tuf's Updater reads the clock once, here, as the reference time of every expiry
+            # check in refresh(); a moved clock replaces exactly that value. Fail loudly if tuf
+            # stops keeping it there, so a moved clock can never silently be ignored.
+            trusted = getattr(self._updater, "_trusted_set", None)
+            if trusted is None or not hasattr(trusted, "reference_time"):
+                raise RuntimeError("trust.now was moved but tuf's Updater keeps no reference_time")
+            trusted.reference_time = now()
 
     def refresh(self) -> list[ReleaseInfo]:
         """Update the top-level metadata (root, timestamp, snapshot, targets); list releases.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from packager.fit import FitReport
 from packager.models.info import ModelInfo
@@ -37,12 +37,22 @@ class BuildRequest:
     # Runtime settings that override the target's [runtime] table (None: keep the target's).
     max_batch_size: int | None = None
     max_queue_delay_us: int | None = None
+    # The user's word that the model's first axis is its batch axis (--batch-axis 0), for a model
+    # whose dimension names do not say so (packager.runtime.model.BATCH_DIM_NAMES).
+    batch_axis: int | None = None
     cache_mb: int | None = None
     # OTA: the bundle carries the device agent, set up for this TUF repository.
     ota_repo: str | None = None  # the repository's base URL as devices reach it
     ota_root: Path | None = None  # the repository's trusted root metadata (1.root.json)
     ota_channel: str = "stable"
     options: tuple[tuple[str, str], ...] = ()  # backend-specific --opt key=value
+    # Image layers: "gzip" (every engine) or "zstd" (docker >= 23, podman >= 4.1, containerd 1.5+).
+    compression: Literal["gzip", "zstd"] = "gzip"
+    # Leave out of the image what packager/image/data/slim-policy.toml lists (--no-slim: keep).
+    slim: bool = True
+    # Sign the manifest (and provenance) with this Ed25519 PEM key (--sign-key / EDGEPACK_SIGN_KEY;
+    # packager.bundle.signing); None: an unsigned bundle.
+    sign_key: Path | None = None
 
 
 @dataclass(frozen=True)

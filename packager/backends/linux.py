@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from packager import __version__
+from packager.agent import confinement
 from packager.backends.base import (
     BuildPlan,
     BuildRequest,
@@ -20,8 +21,16 @@ from packager.backends.base import (
     ExecuteResult,
     RenderedFile,
 )
+from packager.console import console
 from packager.errors import InputError, UnsupportedError, UsageError
-from packager.fit import FitReport, linux_fit
+from packager.fit import (
+    INSTALLED_COPIES,
+    FitReport,
+    linux_fit,
+    storage_available,
+    with_image_storage,
+)
+from packager.image.registry import parse_pinned
 from packager.image.spec import (
     ArchiveBase,
     BaseSpec,
@@ -32,12 +41,14 @@ from packager.image.spec import (
     ImageConfig,
     ImageResult,
     ImageSpec,
+    RegistryBase,
+    StorageBudget,
     WheelSet,
 )
-from packager.models.info import ModelInfo
+from packager.models.info import Dim, ModelInfo, TensorInfo
 from packager.render import render_files
 from packager.resources import runtime_dir
-from packager.targets import LinuxTarget, LoadedTarget
+from packager.targets import CHANNEL_FORM, LinuxTarget, LoadedTarget, ota_repo_problem
 
 RUNTIME_ROOT = "/opt/edgepack/runtime"
 RUNTIME_PACKAGE = "edgepack_runtime"
@@ -73,8 +84,11 @@ def runtime_files() -> tuple[FileEntry, ...]:
     return tuple(entries)
 
 
-def parse_base(reference: str) -> ArchiveBase:
-    """``oci-archive:PATH`` or ``oci:DIR`` / a layout directory, for ``--base``."""
+def parse_base(reference: str) -> ArchiveBase | RegistryBase:
+    """``oci-archive:PATH``, ``oci:DIR`` / a layout directory, or
+    ``docker://REGISTRY/REPO@sha256:HEX`` (pulled when the image is built), for ``--base``."""
+    if reference.startswith("docker://"):
+        return parse_pinned(reference, "--base")
     if reference.startswith("oci-archive:"):
         path = Path(reference.removeprefix("oci-archive:").split(":")[0])
         if not path.is_file():
@@ -93,38 +107,118 @@ def _pick(override: int | None, default: int) -> int:
     return default if override is None else override
 
 
+def _first_dim(tensor: TensorInfo) -> Dim:
+    return tensor.shape[0] if tensor.shape else None
+
+
+def batch_settings(request: BuildRequest, model: ModelInfo, spec: LinuxTarget) -> int:
+    """runtime.json's max_batch_size: the build's or the target's, when the model can be batched.
+
+    The runtime concatenates concurrent requests along their first axis, which is right only
+    when that axis is the batch: every input's and output's first dimension named as a batch
+    (packager.runtime.model.BATCH_DIM_NAMES, e.g. "batch", "N", "batch_size"), or declared by
+    the user with ``--batch-axis 0``. Along any other axis (a time-major LSTM's ``seq``) merged
+    requests answer wrongly. Raises UnsupportedError (exit 10: the flags are well-formed and would
+    build another model; this model cannot be served that way) when --max-batch-size > 1 asks
+    for batching that model cannot have, or --batch-axis names an axis the runtime cannot merge
+    along; a target's own max_batch_size is turned off (with a warning) instead.
+    """
+    from packager.runtime.model import is_batch_dim
+
+    axis = request.batch_axis
+    label = model.path.name
+    if axis is not None and axis != 0:
+        raise UnsupportedError(
+            f"--batch-axis {axis}: requests can only be merged along axis 0",
+            hint="export the model batch-first, or build without --max-batch-size",
+        )
+    size = _pick(request.max_batch_size, spec.runtime.max_batch_size)
+    tensors = (*model.inputs, *model.outputs)
+    fixed = next((t for t in tensors if not isinstance(_first_dim(t), str | None)), None)
+    if axis == 0 and fixed is not None:
+        raise UnsupportedError(
+            f"--batch-axis 0: {label}: '{fixed.name}' has a fixed first dimension "
+            f"({_first_dim(fixed)}), so its first axis cannot be a batch axis",
+            hint="export the model with a dynamic batch dimension, or leave out --batch-axis",
+        )
+    if size <= 1 or axis == 0:
+        return size
+    unnamed = fixed or next((t for t in tensors if not is_batch_dim(_first_dim(t))), None)
+    if unnamed is None:
+        return size
+    dim = _first_dim(unnamed)
+    if fixed is not None:
+        why = f"'{fixed.name}' has a fixed first dimension ({dim}), so requests cannot be merged"
+    else:
+        named = f"'{dim}'" if dim is not None else "unnamed"
+        why = (
+            f"the first dimension of '{unnamed.name}' is {named}, not a batch axis: "
+            "merging requests along it would mix their answers"
+        )
+    if request.max_batch_size is None:
+        console.warn(f"{label}: {why}; the target's max_batch_size {size} is turned off")
+        return 0
+    raise UnsupportedError(
+        f"--max-batch-size {size}: {label}: {why}",
+        hint="name the batch dimension 'batch' or 'N' in the model, pass --batch-axis 0 if "
+        "the first axis is the batch, or build without --max-batch-size"
+        if fixed is None
+        else "build without --max-batch-size",
+    )
+
+
 def runtime_config(
-    request: BuildRequest, name: str, version: str, model_file: str, spec: LinuxTarget
+    request: BuildRequest, name: str, version: str, model: ModelInfo, spec: LinuxTarget
 ) -> dict[str, Any]:
     """``runtime.json`` for the on-device runtime: the target's settings, then the build's."""
     runtime = spec.runtime
-    return {
+    config: dict[str, Any] = {
         "model_name": name,
         "model_version": version,
-        "model_path": f"{MODEL_DIR}/{model_file}",
+        "model_path": f"{MODEL_DIR}/{model.path.name}",
         "host": "0.0.0.0",
         "port": runtime.port,
         "intra_op_threads": runtime.intra_op_threads,
         "inter_op_threads": runtime.inter_op_threads,
-        "max_batch_size": _pick(request.max_batch_size, runtime.max_batch_size),
+        "max_batch_size": batch_settings(request, model, spec),
         "max_queue_delay_us": _pick(request.max_queue_delay_us, runtime.max_queue_delay_us),
         "max_queue_size": runtime.max_queue_size,
         "cache_bytes": _pick(request.cache_mb, runtime.cache_mb) * 1024 * 1024,
         "cpu_mem_arena": runtime.cpu_mem_arena,
         "arena_extend_strategy": runtime.arena_extend_strategy,
     }
+    if request.batch_axis is not None:  # absent otherwise: the same bundle as before the flag
+        config["batch_axis"] = request.batch_axis
+    return config
 
 
 def model_layer(model: ModelInfo, config: dict[str, Any]) -> FileLayer:
     files = [FileEntry(dest=f"{MODEL_DIR}/{model.path.name}", source=model.path)]
-    files += [FileEntry(dest=f"{MODEL_DIR}/{p.name}", source=p) for p in model.external_data]
+    # External data keeps the model's relative layout (weights/ext.bin stays weights/ext.bin):
+    # onnxruntime resolves each location against the model file's folder. Inspection checked
+    # every location is a plain relative path inside that folder.
+    for path in model.external_data:
+        rel = path.relative_to(model.path.parent).as_posix()
+        if rel in (model.path.name, "runtime.json"):
+            raise InputError(
+                f"{model.path}: external data file '{rel}' would replace the "
+                f"{'model file' if rel == model.path.name else 'runtime configuration'} "
+                "in the image",
+                hint="re-save the model with another external data location",
+            )
+        files.append(FileEntry(dest=f"{MODEL_DIR}/{rel}", source=path))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     files.append(FileEntry(dest=f"{MODEL_DIR}/runtime.json", source=text.encode()))
     return FileLayer(name="model", files=tuple(sorted(files, key=lambda f: f.dest)))
 
 
 def image_spec(
-    request: BuildRequest, model: ModelInfo, spec: LinuxTarget, name: str, version: str
+    request: BuildRequest,
+    model: ModelInfo,
+    spec: LinuxTarget,
+    name: str,
+    version: str,
+    target: LoadedTarget,
 ) -> ImageSpec:
     if spec.platform.arch not in ("arm64", "amd64"):
         raise UnsupportedError(
@@ -138,8 +232,8 @@ def image_spec(
         from packager.image.debian import DEFAULT_PYTHON_PACKAGES
 
         suite = spec.runtime.base.partition(":")[2] or "bookworm"
-        base = DebianBase(suite=suite, packages=DEFAULT_PYTHON_PACKAGES)
-    config = runtime_config(request, name, version, model.path.name, spec)
+        base = DebianBase(suite=suite, packages=DEFAULT_PYTHON_PACKAGES, slim=request.slim)
+    config = runtime_config(request, name, version, model, spec)
     port = spec.runtime.port
     labels = (
         ("io.edgepack.model.digest", model.digest),
@@ -160,6 +254,7 @@ def image_spec(
             python_version=spec.runtime.python,
             site_packages=SITE_PACKAGES,
             interpreter=PYTHON,
+            slim=request.slim,
         ),
         layers=(
             FileLayer(name="runtime", files=runtime_files()),
@@ -189,6 +284,20 @@ def image_spec(
             ("org.opencontainers.image.ref.name", version),
         ),
         created_epoch=created_epoch(),
+        storage=storage_budget(target, force=request.force),
+        compression=request.compression,
+    )
+
+
+def storage_budget(target: LoadedTarget, *, force: bool) -> StorageBudget:
+    """The target's storage for the build's check of the image's real size (packager.fit)."""
+    available, note = storage_available(target)
+    return StorageBudget(
+        target=target.name,
+        available_bytes=available,
+        note=note,
+        copies=INSTALLED_COPIES,
+        enforce=not force,
     )
 
 
@@ -198,20 +307,42 @@ OTA_CONFIG = "/etc/edgepack/ota-agent.json"
 OTA_STATE = "/var/lib/edgepack-ota"
 
 
-def ota_files(request: BuildRequest) -> tuple[tuple[RenderedFile, ...], tuple[CopiedFile, ...]]:
-    """The device agent, its trusted root and units, when the bundle is built for OTA."""
+def check_ota_flags(request: BuildRequest) -> bool:
+    """Check --ota-repo/--ota-root/--ota-channel (before any work); True when OTA is wanted.
+
+    UsageError (exit 2) for a lone flag, a URL that :func:`packager.targets.ota_repo_problem`
+    refuses or a bad channel; InputError (exit 3) for a missing root file."""
     if request.ota_repo is None and request.ota_root is None:
-        return (), ()
+        return False
     if request.ota_repo is None or request.ota_root is None:
         raise UsageError(
             "--ota-repo and --ota-root go together",
             hint="pass the URL devices reach the repository at and its 1.root.json",
+        )
+    # Both land in install.sh and the agent's configuration: whole-string allow-lists.
+    problem = ota_repo_problem(request.ota_repo)
+    if problem is not None:
+        raise UsageError(
+            f"--ota-repo: {request.ota_repo!r} {problem}",
+            hint="e.g. https://updates.example.com/edgepack/",
+        )
+    if not CHANNEL_FORM.matches(request.ota_channel):
+        raise UsageError(
+            f"--ota-channel: {request.ota_channel!r} must match {CHANNEL_FORM.description}"
         )
     if not request.ota_root.is_file():
         raise InputError(
             f"--ota-root: {request.ota_root}: not found",
             hint="pass the repository's trusted root, e.g. REPO/metadata/1.root.json",
         )
+    return True
+
+
+def ota_files(request: BuildRequest) -> tuple[tuple[RenderedFile, ...], tuple[CopiedFile, ...]]:
+    """The device agent, its trusted root and units, when the bundle is built for OTA."""
+    if not check_ota_flags(request):
+        return (), ()
+    assert request.ota_root is not None  # check_ota_flags: both or neither
     from packager.ota.wheels import agent_source_dir
 
     source = agent_source_dir()
@@ -269,6 +400,17 @@ def ota_wheels(plan: BuildPlan, staging: Path, cache_dir: Path) -> tuple[str, ..
     return tuple(written)
 
 
+def container_confinement(spec: LinuxTarget) -> tuple[str, ...]:
+    """The runtime container's run flags from the target's ``[service]`` limits."""
+    return confinement.from_target(spec.service.memory_max_mb, spec.service.cpu_quota_percent)
+
+
+def write_confinement(spec: LinuxTarget, staging: Path) -> str:
+    """``confinement.json``: the flags the OTA agent starts this bundle's runtime with."""
+    (staging / confinement.FILE).write_bytes(confinement.to_bytes(container_confinement(spec)))
+    return confinement.FILE
+
+
 def template_context(plan: BuildPlan, image: ImageResult) -> dict[str, Any]:
     """The one place the Linux templates' context is built."""
     spec = plan.target.spec
@@ -298,6 +440,10 @@ def template_context(plan: BuildPlan, image: ImageResult) -> dict[str, Any]:
             else None
         ),
         "restart_sec": spec.service.restart_sec,
+        # One list of run flags for the unit's supervisor, install.sh and the OTA agent
+        # (confinement.json): packager.agent.confinement.
+        "confinement_args": list(container_confinement(spec)),
+        "restart_policy": confinement.RESTART_POLICY,
         "watchdog_sec": spec.service.watchdog_sec,
         "edgepack_version": __version__,
         "inputs": [t.to_json() for t in plan.model.inputs],
@@ -307,7 +453,49 @@ def template_context(plan: BuildPlan, image: ImageResult) -> dict[str, Any]:
         "config_path": OTA_CONFIG,
         "ota_state": OTA_STATE,
         "interval_min": 15,
+        # The signer's public key (base64 of its PEM body) install.sh checks manifest.dsse.json
+        # with; None for an unsigned bundle (packager.bundle.signing).
+        "signing": plan.context_dict().get("signing"),
     }
+
+
+def signing_context(request: BuildRequest) -> dict[str, str] | None:
+    """The public half of ``--sign-key`` for install.sh: ``{"key": base64, "keyid": hex}``."""
+    if request.sign_key is None:
+        return None
+    from packager.bundle.signing import load_signer, public_key_base64
+
+    public = load_signer(request.sign_key).public_key
+    return {"key": public_key_base64(public), "keyid": str(public.keyid)}
+
+
+def write_sbom(plan: BuildPlan, image: ImageResult, staging: Path, cache_dir: Path) -> str:
+    """``sbom.cdx.json``: the image's Debian packages, wheels, model and runtime
+    (packager.bundle.sbom)."""
+    from packager.bundle.sbom import SBOM_FILE, ModelEntry, build_sbom
+    from packager.digest import sha256_path
+
+    text = build_sbom(
+        image_name=image.ref_name.rsplit(":", 1)[0],
+        image_version=plan.version,
+        image_digest=image.manifest_digest,
+        packages=image.packages,
+        debian_suite=image.debian_suite,
+        model=ModelEntry(
+            name=plan.model.path.name,
+            sha256=plan.model.digest.removeprefix("sha256:"),
+            source=f"{MODEL_DIR}/{plan.model.path.name}",
+        ),
+        runtime_files={
+            entry.dest: sha256_path(entry.source)[0]
+            for entry in runtime_files()
+            if isinstance(entry.source, Path)
+        },
+        cache_dir=cache_dir,
+        epoch=created_epoch(),
+    )
+    (staging / SBOM_FILE).write_text(text, encoding="utf-8")
+    return SBOM_FILE
 
 
 class LinuxContainerBackend:
@@ -353,8 +541,9 @@ class LinuxContainerBackend:
                     if request.ota_repo
                     else None,
                 ),
+                ("signing", signing_context(request)),
             ),
-            payload=image_spec(request, model, spec, name, request.version),
+            payload=image_spec(request, model, spec, name, request.version, target),
             offline=request.offline,
         )
 
@@ -367,8 +556,11 @@ class LinuxContainerBackend:
         context = template_context(plan, image)
         written = render_files(plan.rendered, context, staging)
         written += copy_files(plan.copied, staging)
+        assert isinstance(plan.target.spec, LinuxTarget)
+        written += (write_confinement(plan.target.spec, staging),)
         if plan.context_dict().get("ota"):
             written += ota_wheels(plan, staging, cache_dir)
+        written += (write_sbom(plan, image, staging, cache_dir),)
         layers = [
             {
                 "name": layer.name,
@@ -394,10 +586,15 @@ class LinuxContainerBackend:
             "layers": layers,
         }
         cached = [layer.name for layer in image.layers if layer.cached]
+        # The fit the manifest records: storage from the built image's real sizes.
+        fit = with_image_storage(
+            plan.fit, plan.target, image.uncompressed_bytes, image.size_bytes
+        ).to_json()
         return ExecuteResult(
             files=("image.tar", *written),
-            manifest_extra=(("image", image_meta),),
+            manifest_extra=(("image", image_meta), ("fit", fit)),
             json_extra=(
+                ("fit", fit),
                 ("platform", image_meta["platform"]),
                 (
                     "image",

@@ -8,7 +8,10 @@ files to render as a frozen :class:`McuProject`, and execute() writes them. Noth
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,12 +21,13 @@ import jinja2
 
 from packager import __version__
 from packager.backends.base import BuildPlan, BuildRequest, ExecuteResult, RenderedFile
+from packager.backends.mcu_emulate import board_context
 from packager.console import capture_fd
-from packager.errors import InputError, UnsupportedError
-from packager.fit import FitReport, Resource
+from packager.errors import FitError, InputError, UnsupportedError
+from packager.fit import FitReport, Resource, human_bytes
 from packager.models.info import ModelInfo
 from packager.models.tflite import TfliteModel, TfliteTensor, analyze_tflite
-from packager.resources import templates_dir
+from packager.render import environment
 from packager.targets import LoadedTarget, McuTarget
 
 KIB = 1024
@@ -167,6 +171,15 @@ ARENA_ALIGN = 16
 _ARENA_LIMIT = 64 * 1024 * 1024  # beyond any MCU: a model that needs more is not a TFLM model
 # Flash erase-sector granularity the update slots are rounded to; the header gets its own sector.
 UPDATE_SECTOR = 4 * KIB
+# The slot header of templates/mcu/model_update.h (format version 1): 64 bytes, little-endian.
+UPDATE_MAGIC = 0x554D5045  # "EPMU"
+UPDATE_FORMAT_VERSION = 1
+UPDATE_HEADER_SIZE = 64
+# The model a bundle ships is version 1, sequence 1 in slot A; the first update goes to slot B.
+SHIPPED_MODEL_VERSION = 1
+SHIPPED_SEQUENCE = 1
+SLOT_A_FILE = "model/model_slot_a.bin"
+SLOT_LABELS = ("model in update slot A", "model in update slot B")
 
 _C_TYPES = {"int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "int32": "int32_t",
             "int64": "int64_t", "float32": "float", "bool": "bool"}
@@ -281,9 +294,11 @@ class McuProject:
     sdk: str
     update_slot_size: int
     update_enabled: bool
+    # With updates on: where the slots go; slot A's image is written to SLOT_A_FILE.
+    flash: FlashMap | None = None
 
     def summary(self) -> dict[str, object]:
-        return {
+        summary: dict[str, object] = {
             "engine": "tflite-micro",
             "sdk": self.sdk,
             "arena_measured_bytes": self.arena.measured_bytes,
@@ -293,6 +308,18 @@ class McuProject:
             "model_sha256": self.analysis.sha256,
             "update_slot_bytes": self.update_slot_size if self.update_enabled else 0,
         }
+        if self.update_enabled and self.flash is not None:
+            summary["update_slots"] = {
+                "slot_bytes": self.flash.slot_size,
+                "header_area_bytes": self.flash.header_area,
+                "slot_a_addr": f"0x{self.flash.slot_a_addr:08x}",
+                "slot_b_addr": f"0x{self.flash.slot_b_addr:08x}",
+                "firmware_limit_addr": f"0x{self.flash.firmware_limit:08x}",
+                # Flash this file at slot_a_addr: the firmware boots the model from it.
+                "slot_a_image": SLOT_A_FILE,
+                "slot_a_model_version": SHIPPED_MODEL_VERSION,
+            }
+        return summary
 
 
 def _spec(target: LoadedTarget) -> McuTarget:
@@ -302,15 +329,17 @@ def _spec(target: LoadedTarget) -> McuTarget:
 
 
 def _options(request: BuildRequest) -> dict[str, str]:
-    known = {"update"}
+    known = {"update", "emulate"}
     options = dict(request.options)
     for key in options:
         if key not in known:
             raise UnsupportedError(
-                f"--opt {key}: unknown option for MCU targets", hint="known: update=on|off"
+                f"--opt {key}: unknown option for MCU targets",
+                hint="known: update=on|off, emulate=on|off",
             )
-    if options.get("update", "on") not in ("on", "off"):
-        raise UnsupportedError("--opt update: must be 'on' or 'off'")
+    for key in known:
+        if options.get(key, "on") not in ("on", "off"):
+            raise UnsupportedError(f"--opt {key}: must be 'on' or 'off'")
     return options
 
 
@@ -320,9 +349,9 @@ def load_tflite(request: BuildRequest, model: ModelInfo) -> tuple[bytes, TfliteM
     that path)."""
     path = model.path
     if model.format != "tflite":
-        from packager.models.keras import convert_to_int8_tflite
+        from packager.models.convert import convert_for_mcu
 
-        data = convert_to_int8_tflite(request.model, request.calibration)
+        data = convert_for_mcu(model, request.calibration)
     else:
         try:
             data = path.read_bytes()
@@ -336,11 +365,14 @@ def check_int8(analysis: TfliteModel, source: str, target: LoadedTarget) -> None
     if _spec(target).runtime.int8_only and floats:
         names = ", ".join(f"'{t.name}'" for t in floats[:3])
         more = f" and {len(floats) - 3} more" if len(floats) > 3 else ""
+        ops = f"float operators {', '.join(analysis.float_op_names)} on " if (
+            analysis.float_op_names
+        ) else ""
         raise UnsupportedError(
-            f"{source}: float tensors ({names}{more}) but {target.name} runs int8-only TFLite "
-            f"Micro kernels",
-            hint="give the Keras/SavedModel model with --calibration DIR to get a fully int8 "
-            "model, or quantize it with full-integer post-training quantization",
+            f"{source}: {ops}float tensors ({names}{more}) but {target.name} runs int8-only "
+            f"TFLite Micro kernels",
+            hint="give the ONNX/Keras/SavedModel/PyTorch model with --calibration DIR to get a "
+            "fully int8 model, or quantize it with full-integer post-training quantization",
         )
 
 
@@ -372,6 +404,77 @@ def update_slot_size(model_bytes: int) -> int:
     return round_up(model_bytes + model_bytes // 4, UPDATE_SECTOR) + UPDATE_SECTOR
 
 
+@dataclass(frozen=True)
+class FlashMap:
+    """Where the two model-update slots sit in the target's flash (CPU addresses, bytes).
+
+    The slots take the top of the application flash: from ``memory.flash_base`` the firmware
+    grows upwards, ``memory.flash_reserved_kb`` stays free at the very top, and slot B ends just
+    below it (rounded down to the 4 KiB erase sector), slot A just below slot B. The firmware
+    runs the model from the active slot, so the model is stored once per slot and nowhere else.
+    """
+
+    slot_size: int
+    header_area: int
+    slot_a_addr: int
+    slot_b_addr: int
+    firmware_limit: int  # first byte the firmware itself must stay below (== slot_a_addr)
+
+
+def flash_map(spec: McuTarget, model_bytes: int) -> FlashMap:
+    mem = spec.memory
+    slot = update_slot_size(model_bytes)
+    top = mem.flash_base + max(mem.flash_kb - mem.flash_reserved_kb, 0) * KIB
+    top -= top % UPDATE_SECTOR
+    # A model too large for the flash (built anyway with --force) still gets addresses inside
+    # the flash; the fit report has already said it does not fit.
+    slot_a = max(top - 2 * slot, mem.flash_base)
+    return FlashMap(
+        slot_size=slot,
+        header_area=UPDATE_SECTOR,
+        slot_a_addr=slot_a,
+        slot_b_addr=slot_a + slot,
+        firmware_limit=slot_a,
+    )
+
+
+def slot_header(
+    model: bytes, *, model_version: int = SHIPPED_MODEL_VERSION, sequence: int = SHIPPED_SEQUENCE
+) -> bytes:
+    """The 64-byte slot header ``ep_update_finish`` commits (model_update.c header_encode):
+    magic, format version, header size, model version, sequence, length, CRC32 (zlib), SHA-256,
+    4 reserved zero bytes, and the CRC32 of the 60 bytes before it."""
+    head = struct.pack(
+        "<IHHIIII32s4x",
+        UPDATE_MAGIC,
+        UPDATE_FORMAT_VERSION,
+        UPDATE_HEADER_SIZE,
+        model_version,
+        sequence,
+        len(model),
+        zlib.crc32(model),
+        hashlib.sha256(model).digest(),
+    )
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def slot_image(model: bytes, slot_size: int, header_area: int) -> bytes:
+    """Slot A as flashed at the factory: the model at the slot start, erased flash (0xFF) up
+    to the header area at the slot's end, then the committed header (0xFF after it).
+
+    Raises ValueError when the model does not fit the slot's data area."""
+    capacity = slot_size - header_area
+    if not 0 < len(model) <= capacity or header_area < UPDATE_HEADER_SIZE:
+        raise ValueError(f"a {len(model)} B model does not fit a slot of {capacity} data bytes")
+    header = slot_header(model)
+    return (
+        model
+        + b"\xff" * (capacity - len(model))
+        + header
+        + b"\xff" * (header_area - len(header))
+    )
+
+
 def mcu_fit(
     analysis: TfliteModel,
     ops: tuple[ResolverOp, ...],
@@ -388,15 +491,20 @@ def mcu_fit(
     ]
     flash_parts += [(f"kernel {op.name} (estimate)", op.kernel_bytes) for op in ops]
     if update:
+        # The firmware runs the model from the active slot: the model is stored once per slot
+        # (slot A ships it, slot B takes the next update) and not compiled into the firmware.
         slot = update_slot_size(analysis.size_bytes)
-        flash_parts += [("update slots (2 x slot)", 2 * slot), ("update stub", UPDATE_STUB_BYTES)]
+        flash_parts[0:1] = [(SLOT_LABELS[0], slot), (SLOT_LABELS[1], slot)]
+        flash_parts.append(("update stub", UPDATE_STUB_BYTES))
     flash = Resource(
         name="flash",
         needed_bytes=sum(v for _, v in flash_parts),
         available_bytes=max((mem.flash_kb - mem.flash_reserved_kb) * KIB, 0),
         needed_parts=tuple(flash_parts),
         available_note=f"{mem.flash_kb} KB flash - {mem.flash_reserved_kb} KB reserved",
-        estimate_source=f"{TFLM_CORE_SOURCE}; {KERNEL_SOURCE}",
+        estimate_source=f"{TFLM_CORE_SOURCE}; {KERNEL_SOURCE}"
+        + (f"; each update slot: model + 25 % headroom rounded up to {UPDATE_SECTOR} B + a "
+           f"{UPDATE_SECTOR} B header sector" if update else ""),
     )
     ram_parts = (
         (f"tensor arena ({arena.measured_bytes} B measured + {arena.margin_percent} %)",
@@ -412,6 +520,28 @@ def mcu_fit(
         estimate_source="arena measured with the TensorFlow Lite Micro interpreter (tflite-micro)",
     )
     return FitReport(target=target.name, resources=(ram, flash))
+
+
+def refuse_update_slots(report: FitReport, without: FitReport, model_label: str) -> None:
+    """Raise FitError naming the update slots when flash is what does not fit with updates on
+    (RAM problems are left to :func:`packager.fit.enforce`); ``without`` is the same model's
+    report with updates off, whose flash figure the message gives."""
+    ram, flash = report.resources
+    if not ram.fits or flash.fits:
+        return
+    slots = sum(v for k, v in flash.needed_parts if k in SLOT_LABELS)
+    single = without.resources[1]
+    parts = " + ".join(f"{label} {human_bytes(v)}" for label, v in flash.needed_parts if v)
+    outcome = "fits" if single.fits else "still does not fit"
+    raise FitError(
+        f"{model_label} does not fit {report.target}: flash needs "
+        f"{human_bytes(flash.needed_bytes)} ({parts}), the target has "
+        f"{human_bytes(flash.available_bytes)} ({flash.available_note}); the two model-update "
+        f"slots take {human_bytes(slots)} of it. Without updates flash needs "
+        f"{human_bytes(single.needed_bytes)} ({outcome})",
+        hint="build with --opt update=off (one copy of the model, compiled into the firmware; "
+        "no over-the-air model updates)" + ("" if single.fits else ", and use a smaller model"),
+    )
 
 
 def _c_string(text: str) -> str:
@@ -467,7 +597,8 @@ def template_context(plan_name: str, project: McuProject, target: LoadedTarget,
             "bundle_path": project.model_file,
             "size_bytes": a.size_bytes,
             "sha256": a.sha256,
-            "hex_lines": hex_lines(project.model_bytes),
+            # With updates on, the model lives in the slots and not in the firmware.
+            "hex_lines": () if project.update_enabled else hex_lines(project.model_bytes),
         },
         "arena": {
             "measured_bytes": project.arena.measured_bytes,
@@ -482,6 +613,10 @@ def template_context(plan_name: str, project: McuProject, target: LoadedTarget,
             "enabled": project.update_enabled,
             "slot_size": project.update_slot_size,
             "header_area": UPDATE_SECTOR,
+            "slot_a_addr": f"0x{project.flash.slot_a_addr:08x}" if project.flash else "",
+            "slot_b_addr": f"0x{project.flash.slot_b_addr:08x}" if project.flash else "",
+            "slot_a_file": SLOT_A_FILE,
+            "model_version": SHIPPED_MODEL_VERSION,
         },
         "main_stack_bytes": max(4 * KIB, spec.memory.ram_reserved_kb * KIB // 4),
         "fit": [
@@ -529,19 +664,29 @@ _SDK_FILES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-def rendered_files(sdk: str, *, update: bool) -> tuple[RenderedFile, ...]:
-    files = _COMMON_FILES + (_UPDATE_FILES if update else ()) + _SDK_FILES.get(sdk, ())
+def emulate_files(board: str | None) -> tuple[tuple[str, str], ...]:
+    """The emulator harness (``edgepack run``) of a core QEMU emulates: startup and linker
+    script of its board, and a main that runs N inferences (packager.backends.mcu_emulate)."""
+    if board is None:
+        return ()
+    return (
+        ("emulate/main.cc", "mcu/emulate_main.cc.jinja"),
+        (f"emulate/startup_{board}.c", "mcu/emulate_startup.c.jinja"),
+        (f"emulate/{board}.ld", "mcu/emulate_board.ld.jinja"),
+    )
+
+
+def rendered_files(
+    sdk: str, *, update: bool, board: str | None = None
+) -> tuple[RenderedFile, ...]:
+    files = (_COMMON_FILES + (_UPDATE_FILES if update else ()) + _SDK_FILES.get(sdk, ())
+             + emulate_files(board))
     return tuple(RenderedFile(path=p, template=t) for p, t in files)
 
 
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir())),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-        trim_blocks=False,
-    )
+    # The one environment (with its escaping filters); the C templates keep their own layout.
+    return environment(trim_blocks=False)
 
 
 class McuBackend:
@@ -570,7 +715,11 @@ class McuBackend:
     def fit(self, request: BuildRequest, model: ModelInfo, target: LoadedTarget) -> FitReport:
         update = _options(request).get("update", "on") == "on"
         _, analysis, ops, arena = self._measure(request, model, target)
-        return mcu_fit(analysis, ops, arena, target, update=update)
+        report = mcu_fit(analysis, ops, arena, target, update=update)
+        if update and not request.force:
+            refuse_update_slots(report, mcu_fit(analysis, ops, arena, target, update=False),
+                                request.model.name)
+        return report
 
     def plan(
         self, request: BuildRequest, model: ModelInfo, target: LoadedTarget, fit: FitReport
@@ -587,8 +736,14 @@ class McuBackend:
             sdk=_spec(target).runtime.sdk,
             update_slot_size=update_slot_size(analysis.size_bytes),
             update_enabled=update,
+            flash=flash_map(_spec(target), analysis.size_bytes) if update else None,
         )
         context = template_context(name, project, target, fit)
+        spec = _spec(target)
+        emulate = board_context(spec.mcu.core, spec.memory.flash_kb, spec.memory.ram_kb,
+                                int(context["main_stack_bytes"]))
+        context["emulate"] = emulate
+        context["proof"] = _options(request).get("emulate", "on")
         return BuildPlan(
             backend="mcu",
             bundle_name=name,
@@ -596,7 +751,8 @@ class McuBackend:
             target=target,
             model=model,
             fit=fit,
-            rendered=rendered_files(project.sdk, update=update),
+            rendered=rendered_files(project.sdk, update=update,
+                                    board=emulate.get("board") if emulate else None),
             payload=project,
             context=tuple(sorted(context.items())),
         )
@@ -618,9 +774,106 @@ class McuBackend:
         model_path.parent.mkdir(parents=True, exist_ok=True)
         model_path.write_bytes(project.model_bytes)
         written.append(project.model_file)
+        if project.update_enabled and project.flash is not None:
+            # Slot A as the factory flashes it (at flash.slot_a_addr): the firmware boots the
+            # model from here, so this file is part of what gets flashed, not a copy.
+            image = slot_image(project.model_bytes, project.flash.slot_size,
+                               project.flash.header_area)
+            (staging / SLOT_A_FILE).write_bytes(image)
+            written.append(SLOT_A_FILE)
         summary = project.summary()
+        if plan.context_dict().get("proof", "on") == "on":
+            summary["proof"] = prove_firmware(plan, staging, set(written), project)
+        else:
+            summary["proof"] = {"emulated": False, "note": "skipped: --opt emulate=off"}
         return ExecuteResult(
             files=tuple(sorted(written)),
             manifest_extra=(("mcu", summary),),
             json_extra=(("mcu", summary),),
         )
+
+
+def prove_firmware(plan: BuildPlan, staging: Path, written: set[str],
+                   project: McuProject) -> dict[str, Any]:
+    """Proof before flash (issue 14): compile and link the rendered project's firmware, run one
+    input on the emulated board of the target's core, compare with the TFLM interpreter, and
+    refuse (FitError) a firmware whose *linked* flash/RAM does not fit, naming the estimate too.
+
+    Runs where the toolchain, qemu-system-arm and a TFLM tree ($EDGEPACK_TFLM_TREE) are present;
+    otherwise returns a note saying what is missing. Deterministic: the input is seeded and
+    instruction counts under ``-icount`` repeat exactly."""
+    import numpy as np
+
+    from packager.backends import mcu_emulate
+    from packager.tools import gcc_arm, qemu
+
+    spec = _spec(plan.target)
+    if spec.mcu.core not in mcu_emulate.EMULATED_BOARDS:
+        return {"emulated": False, "note": f"no emulator for {spec.mcu.core} here"}
+    missing = [t.apt_package for t in (gcc_arm.GXX, gcc_arm.SIZE, qemu.QEMU_SYSTEM_ARM,
+                                       qemu.BWRAP)
+               if not t.available()]
+    if missing or not os.environ.get("EDGEPACK_TFLM_TREE"):
+        what = f"apt-get install {' '.join(missing)}" if missing else "EDGEPACK_TFLM_TREE unset"
+        return {"emulated": False, "note": f"skipped: {what}"}
+    a = project.analysis
+    rng = np.random.default_rng(0)
+    x = [rng.integers(np.iinfo(t.dtype).min, np.iinfo(t.dtype).max + 1, size=t.shape,
+                      dtype=t.dtype) if np.dtype(t.dtype).kind in "iu"
+         else rng.standard_normal(t.shape).astype(t.dtype) for t in a.inputs]
+    run = mcu_emulate.emulate_project(
+        staging, written, spec, [x],
+        before_run=lambda flash, ram: _check_linked(plan, flash, ram, project))
+    want = _interpreter_outputs(project.model_bytes, project.arena.chosen_bytes, x,
+                                len(a.outputs))
+    same = all(np.array_equal(g.reshape(-1), w.reshape(-1))
+               for g, w in zip(run.outputs[0], want, strict=True))
+    if not same:
+        raise FitError(f"{plan.target.name}: the emulated firmware's outputs differ from the "
+                       "TensorFlow Lite Micro interpreter's on the proof input",
+                       hint="report it; build with --opt emulate=off to skip the proof")
+    doc = run.to_json()
+    return {"emulated": True, "board": doc["board"], "kernels": doc["kernels"],
+            "outputs_equal_interpreter": True, "linked": doc["linked"],
+            "instructions": doc["instructions"][0],
+            "latency_estimate_ms": doc["latency_estimate_ms"],
+            "latency_estimate_basis": doc["latency_estimate_basis"],
+            "arena_used_bytes": doc["arena_used_bytes"]}
+
+
+def _interpreter_outputs(model: bytes, arena: int, inputs: list[Any],
+                         outputs: int) -> list[Any]:
+    import numpy as np
+    from tflite_micro.python.tflite_micro import runtime
+
+    interpreter = runtime.Interpreter.from_bytes(model, arena_size=arena)
+    for i, x in enumerate(inputs):
+        interpreter.set_input(x, i)
+    interpreter.invoke()
+    return [np.array(interpreter.get_output(i)) for i in range(outputs)]
+
+
+def _check_linked(plan: BuildPlan, flash_fw: int, ram_static: int, project: McuProject) -> None:
+    """The fit check on linked sizes: firmware (text + data) plus the update slots against the
+    usable flash; static RAM (data + bss, the arena included) plus the stack/IO allowance."""
+    spec = _spec(plan.target)
+    mem = spec.memory
+    estimate = {r.name: r.needed_bytes for r in plan.fit.resources}
+    slots = 2 * project.flash.slot_size if project.update_enabled and project.flash else 0
+    flash_need = flash_fw + slots
+    flash_have = max((mem.flash_kb - mem.flash_reserved_kb) * KIB, 0)
+    ram_need = ram_static + mem.ram_reserved_kb * KIB
+    ram_have = mem.ram_kb * KIB
+    with_slots = f" + update slots {slots:,} B" if slots else ""
+    if flash_need > flash_have:
+        raise FitError(
+            f"{plan.target.name}: the linked firmware does not fit flash: {flash_need:,} B "
+            f"(firmware {flash_fw:,} B from arm-none-eabi-size{with_slots})"
+            f" > {flash_have:,} B usable; the estimate was {estimate.get('flash', 0):,} B",
+            hint="a smaller model, --opt update=off, or a target with more flash")
+    if ram_need > ram_have:
+        raise FitError(
+            f"{plan.target.name}: the linked firmware does not fit RAM: {ram_need:,} B (static "
+            f"{ram_static:,} B + {mem.ram_reserved_kb} KB stack/IO) > {ram_have:,} B; the "
+            f"estimate was {estimate.get('ram', 0):,} B",
+            hint="a smaller model or a target with more RAM")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 import click
 
@@ -10,6 +11,7 @@ from packager.backends.base import BuildRequest
 from packager.build import build
 from packager.console import console
 from packager.errors import UsageError
+from packager.fit import human_bytes
 
 
 def _parse_opt(text: str) -> tuple[str, str]:
@@ -17,6 +19,24 @@ def _parse_opt(text: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise UsageError(f"--opt: '{text}' is not KEY=VALUE", hint="e.g. --opt update=off")
     return key.strip(), value.strip()
+
+
+def fit_lines(fit: dict[str, Any]) -> list[str]:
+    """The summary's budget lines from the result's ``fit`` document: each resource's needed
+    parts against what the target has. After a Linux build its storage is the built image's real
+    sizes (packager.fit.with_image_storage, the manifest's figures), marked "built image"."""
+    lines = []
+    for resource in fit.get("resources", []):
+        parts = " + ".join(
+            f"{k} {human_bytes(int(v))}" for k, v in dict(resource["needed_parts"]).items() if v
+        )
+        measured = str(resource.get("estimate_source", "")).startswith("the built image")
+        lines.append(
+            f"{resource['name'] + ':':<9} {human_bytes(int(resource['needed_bytes']))} of "
+            f"{human_bytes(int(resource['available_bytes']))} ({parts})"
+            + (" [built image]" if measured else "")
+        )
+    return lines
 
 
 @click.command("build")
@@ -29,8 +49,16 @@ def _parse_opt(text: str) -> tuple[str, str]:
 )
 @click.option("--name", help="Served model name [the model file's stem].")
 @click.option("--version", "version", default="0.1.0", show_default=True, help="Bundle version.")
-@click.option("--base", help="Base image instead of Debian: oci-archive:PATH or an OCI layout dir.")
-@click.option("--force", is_flag=True, help="Build even when the model does not fit the target.")
+@click.option(
+    "--base",
+    help="Base image instead of Debian: oci-archive:PATH, an OCI layout dir, or "
+    "docker://REGISTRY/REPO@sha256:DIGEST (pulled into the cache).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Build even when the model does not fit the target or its runtime cannot load it.",
+)
 @click.option(
     "--quantize",
     type=click.Choice(["fp32", "fp16", "int8-dynamic", "int8-static"]),
@@ -49,6 +77,12 @@ def _parse_opt(text: str) -> tuple[str, str]:
     "--batch-delay-us",
     type=click.IntRange(min=0),
     help="Runtime: longest wait for a batch to fill, in microseconds [target's].",
+)
+@click.option(
+    "--batch-axis",
+    type=click.IntRange(min=0),
+    help="Runtime: declare that the model's first axis (0) is its batch axis, for batching a model "
+    "whose first dimension is not named batch/N/batch_size [from the model's dimension names].",
 )
 @click.option(
     "--cache-mb",
@@ -76,6 +110,28 @@ def _parse_opt(text: str) -> tuple[str, str]:
     help="OTA: the repository's trusted root metadata (its 1.root.json).",
 )
 @click.option("--ota-channel", default="stable", show_default=True, help="OTA: release channel.")
+@click.option(
+    "--compression",
+    type=click.Choice(["gzip", "zstd"]),
+    default="gzip",
+    show_default=True,
+    help="Image layer compression; zstd is smaller but needs docker >= 23, podman >= 4.1 or "
+    "containerd >= 1.5 on the device.",
+)
+@click.option(
+    "--slim/--no-slim",
+    default=True,
+    show_default=True,
+    help="Leave out of the image what the runtime never loads (packager/image/data/"
+    "slim-policy.toml); --no-slim keeps every file the packages and wheels ship.",
+)
+@click.option(
+    "--sign-key",
+    type=click.Path(path_type=Path),
+    envvar="EDGEPACK_SIGN_KEY",
+    help="Sign the manifest and provenance with this Ed25519 private key (PEM, from 'edgepack "
+    "keys generate'); install.sh and the OTA agent then check it. [$EDGEPACK_SIGN_KEY]",
+)
 @click.option("--offline", is_flag=True, help="Use only the cache; never download.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def build_cmd(
@@ -91,6 +147,7 @@ def build_cmd(
     eval_dir: Path | None,
     max_batch_size: int | None,
     batch_delay_us: int | None,
+    batch_axis: int | None,
     cache_mb: int | None,
     opts: tuple[str, ...],
     cache_dir: Path | None,
@@ -98,6 +155,9 @@ def build_cmd(
     ota_root: Path | None,
     ota_channel: str,
     offline: bool,
+    slim: bool,
+    compression: Literal["gzip", "zstd"],
+    sign_key: Path | None,
     as_json: bool,
 ) -> None:
     """Build a ready-to-flash bundle of MODEL for a target device."""
@@ -120,8 +180,12 @@ def build_cmd(
         eval_dir=eval_dir,
         max_batch_size=max_batch_size,
         max_queue_delay_us=batch_delay_us,
+        batch_axis=batch_axis,
         cache_mb=cache_mb,
         options=tuple(_parse_opt(o) for o in opts),
+        compression=compression,
+        slim=slim,
+        sign_key=sign_key,
     )
     result = build(request)
     if as_json:
@@ -134,3 +198,9 @@ def build_cmd(
     image = doc.get("image")
     if isinstance(image, dict):
         console.result(f"image:    {image['ref']} {image['digest']} ({image['size_bytes']} bytes)")
+    for line in fit_lines(doc["fit"]):
+        console.result(line)
+    mcu = doc.get("mcu")
+    slots = mcu.get("update_slots") if isinstance(mcu, dict) else None
+    if isinstance(slots, dict):
+        console.result(f"slot A:   flash {slots['slot_a_image']} at {slots['slot_a_addr']}")

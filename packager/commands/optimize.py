@@ -11,7 +11,9 @@ from packager.console import console
 from packager.errors import UsageError
 from packager.models.torch_export import InputSpec
 from packager.optimize import OptimizeRequest, optimize
+from packager.optimize.cpu import target_cpu
 from packager.optimize.request import (
+    EVAL_ON_TARGET_CHOICES,
     FORMAT_CHOICES,
     METHOD_CHOICES,
     QUANTIZE_CHOICES,
@@ -117,6 +119,21 @@ _PRUNE_KINDS = {
 )
 @click.option("--latency-runs", type=int, default=20, show_default=True)
 @click.option(
+    "--target",
+    "target_name",
+    metavar="NAME|FILE",
+    help="The device the model is for: its cpu.isa chooses the INT8 settings (default: this "
+    "host's CPU).",
+)
+@click.option(
+    "--eval-on-target",
+    type=click.Choice(EVAL_ON_TARGET_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Measure INT8 accuracy on the target's CPU kernels under qemu-user where this host's "
+    "differ (auto: for models up to 32 MiB).",
+)
+@click.option(
     "--out",
     type=click.Path(path_type=Path),
     required=True,
@@ -143,6 +160,8 @@ def optimize_cmd(
     max_accuracy_drop: float | None,
     min_top1_agreement: float | None,
     latency_runs: int,
+    target_name: str | None,
+    eval_on_target: str,
     out: Path,
     force: bool,
     as_json: bool,
@@ -150,6 +169,16 @@ def optimize_cmd(
     """Quantize (and, for PyTorch models, prune) MODEL, check it against the FP32 model, and
     write it with a JSON/Markdown/PNG report into --out."""
     console.configure(quiet=as_json)
+    cpu = None
+    if target_name is not None:
+        from packager.targets import resolve_target
+
+        cpu = target_cpu(resolve_target(target_name))
+        if cpu is None:
+            raise UsageError(
+                f"--target {target_name}: a microcontroller target; INT8 for it is built by "
+                "'edgepack build' (TFLite Micro), not by optimize"
+            )
     request = OptimizeRequest(
         model=model,
         out=out,
@@ -172,6 +201,8 @@ def optimize_cmd(
         min_top1_agreement=min_top1_agreement,
         latency_runs=latency_runs,
         force=force,
+        cpu=cpu,
+        eval_on_target=eval_on_target,  # type: ignore[arg-type]
     )
     result = optimize(request)
     if as_json:
@@ -187,10 +218,28 @@ def optimize_cmd(
             f"{v.size_bytes:,}",
             f"{v.gzip_bytes:,}",
             f"{v.latency_ms:.3f}",
-            f"{m.top1_agreement:.2%}" if m else "-",
+            f"{m.top1_agreement:.2%}" if m and m.top1_agreement is not None else "-",
             f"{m.max_abs_error:.4g}" if m else "-",
         )
     console.table(table)
+    final = result.report.variants[-1].metrics
+    if final is not None and len(final.outputs) > 1:
+        outputs = Table(title="per output (final variant vs fp32)")
+        for column in ("output", "judged on", "top-1 agree", "cosine", "rel err", "max abs err"):
+            outputs.add_column(column)
+        for o in final.outputs:
+            outputs.add_row(
+                o.name,
+                o.judged_on,
+                f"{o.top1_agreement:.2%}" if o.top1_agreement is not None else "-",
+                f"{o.cosine_similarity:.5f}",
+                f"{o.relative_error:.2%}",
+                f"{o.max_abs_error:.4g}",
+            )
+        console.table(outputs)
+    for key, value in result.report.measured_on:
+        if key in ("host_cpu", "accuracy") and isinstance(value, str):
+            console.result(f"{key.replace('_', ' ')}: {value}")
     for note in result.report.notes:
         console.result(f"note: {note}")
     console.result(f"report: {result.out}")

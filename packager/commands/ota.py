@@ -10,7 +10,7 @@ from rich.table import Table
 
 from packager.console import console
 from packager.errors import UsageError
-from packager.ota.repo import ROOT_KEYS, ROOT_THRESHOLD, Repository
+from packager.ota.repo import ROOT_KEYS, ROOT_THRESHOLD, Renewal, Repository, RoleExpiry
 from packager.ota.reports import latest_by_device, read_reports, release_health, should_halt
 
 _repo_option = click.option(
@@ -18,6 +18,31 @@ _repo_option = click.option(
 )
 _channel_option = click.option("--channel", default="stable", show_default=True)
 _json_option = click.option("--json", "as_json", is_flag=True, help="print a JSON document")
+# A stick or timestamp valid longer than ten years is a typo, and beyond it datetime overflows.
+_MAX_DAYS = 3650
+
+
+def _days(option: str, days: float) -> timedelta:
+    if not 0 < days <= _MAX_DAYS:
+        raise UsageError(f"{option} {days}: give a number of days above 0 and at most {_MAX_DAYS}")
+    return timedelta(days=days)
+
+
+def _expiry_table(roles: tuple[RoleExpiry, ...]) -> Table:
+    table = Table("role", "version", "expires (UTC)")
+    for role in roles:
+        table.add_row(role.role, str(role.version), f"{role.expires:%Y-%m-%d %H:%M:%S}")
+    return table
+
+
+def _report_renewal(renewal: Renewal) -> None:
+    """Human output of a refresh/export: every role's expiry, what was signed anew, warnings."""
+    console.table(_expiry_table(renewal.roles))
+    if renewal.resigned:
+        console.result(f"signed anew to last the period: {', '.join(renewal.resigned)}")
+    for warning in renewal.warnings:
+        console.warn(warning)
+    console.result(f"valid until {renewal.valid_until:%Y-%m-%d %H:%M:%S}Z (first role to expire)")
 
 
 @click.group("ota")
@@ -120,9 +145,11 @@ def status_cmd(
     if health and halt_if is not None and should_halt(health, halt_if) and not releases[-1].halted:
         repo.set_release(channel, health.sequence, halted=True)
         halted = True
+    roles = repo.expiries()
     if as_json:
         console.json(
             {
+                "roles": [r.to_json() for r in roles],
                 "releases": [r.to_json() for r in releases],
                 "devices": devices,
                 "latest": None
@@ -148,6 +175,7 @@ def status_cmd(
             str(report.get("time", "")),
         )
     console.table(table)
+    console.table(_expiry_table(roles))
     if health:
         console.result(
             f"sequence {health.sequence}: {health.committed} committed, {health.failed} failed"
@@ -158,19 +186,40 @@ def status_cmd(
 @ota_group.command("refresh")
 @_repo_option
 @click.option("--timestamp-days", type=float, default=None, help="default: 1 day")
-def refresh_cmd(repo_path: Path, timestamp_days: float | None) -> None:
-    """Re-sign snapshot and timestamp (run daily, e.g. from cron, or devices refuse updates)."""
-    expiry = timedelta(days=timestamp_days) if timestamp_days else None
-    version = Repository(repo_path).refresh(timestamp_expiry=expiry)
-    console.result(f"timestamp version {version}")
+@_json_option
+def refresh_cmd(repo_path: Path, timestamp_days: float | None, as_json: bool) -> None:
+    """Re-sign snapshot and timestamp, and any role that would expire before them (run daily,
+    e.g. from cron, or devices refuse updates)."""
+    console.configure(quiet=as_json)
+    expiry = _days("--timestamp-days", timestamp_days) if timestamp_days is not None else None
+    renewal = Repository(repo_path).refresh(timestamp_expiry=expiry)
+    if as_json:
+        console.json(renewal.to_json())
+        return
+    console.result(f"timestamp version {renewal.timestamp_version}")
+    _report_renewal(renewal)
 
 
 @ota_group.command("export")
 @_repo_option
 @click.option("--usb", "usb_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
-@click.option("--timestamp-days", type=float, default=30, show_default=True)
-def export_cmd(repo_path: Path, usb_dir: Path, timestamp_days: float) -> None:
+@click.option(
+    "--timestamp-days",
+    type=float,
+    default=30,
+    show_default=True,
+    help="days the stick stays valid: every role on it is signed to last at least this long",
+)
+@_json_option
+def export_cmd(repo_path: Path, usb_dir: Path, timestamp_days: float, as_json: bool) -> None:
     """Write the repository to a USB directory for offline devices (agent --usb DIR)."""
+    console.configure(quiet=as_json)
+    expiry = _days("--timestamp-days", timestamp_days)
+    repo = Repository(repo_path)
     usb_dir.mkdir(parents=True, exist_ok=True)
-    dest = Repository(repo_path).export(usb_dir, timestamp_expiry=timedelta(days=timestamp_days))
+    dest, renewal = repo.export(usb_dir, timestamp_expiry=expiry)
+    if as_json:
+        console.json({"path": str(dest), **renewal.to_json()})
+        return
     console.result(f"exported to {dest}; devices leave reports in {dest / 'reports'}")
+    _report_renewal(renewal)

@@ -7,19 +7,19 @@ so a warm build only writes the small documents and copies blobs into the archiv
 
 from __future__ import annotations
 
-import gzip
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from packager.agent.paths import LayerWalk, PathError
 from packager.console import console
-from packager.errors import InputError
+from packager.errors import FitError, InputError
 from packager.image.cache import ContentCache, cached_layer, canonical_json, key_of, store_layer
 from packager.image.debian import build_base_layer
 from packager.image.layer import (
-    HashingWriter,
+    Compression,
     LayerBlob,
     TarEntry,
     hash_file,
@@ -29,13 +29,18 @@ from packager.image.layer import (
 from packager.image.oci import (
     MEDIA_CONFIG,
     MEDIA_LAYER_GZIP,
+    MEDIA_LAYER_ZSTD,
     MEDIA_MANIFEST,
+    TAR_BLOCK,
     Descriptor,
+    LayerTooLargeError,
+    check_layer_media_type,
     config_document,
     container_config,
     index_document,
     inspect_image_archive,
     iso_time,
+    layer_diff_id,
     legacy_manifest,
     manifest_document,
     open_source,
@@ -44,6 +49,7 @@ from packager.image.oci import (
     verify_image_archive,
     write_archive,
 )
+from packager.image.registry import pull_base
 from packager.image.spec import (
     ArchiveBase,
     DebianBase,
@@ -51,12 +57,17 @@ from packager.image.spec import (
     ImageResult,
     ImageSpec,
     LayerResult,
+    PackageRecord,
+    RegistryBase,
+    StorageBudget,
 )
 from packager.image.wheels import build_wheel_layer
 
 __all__ = ["build_image", "inspect_image_archive", "verify_image_archive"]
 
 _FILE_LAYER_VERSION = 1
+# The media type of a layer edgepack writes, by its compression (--compression).
+_LAYER_MEDIA: dict[str, str] = {"gzip": MEDIA_LAYER_GZIP, "zstd": MEDIA_LAYER_ZSTD}
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,9 @@ def file_layer_entries(layer: FileLayer) -> list[TarEntry]:
     return with_parents(entries)
 
 
-def file_layer_key(layer: FileLayer, entries: list[TarEntry], epoch: int) -> str:
+def file_layer_key(
+    layer: FileLayer, entries: list[TarEntry], epoch: int, compression: str = "gzip"
+) -> str:
     """Key by metadata and content hashes (a model is hashed, not compressed, when unchanged)."""
     described: list[Any] = []
     for e in entries:
@@ -103,18 +116,23 @@ def file_layer_key(layer: FileLayer, entries: list[TarEntry], epoch: int) -> str
         elif isinstance(e.data, bytes):
             content = sha256_of(e.data)
         described.append([e.path, e.kind, e.mode, e.uid, e.gid, e.linkname, content])
-    return key_of({"version": _FILE_LAYER_VERSION, "entries": described, "epoch": epoch})
+    document: dict[str, Any] = {"version": _FILE_LAYER_VERSION, "entries": described,
+                                 "epoch": epoch}
+    if compression != "gzip":  # gzip keys stay as they were: existing caches keep working
+        document["compression"] = compression
+    return key_of(document)
 
 
-def _file_layer(layer: FileLayer, epoch: int, cache: ContentCache) -> _Built:
+def _file_layer(layer: FileLayer, epoch: int, cache: ContentCache,
+                compression: Compression = "gzip") -> _Built:
     entries = file_layer_entries(layer)
-    key = file_layer_key(layer, entries, epoch)
+    key = file_layer_key(layer, entries, epoch, compression)
     blob = cached_layer(cache, "file-layer", key)
     cached = blob is not None
     if blob is None:
         blob = store_layer(cache, "file-layer", key, entries, mtime=epoch,
-                           label=f"layer {layer.name}")
-    return _Built(_result(layer.name, blob, cached), blob.path, MEDIA_LAYER_GZIP,
+                           label=f"layer {layer.name}", compression=compression)
+    return _Built(_result(layer.name, blob, cached), blob.path, _LAYER_MEDIA[compression],
                   f"edgepack: {layer.name} ({len(layer.files)} files)")
 
 
@@ -125,32 +143,76 @@ class _ArchiveBaseImage:
     history: tuple[dict[str, Any], ...]
 
 
-def _checked_uncompressed_size(cache: ContentCache, digest: str, diff_id: str, label: str) -> int:
-    """Decompress a base layer once to check its diff_id and learn its size; remembered."""
-    record = cache.get_record("base-layer", digest.removeprefix("sha256:"))
-    if record is not None and record.get("diff_id") == diff_id:
-        return int(record["uncompressed_size"])
-    hasher = HashingWriter(None)
+def _checked_uncompressed_size(
+    cache: ContentCache, digest: str, diff_id: str, media_type: str, label: str, index: int,
+    limit: int | None, walk: LayerWalk | None = None,
+) -> int:
+    """Check a base layer's bytes against its media type, then decompress it once (at most
+    ``limit`` bytes) to check its diff_id and learn its size; the result is remembered.
+
+    Raises InputError for bytes that are not what the media type says, do not decompress or do
+    not match the diff_id; LayerTooLargeError past ``limit``.
+    """
+    layer = f"{label}: layer {index} ({digest})"
     path = cache.blob_path(digest)
     with path.open("rb") as raw:
-        gzipped = raw.read(2) == b"\x1f\x8b"
-        raw.seek(0)
-        stream: IO[bytes] | gzip.GzipFile = gzip.GzipFile(fileobj=raw) if gzipped else raw
-        try:
-            while chunk := stream.read(1 << 20):
-                hasher.write(chunk)
-        except (OSError, EOFError) as exc:
-            raise InputError(f"{label}: layer {digest} does not decompress ({exc})") from exc
-    if hasher.digest != diff_id:
-        raise InputError(f"{label}: layer {digest} does not match its rootfs.diff_ids entry",
+        head = raw.read(TAR_BLOCK)
+    try:
+        compression = check_layer_media_type(media_type, head)
+    except ValueError as exc:
+        raise InputError(f"{layer}: {exc}",
+                         hint="re-export the base image, e.g. with skopeo copy") from exc
+    record = cache.get_record("base-layer", digest.removeprefix("sha256:"))
+    # A record is written only after the member walk passed (the path policy, "members"), so
+    # records from before that check are read again. A cached layer's links are not known to
+    # the walk of the layers above it: those were checked against it when it was first read.
+    if (record is not None and record.get("diff_id") == diff_id
+            and record.get("compression") == compression and record.get("members") == 1):
+        size = int(record["uncompressed_size"])
+        if limit is not None and size > limit:
+            raise LayerTooLargeError(size, limit)
+        return size
+    try:
+        with path.open("rb") as raw:
+            actual, size = layer_diff_id(raw, compression, limit=limit, walk=walk)
+    except PathError as exc:
+        raise InputError(f"{layer}: {exc}", hint="a layer may write only inside the image's "
+                         "root filesystem; use a trusted base image") from exc
+    except ValueError as exc:
+        raise InputError(f"{layer}: {exc}", hint="the base image is damaged; export it again"
+                         ) from exc
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{layer} does not decompress ({exc})") from exc
+    if actual != diff_id:
+        raise InputError(f"{layer} does not match its rootfs.diff_ids entry",
                          hint="the base image is damaged; export it again")
     cache.put_record("base-layer", digest.removeprefix("sha256:"),
-                     {"diff_id": diff_id, "uncompressed_size": hasher.size})
-    return hasher.size
+                     {"diff_id": diff_id, "uncompressed_size": size, "compression": compression,
+                      "members": 1})
+    return size
 
 
-def _archive_base(base: ArchiveBase, arch: str, cache: ContentCache) -> _ArchiveBaseImage:
-    """Copy a user base image's layers into the cache as they are; keep its config."""
+def _human(n: int) -> str:
+    """Bytes for a message, as packager.fit shows them (GiB/MiB with one decimal)."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _storage_line(budget: StorageBudget) -> str:
+    return (f"{budget.target} has {_human(budget.available_bytes)} of storage "
+            f"({budget.note})")
+
+
+def _archive_base(
+    base: ArchiveBase, arch: str, cache: ContentCache, budget: StorageBudget | None = None
+) -> _ArchiveBaseImage:
+    """Copy a user base image's layers into the cache as they are; keep its config.
+
+    With a ``budget``, no layer is inflated past what the target's storage can hold: the
+    base's real uncompressed size, not an estimate, goes into the storage check.
+    """
     label = f"--base {base.reference}"
     with open_source(base.path, label) as source:
         _, manifest = select_manifest(source, arch)
@@ -166,8 +228,15 @@ def _archive_base(base: ArchiveBase, arch: str, cache: ContentCache) -> _Archive
             raise InputError(f"{label}: config lists {len(diff_ids)} diff_ids for "
                              f"{len(layers)} layers")
         built = []
+        total = 0
+        walk = LayerWalk()  # the path policy over every member name, lowest layer first
         for i, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
+            walk.next_layer()
             digest, size = str(layer["digest"]), int(layer["size"])
+            media_type = layer.get("mediaType")
+            if not isinstance(media_type, str):
+                raise InputError(f"{label}: layer {i} ({digest}) has no mediaType",
+                                 hint="re-export the base image, e.g. with skopeo copy")
             name = "blobs/" + digest.replace(":", "/", 1)
             if not cache.has_blob(digest, size):
                 if not source.exists(name):
@@ -180,12 +249,45 @@ def _archive_base(base: ArchiveBase, arch: str, cache: ContentCache) -> _Archive
                     if actual != digest or actual_size != size:
                         raise InputError(f"{label}: layer blob {name} does not match its digest")
                     cache.adopt(staged, digest)
-            uncompressed = _checked_uncompressed_size(cache, digest, str(diff_id), label)
+            limit = None if budget is None else budget.max_image_bytes - total
+            try:
+                uncompressed = _checked_uncompressed_size(
+                    cache, digest, str(diff_id), media_type, label, i, limit, walk)
+            except LayerTooLargeError as exc:
+                assert budget is not None
+                raise FitError(
+                    f"{label}: layer {i} ({digest}, {_human(size)}) inflates past "
+                    f"{_human(exc.limit)}: the base image needs more than "
+                    f"{_human(total + exc.limit)} unpacked ({total + exc.limit} bytes; reading "
+                    f"stopped there), and {_storage_line(budget)}, room for "
+                    f"{_human(budget.max_image_bytes)} per image",
+                    hint="use a smaller base image or a target with more storage",
+                ) from exc
+            total += uncompressed
             blob = LayerBlob(cache.blob_path(digest), digest, str(diff_id), size, uncompressed)
-            built.append(_Built(_result(f"base-{i}", blob, True), blob.path,
-                                str(layer.get("mediaType", MEDIA_LAYER_GZIP)), ""))
+            built.append(_Built(_result(f"base-{i}", blob, True), blob.path, media_type, ""))
         history = tuple(h for h in config.get("history") or [] if isinstance(h, dict))
         return _ArchiveBaseImage(tuple(built), dict(config.get("config") or {}), history)
+
+
+def _check_storage(budget: StorageBudget, built: list[_Built], archive_bytes: int,
+                   ref_name: str) -> None:
+    """Refuse an image whose real size does not fit the target's storage (FitError)."""
+    unpacked = sum(b.result.uncompressed_size for b in built)
+    needed = budget.copies * unpacked + archive_bytes
+    if budget.enforce and needed > budget.available_bytes:
+        raise FitError(
+            f"image {ref_name} does not fit {budget.target}: storage needs {_human(needed)} "
+            f"({needed} bytes: {budget.copies} x {_human(unpacked)} unpacked image + "
+            f"{_human(archive_bytes)} image.tar), {_storage_line(budget)}",
+            hint="use a smaller base image or model, a target with more storage, or --force",
+        )
+    if unpacked > budget.max_image_bytes:
+        raise FitError(
+            f"image {ref_name} unpacks to {_human(unpacked)} ({unpacked} bytes), more than "
+            f"{_storage_line(budget)}",
+            hint="use a smaller base image or model, or a target with more storage",
+        )
 
 
 def build_image(
@@ -203,23 +305,41 @@ def build_image(
     created = iso_time(spec.created_epoch)
     if isinstance(spec.base, DebianBase):
         base = build_base_layer(spec.base, spec.arch, spec.users, spec.created_epoch, cache,
-                                refresh=refresh, offline=offline)
+                                refresh=refresh, offline=offline, compression=spec.compression)
         built.append(_Built(_result("base", base.blob, base.cached), base.blob.path,
-                            MEDIA_LAYER_GZIP, f"edgepack: {base.description}"))
+                            _LAYER_MEDIA[spec.compression], f"edgepack: {base.description}"))
     else:
-        archive_base = _archive_base(spec.base, spec.arch, cache)
+        user_base = spec.base
+        if isinstance(user_base, RegistryBase):
+            user_base = pull_base(user_base, spec.arch, spec.variant, cache, offline=offline)
+        archive_base = _archive_base(user_base, spec.arch, cache, spec.storage)
         built.extend(archive_base.layers)
         base_container = archive_base.container
         history.extend(archive_base.history)
     extra_env: list[tuple[str, str]] = []
+    packages: list[PackageRecord] = []
+    suite: str | None = None
+    if isinstance(spec.base, DebianBase):
+        suite = base.lock.suite
+        packages += [
+            PackageRecord("deb", p.package, p.version, p.architecture, p.filename, p.sha256)
+            for p in base.lock.packages
+        ]
     if spec.wheels is not None:
         wheels = build_wheel_layer(spec.wheels, spec.arch, spec.created_epoch, cache,
-                                   refresh=refresh, offline=offline)
+                                   refresh=refresh, offline=offline,
+                                   compression=spec.compression)
         built.append(_Built(_result("wheels", wheels.blob, wheels.cached), wheels.blob.path,
-                            MEDIA_LAYER_GZIP, f"edgepack: {wheels.description}"))
+                            _LAYER_MEDIA[spec.compression], f"edgepack: {wheels.description}"))
         extra_env.append(("PYTHONPATH", spec.wheels.site_packages))
+        for wheel in wheels.wheels:
+            # name-version(-build)?-python-abi-platform.whl (PEP 427)
+            name, version, *_, platform = wheel.filename.removesuffix(".whl").split("-")
+            packages.append(
+                PackageRecord("wheel", name, version, platform, wheel.filename, wheel.sha256)
+            )
     for layer in spec.layers:
-        built.append(_file_layer(layer, spec.created_epoch, cache))
+        built.append(_file_layer(layer, spec.created_epoch, cache, spec.compression))
     for item in built:
         if item.created_by:
             history.append({"created": created, "created_by": item.created_by,
@@ -253,6 +373,8 @@ def build_image(
     try:
         console.status(f"writing {out.name} ({len(built)} layers)")
         write_archive(tmp, blobs=blobs, index=index, legacy=legacy, mtime=spec.created_epoch)
+        if spec.storage is not None:
+            _check_storage(spec.storage, built, tmp.stat().st_size, spec.ref_name)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:
@@ -264,4 +386,6 @@ def build_image(
         size_bytes=out.stat().st_size,
         layers=tuple(b.result for b in built),
         ref_name=spec.ref_name,
+        packages=tuple(packages),
+        debian_suite=suite,
     )

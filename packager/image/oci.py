@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from packager.agent.paths import LayerWalk, PathError
 from packager.digest import sha256_stream
 from packager.errors import InputError, VerifyError
 from packager.image.cache import canonical_json
@@ -31,10 +32,32 @@ MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MEDIA_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
+
+# What each layer media type says the blob's bytes are (OCI image-spec layer.md and Docker's
+# image manifest v2 schema 2). Anything else (encrypted layers, a typo) is refused, not guessed.
+_NONDIST = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+LAYER_COMPRESSION: dict[str, str] = {
+    MEDIA_LAYER_TAR: "tar",
+    MEDIA_LAYER_GZIP: "gzip",
+    MEDIA_LAYER_ZSTD: "zstd",
+    _NONDIST: "tar",
+    _NONDIST + "+gzip": "gzip",
+    _NONDIST + "+zstd": "zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
+}
+_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+)
+TAR_BLOCK = 512
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NS = 1_000_000_000
@@ -256,6 +279,162 @@ def write_archive(
         write_tar(entries, fh, mtime=mtime, label="image archive")
 
 
+# --- layer bytes -----------------------------------------------------------------------------
+
+
+class LayerTooLargeError(Exception):
+    """A layer inflated past the bound its reader was given; reading stopped there."""
+
+    def __init__(self, read_bytes: int, limit: int) -> None:
+        super().__init__(f"inflates past {limit} bytes")
+        self.read_bytes = read_bytes
+        self.limit = limit
+
+
+def is_tar_block(block: bytes) -> bool:
+    """Whether ``block`` opens a tar stream: a header whose checksum holds (POSIX ustar, GNU and
+    v7 headers all carry one), or the all-zero block that ends an empty archive."""
+    if len(block) < TAR_BLOCK:
+        return False
+    block = block[:TAR_BLOCK]
+    if block == bytes(TAR_BLOCK):
+        return True
+    field = block[148:156].split(b"\x00", 1)[0].strip()
+    try:
+        stored = int(field, 8)
+    except ValueError:
+        return False
+    unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+    return stored == unsigned
+
+
+def sniff_compression(head: bytes) -> str:
+    """What the first bytes of a layer blob are: "gzip", "zstd", "tar", or another name."""
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    if is_tar_block(head):
+        return "tar"
+    return "empty" if not head else "unknown bytes"
+
+
+def check_layer_media_type(media_type: str, head: bytes) -> str:
+    """The compression ``media_type`` names, after checking the blob's first bytes (``head``,
+    at least 512 of them when the blob has that many) are what it says.
+
+    Raises ValueError with a short reason: an unknown media type, or bytes of another kind (for
+    a gzip layer labelled uncompressed, engines disagree: some sniff the bytes, some trust the
+    label; and every check that reads the layer as what its label says would read other bytes).
+    """
+    expected = LAYER_COMPRESSION.get(media_type)
+    if expected is None:
+        raise ValueError(f"media type {media_type!r} is not a layer type edgepack can read")
+    actual = sniff_compression(head[:TAR_BLOCK])
+    if actual != expected:
+        raise ValueError(f"media type {media_type} says {expected}, the bytes are {actual}")
+    return expected
+
+
+class _Counted(io.RawIOBase):
+    """The uncompressed layer as it is read: hashed, counted, its first block kept, and
+    stopped at ``limit`` bytes, whoever reads it (the member walk or the final drain)."""
+
+    def __init__(self, stream: Any, limit: int | None) -> None:
+        super().__init__()
+        self._stream = stream
+        self._limit = limit
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.first = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        chunk: bytes = self._stream.read(_CHUNK if size is None or size < 0 else size)
+        if len(self.first) < TAR_BLOCK:
+            self.first += chunk[: TAR_BLOCK - len(self.first)]
+        self.size += len(chunk)
+        if self._limit is not None and self.size > self._limit:
+            raise LayerTooLargeError(self.size, self._limit)
+        self.digest.update(chunk)
+        return chunk
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.isreg():
+        return "file"
+    if member.isdir():
+        return "dir"
+    if member.issym():
+        return "symlink"
+    if member.islnk():
+        return "hardlink"
+    if member.ischr() or member.isblk():
+        return "device node"
+    return "FIFO" if member.isfifo() else "special file"
+
+
+def walk_members(stream: IO[bytes], walk: LayerWalk) -> None:
+    """Every member name of the tar ``stream`` through the path policy
+    (:class:`packager.agent.paths.LayerWalk`), read once, in order, never extracted.
+
+    Raises PathError (a ValueError) naming the member, ValueError for a stream that is not a tar.
+    """
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                try:
+                    walk.check(member.name, _member_kind(member), member.linkname)
+                except PathError as exc:
+                    raise PathError(f"member {exc}") from exc
+    except tarfile.TarError as exc:
+        raise ValueError(f"not a readable tar archive ({exc})") from exc
+
+
+def layer_diff_id(raw: IO[bytes], compression: str, *, limit: int | None = None,
+                  walk: LayerWalk | None = None) -> tuple[str, int]:
+    """``("sha256:<hex>", size)`` of a layer's uncompressed tar, read from ``raw`` in chunks.
+
+    ``limit`` bounds the uncompressed bytes read: past it, LayerTooLargeError, so a 4 MiB gzip
+    bomb costs at most ``limit`` bytes of work, never its 4 GiB. With ``walk``, every member
+    name goes through the path policy in the same read (:func:`walk_members`; PathError, a
+    ValueError, names the first refused member). Raises OSError/EOFError for bytes that do not
+    decompress and ValueError when the uncompressed stream is not a tar.
+    """
+    with _decompressed(raw, compression) as stream:
+        counted = _Counted(stream, limit)
+        if walk is not None:
+            try:
+                walk_members(counted, walk)  # type: ignore[arg-type]
+            except PathError:
+                raise
+            except ValueError as exc:
+                if not is_tar_block(counted.first):
+                    raise ValueError(f"the {compression} stream does not hold a tar archive"
+                                     ) from exc
+                raise
+        while counted.read(_CHUNK):
+            pass  # the rest (end-of-archive blocks, padding) is hashed too
+    if compression != "tar" and not is_tar_block(counted.first):
+        raise ValueError(f"the {compression} stream does not hold a tar archive")
+    return "sha256:" + counted.digest.hexdigest(), counted.size
+
+
+@contextmanager
+def _decompressed(raw: IO[bytes], compression: str) -> Iterator[Any]:
+    if compression == "gzip":
+        with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+            yield gz
+    elif compression == "zstd":
+        from packager.tools.zstd import decompressing
+
+        with decompressing(raw) as stream:
+            yield stream
+    else:
+        yield raw
+
+
 # --- reading ---------------------------------------------------------------------------------
 
 
@@ -389,29 +568,41 @@ def inspect_image_archive(path: Path) -> dict[str, Any]:
         }
 
 
-def _diff_id(source: ImageSource, name: str) -> str:
-    digest = hashlib.sha256()
+def _layer_problem(source: ImageSource, name: str, index: int, media_type: str,
+                   diff_id: str | None, limit: int | None, walk: LayerWalk) -> str | None:
+    """What is wrong with one layer blob's bytes (media type, decompression, diff_id), if any."""
     with source.open(name) as raw:
-        magic = raw.read(2)
-    with source.open(name) as raw:
-        stream: IO[bytes] | gzip.GzipFile = (
-            gzip.GzipFile(fileobj=raw) if magic == b"\x1f\x8b" else raw
-        )
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
+        head = raw.read(TAR_BLOCK)
+    try:
+        compression = check_layer_media_type(media_type, head)
+        with source.open(name) as raw:
+            actual, _ = layer_diff_id(raw, compression, limit=limit, walk=walk)
+    except LayerTooLargeError as exc:
+        return f"{name}: layer {index} inflates past {exc.limit} bytes (reading stopped there)"
+    except ValueError as exc:
+        return f"{name}: layer {index}: {exc}"
+    except (OSError, EOFError) as exc:
+        return f"{name}: layer {index} does not decompress ({exc})"
+    if diff_id is not None and actual != diff_id:
+        return (f"{name}: uncompressed layer {index} hashes to {actual}, config "
+                f"rootfs.diff_ids says {diff_id}")
+    return None
 
 
-def verify_image_archive(path: Path) -> list[str]:
-    """Every problem found in an image archive, one line each naming the blob or file."""
+def verify_image_archive(path: Path, *, max_layer_bytes: int | None = None) -> list[str]:
+    """Every problem found in an image archive, one line each naming the blob or file.
+
+    Each layer's bytes must be what its media type says; ``max_layer_bytes`` bounds how far one
+    layer is inflated (None: no bound, for archives this host built).
+    """
     try:
         with open_source(path) as source:
-            return _verify(source)
+            return _verify(source, max_layer_bytes)
     except InputError as exc:
         return [exc.one_line()]
 
 
-def _verify(source: ImageSource) -> list[str]:
+def _verify(source: ImageSource, max_layer_bytes: int | None) -> list[str]:
     problems: list[str] = []
     hashes: dict[str, tuple[str, int]] = {}
 
@@ -453,18 +644,17 @@ def _verify(source: ImageSource) -> list[str]:
     if len(diff_ids) != len(layers):
         problems.append(f"{blob_name(config_desc['digest'])}: {len(diff_ids)} diff_ids for "
                         f"{len(layers)} layers")
+    walk = LayerWalk()  # the path policy over every layer's member names, lowest first
     for i, layer in enumerate(layers):
+        walk.next_layer()
         if not check_blob(layer, f"layer {i}"):
             continue
-        name = blob_name(layer["digest"])
-        try:
-            actual = _diff_id(source, name)
-        except (OSError, EOFError) as exc:
-            problems.append(f"{name}: layer {i} does not decompress ({exc})")
-            continue
-        if i < len(diff_ids) and actual != diff_ids[i]:
-            problems.append(f"{name}: uncompressed layer {i} hashes to {actual}, config "
-                            f"rootfs.diff_ids says {diff_ids[i]}")
+        problem = _layer_problem(source, blob_name(layer["digest"]), i,
+                                 str(layer.get("mediaType", "")),
+                                 diff_ids[i] if i < len(diff_ids) else None, max_layer_bytes,
+                                 walk)
+        if problem is not None:
+            problems.append(problem)
     if source.exists("manifest.json"):
         legacy = source.read_json("manifest.json")
         entry = legacy[0] if isinstance(legacy, list) and legacy else {}

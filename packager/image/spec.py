@@ -31,6 +31,8 @@ class DebianBase:
         "usr/share/locale/",
         "usr/share/lintian/",
     )
+    # Leave out what packager/image/data/slim-policy.toml lists for the base (packager.image.slim).
+    slim: bool = True
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,16 @@ class ArchiveBase:
     kind: Literal["oci-archive", "oci-layout"]
 
 
-BaseSpec = DebianBase | ArchiveBase
+@dataclass(frozen=True)
+class RegistryBase:
+    """A base image in a registry, pinned by digest: ``docker://REGISTRY/REPO@sha256:HEX``
+    (packager.image.registry); pulled through skopeo into the content cache when built."""
+
+    reference: str  # as given on the command line
+    digest: str  # "sha256:<hex>": of an image manifest or of an index that names one per platform
+
+
+BaseSpec = DebianBase | ArchiveBase | RegistryBase
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,8 @@ class WheelSet:
     interpreter: str = "/usr/bin/python3.11"  # shebang for console scripts
     # Resolve dependencies (pip's resolver) or take exactly the listed wheels.
     with_deps: bool = False
+    # Leave out what packager/image/data/slim-policy.toml lists for wheels (packager.image.slim).
+    slim: bool = True
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,29 @@ class ImageConfig:
 
 
 @dataclass(frozen=True)
+class StorageBudget:
+    """The device storage the image must fit, checked by the build against real sizes.
+
+    The build stops inflating a base layer once the image would pass ``max_image_bytes`` (a
+    4 MiB gzip layer can hold 4 GiB of zeros), and refuses an image whose ``copies`` installed
+    copies plus its archive need more than ``available_bytes``. Raises FitError (exit 5).
+    """
+
+    target: str  # "industrial-pc"
+    available_bytes: int  # the target's storage less its reserve
+    note: str  # how available_bytes was computed: "131072 MB ssd - 0 MB reserved"
+    # Installed copies: the running image and the previous one kept for rollback (packager.fit).
+    copies: int = 2
+    # False under --force: only the hard bound holds (one image larger than the whole storage).
+    enforce: bool = True
+
+    @property
+    def max_image_bytes(self) -> int:
+        """The largest uncompressed image that can fit at all; no layer is read past it."""
+        return self.available_bytes // self.copies if self.enforce else self.available_bytes
+
+
+@dataclass(frozen=True)
 class ImageSpec:
     platform_os: Literal["linux"]
     arch: OciArch
@@ -116,6 +152,24 @@ class ImageSpec:
     # Fixed timestamp for every file and the config's "created": same inputs, same bytes.
     created_epoch: int = 0
     users: tuple[tuple[str, int], ...] = field(default=(("edgepack", 10001),))
+    # The target's storage, when the image is built for one (None: no size check, no bound).
+    storage: StorageBudget | None = None
+    # Layers written by edgepack: "gzip" (every engine) or "zstd" (docker >= 23, podman >= 4.1,
+    # containerd >= 1.5). A user base image's layers are copied as they are.
+    compression: Literal["gzip", "zstd"] = "gzip"
+
+
+@dataclass(frozen=True)
+class PackageRecord:
+    """One package an image was built from (packager.bundle.sbom / provenance read these):
+    a Debian package from the lock or a wheel, with the sha256 of the .deb / .whl file."""
+
+    kind: Literal["deb", "wheel"]
+    name: str  # Debian package name, or the wheel's distribution name as its file spells it
+    version: str
+    arch: str  # Debian architecture, or the wheel's platform tag
+    filename: str
+    sha256: str  # hex
 
 
 @dataclass(frozen=True)
@@ -136,3 +190,12 @@ class ImageResult:
     size_bytes: int  # of the archive
     layers: tuple[LayerResult, ...]
     ref_name: str
+    # What the image was built from, in layer order: Debian packages, then wheels (empty for
+    # what edgepack did not resolve itself, e.g. a user's --base); suite: the Debian release.
+    packages: tuple[PackageRecord, ...] = ()
+    debian_suite: str | None = None
+
+    @property
+    def uncompressed_bytes(self) -> int:
+        """What the image takes unpacked in an engine's store: every layer's tar, summed."""
+        return sum(layer.uncompressed_size for layer in self.layers)

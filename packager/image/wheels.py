@@ -23,7 +23,15 @@ from installer.sources import WheelFile
 from packager.console import console
 from packager.errors import InputError, NetworkError, VerifyError
 from packager.image.cache import ContentCache, cached_layer, key_of, store_layer
-from packager.image.layer import LayerBlob, hash_file, normalize_path, tree_entries, with_parents
+from packager.image.layer import (
+    Compression,
+    LayerBlob,
+    hash_file,
+    normalize_path,
+    tree_entries,
+    with_parents,
+)
+from packager.image.slim import LayerPolicy, layer_policy, no_policy
 from packager.image.spec import WheelSet
 from packager.tools import pip
 
@@ -67,7 +75,19 @@ def compiles_bytecode(wheels: WheelSet) -> bool:
     )
 
 
-def layer_key(wheels: WheelSet, locked: tuple[LockedWheel, ...], epoch: int) -> str:
+def wheel_policy(wheels: WheelSet) -> LayerPolicy:
+    """What the slim policy removes from the wheel layer (nothing when ``wheels.slim`` is False)."""
+    if not wheels.slim:
+        return no_policy("wheels")
+    return layer_policy("wheels", site_packages=wheels.site_packages)
+
+
+def layer_key(
+    wheels: WheelSet,
+    locked: tuple[LockedWheel, ...],
+    epoch: int,
+    compression: Compression = "gzip",
+) -> str:
     return key_of(
         {
             "version": _LAYER_VERSION,
@@ -76,7 +96,14 @@ def layer_key(wheels: WheelSet, locked: tuple[LockedWheel, ...], epoch: int) -> 
             "interpreter": wheels.interpreter,
             "python": wheels.python_version,
             "bytecode": compiles_bytecode(wheels),
+            # CPython's compiler output changes between patch releases (3.11.2 and 3.11.7
+            # compile numpy's pad() differently, issue 13): a layer of another interpreter's
+            # .pyc is not this build's.
+            "compiler": sys.version.split()[0] if compiles_bytecode(wheels) else None,
             "epoch": epoch,
+            # A policy edit must never reuse a layer built under the old one.
+            "slim": wheel_policy(wheels).key(),
+            "compression": compression,
         }
     )
 
@@ -194,11 +221,12 @@ def build_wheel_layer(
     *,
     refresh: bool = False,
     offline: bool = False,
+    compression: Compression = "gzip",
 ) -> WheelLayer:
     locked = locked_wheels(wheels, arch, cache, refresh=refresh, offline=offline)
     description = "wheels: " + " ".join(w.filename for w in locked)
     compiled = compiles_bytecode(wheels)
-    key = layer_key(wheels, locked, epoch)
+    key = layer_key(wheels, locked, epoch, compression)
     hit = cached_layer(cache, "wheel-layer", key)
     if hit is not None:
         return WheelLayer(hit, locked, True, compiled, description)
@@ -230,12 +258,14 @@ def build_wheel_layer(
         install_wheels(named, wheels, root)
         if compiled:
             compile_bytecode(root, wheels)
+        kept, _ = wheel_policy(wheels).split(tree_entries(root))
         layer = store_layer(
             cache,
             "wheel-layer",
             key,
-            with_parents(tree_entries(root)),
+            with_parents(kept),
             mtime=epoch,
             label=f"wheels ({arch})",
+            compression=compression,
         )
     return WheelLayer(layer, locked, False, compiled, description)

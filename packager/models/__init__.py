@@ -28,11 +28,19 @@ def _lazy(module: str, function: str) -> Callable[[Path], ModelInfo]:
 INSPECTORS: dict[str, Callable[[Path], ModelInfo]] = {
     ".onnx": _lazy("packager.models.onnx", "inspect_onnx"),
     ".tflite": _lazy("packager.models.tflite", "inspect_tflite"),
+    # Formats `build` converts (TensorFlow, the mcu-convert extra, loads them).
+    ".keras": _lazy("packager.models.keras", "inspect_keras"),
+    ".h5": _lazy("packager.models.keras", "inspect_keras"),
+    ".pt": _lazy("packager.models.torch_info", "inspect_torch"),
+    ".pth": _lazy("packager.models.torch_info", "inspect_torch"),
+    ".pt2": _lazy("packager.models.torch_info", "inspect_torch"),
 }
 
 
 def inspect_model(path: Path) -> ModelInfo:
-    """Inspect a model file, choosing the format by its suffix."""
+    """Inspect a model file, choosing the format by its suffix (a SavedModel: its directory)."""
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        return _lazy("packager.models.keras", "inspect_keras")(path)
     inspector = INSPECTORS.get(path.suffix.lower())
     if inspector is None:
         supported = ", ".join(sorted(INSPECTORS))

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-ModelFormat = Literal["onnx", "tflite"]
+ModelFormat = Literal["onnx", "tflite", "keras", "pytorch"]
 Dim = int | str | None  # a fixed size, a symbolic name ("batch"), or unknown
 
 

@@ -7,6 +7,8 @@ in an optional extra. Calibration data uses the same directory formats as ``edge
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import numpy as np
 from packager.console import capture_fd
 from packager.errors import InputError, UnsupportedError
 from packager.extras import require
-from packager.models.info import TensorInfo
+from packager.models.info import ModelInfo, TensorInfo
 
 # Fewer samples give int8 ranges that clip real inputs (the TFLite converter's own guidance is
 # "around 100-500"; 16 is the floor below which edgepack refuses).
@@ -94,3 +96,109 @@ def _convert(path: Path, calibration: Path | None) -> bytes:
             hint="only operators with int8 TFLite kernels can run on int8-only MCU targets",
         ) from exc
     return data
+
+
+def inspect_keras(path: Path) -> ModelInfo:
+    """The inspector for ``.keras`` / ``.h5`` files and SavedModel directories (registered in
+    ``packager.models``): tensors, layer histogram and weights from the loaded model
+    (``safe_mode``: no deserialized Python code runs). activation_bytes is the largest single
+    layer output (float32), an estimate: the int8 build measures the real arena."""
+    with capture_fd(1):
+        return _inspect_keras(path)
+
+
+def _directory_digest(path: Path) -> tuple[str, int]:
+    """sha256 over each file's relative path and bytes, in sorted order; the total size."""
+    digest = hashlib.sha256()
+    size = 0
+    for item in sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+        data = item.read_bytes()
+        digest.update(item.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(data).digest())
+        size += len(data)
+    return f"sha256:{digest.hexdigest()}", size
+
+
+def _inspect_saved_model(tf: Any, path: Path) -> ModelInfo:
+    try:
+        loaded = tf.saved_model.load(str(path))
+        signature = loaded.signatures["serving_default"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(
+            f"{path}: cannot load the SavedModel's serving_default signature ({exc})"
+        ) from exc
+
+    def info(name: str, spec: Any) -> TensorInfo:
+        return TensorInfo(name=name, dtype=spec.dtype.name, shape=tuple(spec.shape.as_list()))
+
+    inputs = tuple(
+        info(k, v) for k, v in sorted(signature.structured_input_signature[1].items())
+    )
+    outputs = tuple(info(k, v) for k, v in sorted(signature.structured_outputs.items()))
+    skip = {"Placeholder", "NoOp", "Identity", "Const", "ReadVariableOp"}
+    histogram: Counter[str] = Counter(
+        op.type for op in signature.graph.get_operations() if op.type not in skip
+    )
+    variables = [np.asarray(v) for v in getattr(loaded, "variables", ())]
+    digest, size = _directory_digest(path)
+    return ModelInfo(
+        path=path,
+        format="keras",
+        digest=digest,
+        size_bytes=size,
+        inputs=inputs,
+        outputs=outputs,
+        opsets={},
+        op_histogram=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
+        param_count=int(sum(v.size for v in variables)),
+        weights_bytes=int(sum(v.nbytes for v in variables)),
+        activation_bytes=0,
+        producer=f"tensorflow {tf.__version__} SavedModel",
+        notes=("MCU targets convert it to int8 TFLite with --calibration DIR",),
+    )
+
+
+def _inspect_keras(path: Path) -> ModelInfo:
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        return _inspect_saved_model(_tensorflow(), path)
+    if not path.is_file():
+        raise InputError(f"{path}: model file not found", hint="check the path")
+    tf = _tensorflow()
+    try:
+        model = tf.keras.models.load_model(str(path), compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises ValueError, OSError, TypeError for bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot load the Keras model ({first})") from exc
+    inputs = tuple(_input_signature(tf, model, path))
+    outputs = tuple(
+        TensorInfo(
+            name=str(getattr(t, "name", f"output_{i}")).split(":")[0],
+            dtype=np.dtype(t.dtype).name,
+            shape=tuple(None if d is None else int(d) for d in t.shape),
+        )
+        for i, t in enumerate(model.outputs)
+    )
+    histogram: Counter[str] = Counter(type(layer).__name__ for layer in model.layers)
+    weights = [np.asarray(w) for w in model.weights]
+    peak = 0
+    for layer in model.layers:
+        for tensor in tf.nest.flatten(getattr(layer, "output", None)):
+            shape = getattr(tensor, "shape", None)
+            if shape is not None:
+                peak = max(peak, 4 * int(np.prod([1 if d is None else int(d) for d in shape])))
+    data = path.read_bytes()
+    return ModelInfo(
+        path=path,
+        format="keras",
+        digest=f"sha256:{hashlib.sha256(data).hexdigest()}",
+        size_bytes=len(data),
+        inputs=inputs,
+        outputs=outputs,
+        opsets={"keras": int(str(getattr(tf.keras, "__version__", "3")).split(".")[0])},
+        op_histogram=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
+        param_count=int(sum(w.size for w in weights)),
+        weights_bytes=int(sum(w.nbytes for w in weights)),
+        activation_bytes=peak,
+        producer=f"keras {getattr(tf.keras, '__version__', '?')}",
+        notes=("MCU targets convert it to int8 TFLite with --calibration DIR",),
+    )

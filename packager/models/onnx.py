@@ -7,10 +7,13 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
+import os
+import re
+import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,6 +23,7 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped,u
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, TypeProto
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
+from packager.agent.paths import PathError, check_inside, check_relpath
 from packager.errors import InputError
 from packager.models.info import Dim, ModelInfo, TensorInfo
 
@@ -270,41 +274,97 @@ def _weights(model: ModelProto) -> tuple[int, int, list[_External]]:
 def _external_files(
     model_path: Path, shown: str, externals: Iterable[_External]
 ) -> list[tuple[str, Path]]:
-    """The external data files, sorted by location, each checked to hold its tensors' bytes."""
+    """The external data files, sorted by their normalised location, each checked to be a regular
+    file inside the model's folder that holds its tensors' bytes.
+
+    Raises InputError (exit 3) naming the model file, the tensor and the location for a location
+    that is absolute, climbs out with ``..``, goes through or ends in a symbolic link, or resolves
+    outside the model's folder: onnxruntime refuses such paths on the device too, and copying one
+    would put a build-host file (``/etc/passwd``) into the image.
+    """
     base = model_path.parent
     files: dict[str, Path] = {}
     sizes: dict[str, int] = {}
     for ext in externals:
-        rel = PurePosixPath(ext.location.replace("\\", "/"))
-        if not ext.location or rel.is_absolute() or ".." in rel.parts:
-            raise InputError(
-                f"{shown}: external data location '{ext.location}' of tensor '{ext.tensor}' "
-                "must be a file name relative to the model's folder; re-save the model"
-            )
-        if ext.location not in files:
+        rel = external_data_path(base, shown, ext.tensor, ext.location)
+        if rel not in files:
             target = base / rel
-            if not target.is_file():
-                raise InputError(
-                    f"{shown}: external data file '{ext.location}' (tensor '{ext.tensor}') "
-                    f"not found at {target}; copy it next to the model"
-                )
-            files[ext.location] = target
-            sizes[ext.location] = target.stat().st_size
+            files[rel] = target
+            sizes[rel] = target.stat().st_size
         end = ext.offset + (ext.length or 0)
-        if end > sizes[ext.location]:
+        if end > sizes[rel]:
             raise InputError(
-                f"{shown}: external data file '{ext.location}' is {sizes[ext.location]} bytes "
+                f"{shown}: external data file '{ext.location}' is {sizes[rel]} bytes "
                 f"but tensor '{ext.tensor}' needs bytes up to {end} (truncated copy?); "
                 "copy the file again"
             )
     return sorted(files.items())
 
 
+def external_data_path(base: Path, shown: str, tensor: str, location: str) -> str:
+    """The normalised relative path (``weights/ext.bin``) of a tensor's external data file under
+    ``base`` (the model's folder), after checking it is a regular file reached without a symlink.
+
+    The bundle path policy (:mod:`packager.agent.paths`) applies, since the file lands in the
+    image's model layer at that path: relative, no ``..``, no absolute path, no symlinked
+    component, resolved inside ``base``. ``./`` and doubled slashes, which onnxruntime reads the
+    same way, are normalised first. Raises InputError naming ``shown`` (the model file), the
+    tensor and the location.
+    """
+
+    def refuse(why: str, fix: str) -> InputError:
+        return InputError(
+            f"{shown}: tensor '{tensor}': external data location {location!r} {why}; {fix}"
+        )
+
+    resave = "re-save the model with a location relative to its folder"
+    if location.startswith("/") or re.match(r"[A-Za-z]:[/\\]", location):
+        raise refuse("is an absolute path", resave)
+    if ".." in location.split("/"):
+        raise refuse("leaves the model's folder ('..')", resave)
+    rel = "/".join(p for p in location.split("/") if p not in ("", "."))
+    try:
+        target = check_inside(base, check_relpath(rel))
+    except PathError as exc:
+        if "symbolic link" in str(exc):
+            raise refuse(f"is refused: {exc}", "copy the real file into the model's folder"
+                         ) from exc
+        raise refuse(f"is refused: {exc}", resave) from exc
+    try:
+        info = os.lstat(target)
+    except FileNotFoundError:
+        raise InputError(
+            f"{shown}: external data file '{location}' (tensor '{tensor}') "
+            f"not found at {target}; copy it next to the model"
+        ) from None
+    except OSError as exc:
+        raise refuse(f"cannot be read ({exc.strerror})", "check the file") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise refuse("is not a regular file", "copy the real file into the model's folder")
+    return rel
+
+
+def check_external_data(path: Path) -> None:
+    """Apply the external data policy of :func:`external_data_path` to the ONNX model at
+    ``path`` without reading or hashing the weights: for steps that hand the model to a loader
+    (onnxruntime, the optimizer) before it is inspected. Raises InputError."""
+    model = _parse(_read_model_bytes(path), str(path))
+    _, _, externals = _weights(model)
+    _external_files(path, str(path), externals)
+
+
 def _digest(model_bytes: bytes, external: list[Path]) -> tuple[str, int]:
     h = hashlib.sha256(model_bytes)
     size = len(model_bytes)
     for file in external:
-        with file.open("rb") as f:
+        # O_NOFOLLOW: the file was checked not to be a link; a link planted since is refused.
+        try:
+            fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise InputError(
+                f"{file}: cannot open the external data file ({exc.strerror})"
+            ) from exc
+        with open(fd, "rb") as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
                 size += len(chunk)

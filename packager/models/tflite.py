@@ -132,6 +132,9 @@ class TfliteModel:
     weights_bytes: int
     param_count: int
     activation_bytes: int
+    # Operators (subgraph 0) that read or write a float activation, QUANTIZE/DEQUANTIZE aside
+    # (they only convert): what an int8-only target cannot run, by name.
+    float_op_names: tuple[str, ...] = ()
 
     @property
     def builtin_op_names(self) -> tuple[str, ...]:
@@ -281,6 +284,21 @@ def _analyze(data: bytes) -> TfliteModel:
     outputs = tuple(tensors[int(main.Outputs(i))] for i in range(main.OutputsLength()))
     constants = [t for t in tensors if t.constant_bytes > 0]
     description = model.Description()
+    float_ops: set[str] = set()
+    for k in range(main.OperatorsLength()):
+        op = main.Operators(k)
+        name = codes[int(op.OpcodeIndex())][0]
+        if name in ("QUANTIZE", "DEQUANTIZE"):
+            continue
+        used = [int(op.Inputs(j)) for j in range(op.InputsLength())]
+        used += [int(op.Outputs(j)) for j in range(op.OutputsLength())]
+        if any(
+            0 <= i < len(tensors)
+            and tensors[i].dtype.startswith("float")
+            and tensors[i].constant_bytes == 0
+            for i in used
+        ):
+            float_ops.add(name)
     return TfliteModel(
         schema_version=int(model.Version()),
         description=description.decode("utf-8", "replace") if description else "",
@@ -294,6 +312,7 @@ def _analyze(data: bytes) -> TfliteModel:
         weights_bytes=sum(t.constant_bytes for t in constants),
         param_count=sum(t.elements for t in constants),
         activation_bytes=_peak_activations(main, tensors),
+        float_op_names=tuple(sorted(float_ops)),
     )
 
 

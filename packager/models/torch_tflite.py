@@ -54,8 +54,7 @@ def _convert(path: Path, calibration: Path | None) -> bytes:
             f"{path}: a fully int8 model needs representative inputs",
             hint="pass --calibration DIR with .npy samples of real inputs",
         )
-    litert_torch = _litert_torch()
-    torch = require_torch()
+    _litert_torch()  # the missing extra is named before the model is loaded
     kind = detect_kind(path)
     if kind == "torchscript":
         raise UnsupportedError(
@@ -64,11 +63,28 @@ def _convert(path: Path, calibration: Path | None) -> bytes:
         )
     loaded = load_torch_model(path, kind)
     module = loaded.module() if kind == "exported-program" else loaded
-    rows = _calibration_rows(calibration)
-    example = (torch.from_numpy(np.ascontiguousarray(rows[0])),)
+    rows = [(row,) for row in _calibration_rows(calibration)]
+    return module_to_int8_tflite(module, rows, f"{path}: PyTorch -> int8 TFLite conversion")
+
+
+def module_to_int8_tflite(module: Any, rows: list[tuple[Any, ...]], label: str) -> bytes:
+    """PT2E int8 quantization of ``module`` calibrated on ``rows`` (one tuple of float arrays,
+    batch 1, per call), converted by litert-torch: a flatbuffer with int8 inputs, outputs and
+    kernels. UnsupportedError ``"{label} failed (...)"`` when export or conversion fails."""
+    litert_torch = _litert_torch()
+    torch = require_torch()
+
+    def tensors(row: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in row)
+
+    example = tensors(rows[0])
     from litert_torch.quantize.pt2e_quantizer import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
         PT2EQuantizer,
         get_symmetric_quantization_config,
+    )
+    from litert_torch.quantize.pt2e_quantizer_utils import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+        OP_TO_ANNOTATOR,
+        propagate_annotation,
     )
     from litert_torch.quantize.quant_config import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
         QuantConfig,
@@ -78,15 +94,27 @@ def _convert(path: Path, calibration: Path | None) -> bytes:
         prepare_pt2e,
     )
 
-    quantizer = PT2EQuantizer().set_global(
+    class Quantizer(PT2EQuantizer):  # type: ignore[misc]
+        """PT2EQuantizer, then once more its fixed-parameter (softmax, sigmoid) annotator and
+        its propagation through reshapes: upstream runs the first before the second, so a
+        softmax behind a flatten (onnx2torch's Softmax before opset 13) stayed float."""
+
+        def annotate(self, model: Any) -> Any:
+            model = super().annotate(model)
+            OP_TO_ANNOTATOR["fixed_qparams"](model, self.global_config, None)
+            propagate_annotation(model)
+            return model
+
+    quantizer = Quantizer().set_global(
         get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
     )
     try:
         graph = torch.export.export(module, example).module()
+        _annotatable_softmax(torch, graph)
         prepared = prepare_pt2e(graph, quantizer)
         with torch.no_grad():
             for row in rows:
-                prepared(torch.from_numpy(np.ascontiguousarray(row)))
+                prepared(*tensors(row))
         quantized = convert_pt2e(prepared, fold_quantize=False)
         edge = litert_torch.convert(
             quantized, example, quant_config=QuantConfig(pt2e_quantizer=quantizer)
@@ -98,6 +126,25 @@ def _convert(path: Path, calibration: Path | None) -> bytes:
     except Exception as exc:  # the exporter and converter raise many unrelated types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedError(
-            f"{path}: PyTorch -> int8 TFLite conversion failed ({first})",
+            f"{label} failed ({first})",
             hint="only operators with int8 TFLite kernels can run on int8-only MCU targets",
         ) from exc
+
+
+def _annotatable_softmax(torch: Any, graph: Any) -> None:
+    """``aten.softmax.int`` -> ``aten._softmax.default`` (the same function without a dtype
+    argument): litert-torch's quantizer gives only the latter TFLite's fixed int8 softmax
+    parameters, so a model ending in Softmax otherwise keeps a float SOFTMAX that int8-only
+    kernels cannot run."""
+    changed = False
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or node.target != torch.ops.aten.softmax.int:
+            continue
+        if (len(node.args) > 2 and node.args[2] is not None) or node.kwargs.get("dtype"):
+            continue  # a dtype cast is part of it: left as it is
+        node.target = torch.ops.aten._softmax.default
+        node.args = (node.args[0], node.args[1], False)
+        node.kwargs = {}
+        changed = True
+    if changed:
+        graph.recompile()

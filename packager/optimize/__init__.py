@@ -26,9 +26,12 @@ def optimize_for_build(
     calibration: Path | None,
     eval_dir: Path | None,
     work_dir: Path,
+    target: object = None,
 ) -> tuple[Path, dict[str, object]]:
     """Run the optimize pipeline for ``edgepack build``: the optimized ONNX path inside
-    ``work_dir`` and the report for the bundle manifest."""
+    ``work_dir`` and the report for the bundle manifest. ``target`` (a ``LoadedTarget``) gives
+    the CPU whose ISA chooses the INT8 settings and, where cheap, where accuracy is measured."""
+    from packager.optimize.cpu import target_cpu
     from packager.optimize.request import QUANTIZE_CHOICES
 
     if quantize not in QUANTIZE_CHOICES:
@@ -43,6 +46,7 @@ def optimize_for_build(
         calibration=calibration,
         eval_dir=eval_dir,
         force=True,
+        cpu=target_cpu(target) if target is not None else None,
     )
     result = optimize(request)
     return result.model, result.report.to_json()

@@ -23,10 +23,19 @@ from onnx import GraphProto, NodeProto
 from packager.console import console
 from packager.errors import InputError, UsageError
 from packager.models.onnx import inspect_onnx
+from packager.models.onnx_save import copy_onnx, total_size
 from packager.models.torch_export import detect_kind, export_onnx, load_torch_model
 from packager.optimize import graph
+from packager.optimize.cpu import host_cpu
 from packager.optimize.data import Feed, SampleSet, load_samples, require_min_samples
-from packager.optimize.evaluate import AccuracyMetrics, check_gate, compare, gate_failures
+from packager.optimize.emulated import run_emulated
+from packager.optimize.evaluate import (
+    AccuracyMetrics,
+    check_gate,
+    compare,
+    gate_failures,
+    worst_output,
+)
 from packager.optimize.plan import (
     RUNNABLE_DOMAINS,
     ConvertFp16,
@@ -54,6 +63,7 @@ from packager.optimize.report import (
     render_markdown,
 )
 from packager.optimize.request import OptimizeRequest
+from packager.staging import make_staging_dir
 
 REPORT_JSON = "optimize-report.json"
 REPORT_MD = "optimize-report.md"
@@ -85,7 +95,7 @@ def optimize(request: OptimizeRequest) -> OptimizeResult:
     """Inspect, plan and execute ``request``; the one entry point for the command and builds."""
     check_out(request.out, force=request.force)
     source = inspect_source(request.model)
-    plan = plan_optimize(request, source)
+    plan = plan_optimize(request, source, host_cpu())
     return execute(plan)
 
 
@@ -93,7 +103,7 @@ def inspect_source(path: Path) -> SourceInfo:
     if not path.exists():
         raise InputError(f"{path}: model file not found; check the path")
     if path.suffix.lower() in TORCH_SUFFIXES:
-        return SourceInfo(path, detect_kind(path))
+        return SourceInfo(path, detect_kind(path), size_bytes=path.stat().st_size)
     if path.suffix.lower() != ".onnx":
         raise InputError(
             f"{path}: unknown model type '{path.suffix}'",
@@ -109,7 +119,7 @@ def inspect_source(path: Path) -> SourceInfo:
         }
     )
     opset = info.opsets.get("", info.opsets.get("ai.onnx"))
-    return SourceInfo(path, "onnx", opset, tuple(foreign))
+    return SourceInfo(path, "onnx", opset, tuple(foreign), total_size(path))
 
 
 def check_out(out: Path, *, force: bool) -> None:
@@ -148,7 +158,8 @@ class _State:
 def execute(plan: OptimizePlan) -> OptimizeResult:
     out = plan.request.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # .OUT.PID.RANDOM: a later run to the same --out removes it if this one is SIGKILLed.
+    staging = make_staging_dir(out)
     # mkdtemp creates 0700; the result is an ordinary output directory.
     staging.chmod(0o755)
     try:
@@ -240,10 +251,17 @@ def _quantize(step: QuantizeInt8, state: _State) -> None:
             quant_format=step.quant_format,
             per_channel=step.per_channel,
             method=step.method,
+            activation_type=step.settings.activation_type if step.settings else None,
+            reduce_range=step.settings.reduce_range if step.settings else False,
         )
     else:
         console.status("quantizing dynamic INT8")
-        graph.quantize_dynamic(state.model(), dest, per_channel=step.per_channel)
+        graph.quantize_dynamic(
+            state.model(),
+            dest,
+            per_channel=step.per_channel,
+            reduce_range=step.settings.reduce_range if step.settings else False,
+        )
         if request.quant_format != "QDQ":
             state.notes.append(
                 "dynamic quantization has no QDQ/QOperator choice: onnxruntime writes "
@@ -263,21 +281,49 @@ def _evaluate(step: Evaluate, state: _State) -> None:
     state.latency_feed = samples.feeds[0]
     baseline_out = graph.run(graph.open_session(state.baseline, "fp32 model"), samples)
     references = _references(samples, outputs)
-    candidates = [("fp32-pruned", state.pruned), (_variant_name(state.plan), state.optimized)]
+    final_name = _variant_name(state.plan)
+    candidates = [("fp32-pruned", state.pruned), (final_name, state.optimized)]
     for name, path in candidates:
         if path is None:
             continue
         outputs_ = graph.run(graph.open_session(path, name), samples)
-        state.metrics[name] = compare(baseline_out, outputs_, samples.labels, references)
-    final = state.metrics[_variant_name(state.plan)]
+        state.metrics[name] = compare(
+            baseline_out, outputs_, samples.labels, references, names=outputs
+        )
+    if step.emulate is not None:
+        # The gate judges the target's kernels: the candidate again, on the emulated CPU.
+        native = state.metrics[final_name]
+        console.status(f"evaluating {final_name} on an emulated {step.emulate} CPU (qemu-user)")
+        emulated = run_emulated(state.optimized, samples, step.emulate, state.path("emulated"))
+        state.metrics[final_name] = compare(
+            baseline_out, emulated, samples.labels, references, names=outputs
+        )
+        state.notes.append(
+            f"{final_name} on this host's CPU: cosine {native.cosine_similarity:.5f}"
+            + (
+                f", top-1 agreement {native.top1_agreement:.2%}"
+                if native.top1_agreement is not None
+                else ""
+            )
+            + f"; the figures above are from the emulated {step.emulate} CPU (the target's "
+            "int8 kernels), which the gate judged"
+        )
+    final = state.metrics[final_name]
     failures = gate_failures(final, step.max_accuracy_drop, step.min_top1_agreement)
+    worst = worst_output(final)
     state.evaluation = [
         ("data", step.data.name),
         ("held_out", step.held_out),
+        ("measured_on", step.measured_on),
+        ("emulated_cpu", step.emulate),
         ("samples", final.samples),
         ("labels", samples.labels is not None),
         ("max_accuracy_drop", step.max_accuracy_drop),
         ("min_top1_agreement", step.min_top1_agreement),
+        ("outputs", [o.name for o in final.outputs]),
+        ("score_vector_outputs", [o.name for o in final.outputs if o.score_vector]),
+        ("worst_output", worst.name if worst is not None else None),
+        ("failures", list(failures)),
         ("passed", not failures),
     ]
     if not step.held_out:
@@ -335,6 +381,27 @@ def _report(runs: int, state: _State) -> None:
         ]
     elif request.quantize == "int8-dynamic":
         settings.append(("per_channel", request.per_channel))
+    quantize_step = next((s for s in plan.steps if isinstance(s, QuantizeInt8)), None)
+    if quantize_step is not None and quantize_step.settings is not None:
+        settings += [
+            ("activation_type", quantize_step.settings.activation_type),
+            ("weight_type", quantize_step.settings.weight_type),
+            ("reduce_range", quantize_step.settings.reduce_range),
+            ("chosen_for", quantize_step.cpu),
+            ("why", quantize_step.settings.reason),
+        ]
+    evaluate_step = next((s for s in plan.steps if isinstance(s, Evaluate)), None)
+    measured: list[tuple[str, object]] = []
+    if plan.host is not None:
+        measured += [("host_cpu", plan.host.describe()), ("host", plan.host.to_json())]
+    if plan.cpu is not None:
+        measured.append(("target_cpu", plan.cpu.to_json()))
+    if evaluate_step is not None:
+        measured += [
+            ("accuracy", evaluate_step.measured_on),
+            ("accuracy_emulated_cpu", evaluate_step.emulate),
+        ]
+    measured.append(("latency", "this host, natively"))
     report = OptimizeReport(
         source=request.model.name,
         source_kind=plan.source.kind,
@@ -347,10 +414,12 @@ def _report(runs: int, state: _State) -> None:
         prune=state.prune_stats,
         evaluation=tuple(state.evaluation),
         notes=tuple(state.notes),
+        measured_on=tuple(measured),
     )
-    shutil.copyfile(state.optimized, state.staging / plan.model_name)
+    # With their external data (large models), renamed to go with the new file names.
+    copy_onnx(state.optimized, state.staging / plan.model_name)
     if plan.baseline_name is not None:
-        shutil.copyfile(state.baseline, state.staging / plan.baseline_name)
+        copy_onnx(state.baseline, state.staging / plan.baseline_name)
     document = json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n"
     (state.staging / REPORT_JSON).write_text(document, encoding="utf-8")
     (state.staging / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")

@@ -17,10 +17,9 @@ from onnx import ModelProto, numpy_helper
 
 from packager.errors import InputError, UnsupportedError
 from packager.models.info import TensorInfo
+from packager.models.onnx_save import data_file_name, model_files, save_onnx
 from packager.optimize.data import Feed, SampleSet
 
-# Protobuf cannot serialise a model of 2 GiB or more with its weights inline.
-_INLINE_LIMIT = 2 * 1024**3 - 1
 _NO_KERNEL = re.compile(
     r"Could not find an implementation for (?P<op>\w+)\((?P<ver>\d+)\) node with name "
     r"'(?P<node>[^']*)'"
@@ -55,10 +54,20 @@ def _copy(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
 
 
 def save(model: ModelProto, dest: Path) -> None:
-    if model.ByteSize() >= _INLINE_LIMIT:
-        onnx.save(model, str(dest), save_as_external_data=True, location=dest.name + ".data")
-    else:
-        onnx.save(model, str(dest))
+    """Every model the optimizer writes goes through here: external data above protobuf's limit
+    (``packager.models.onnx_save``)."""
+    save_onnx(model, dest)
+
+
+def is_large(path: Path) -> bool:
+    """True for a model saved with external data: ``save`` only does that when the model is
+    too large for one protobuf, so the tools that write it next must do the same."""
+    return len(model_files(path)) > 1
+
+
+def _clear_data_file(dest: Path) -> None:
+    # onnx and onnxruntime append to an existing data file rather than replace it.
+    dest.with_name(data_file_name(dest.name)).unlink(missing_ok=True)
 
 
 def signature(path: Path) -> tuple[tuple[TensorInfo, ...], tuple[str, ...]]:
@@ -77,9 +86,14 @@ def default_opset(model: ModelProto) -> int | None:
 
 
 def convert_opset(source: Path, dest: Path, target: int) -> None:
-    model = onnx.load(str(source))
+    large = is_large(source)
+    # The converter serializes the model it is given, so a large one goes without its weights
+    # (references to the data file), which are loaded back after conversion.
+    model = onnx.load(str(source), load_external_data=not large)
     try:
         converted = onnx.version_converter.convert_version(model, target)
+        if large:
+            onnx.load_external_data_for_model(converted, str(source.parent))
     except Exception as exc:  # the converter raises a bare RuntimeError/ConvertError
         message = " ".join(str(exc).split())[:300]
         raise UnsupportedError(
@@ -93,11 +107,20 @@ def preprocess(source: Path, dest: Path) -> tuple[str, ...]:
     """onnxruntime's quant_pre_process; symbolic shape inference is skipped if it cannot cope."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    external: dict[str, Any] = {}
+    if is_large(source):
+        external = {
+            "save_as_external_data": True,
+            "all_tensors_to_one_file": True,
+            "external_data_location": data_file_name(dest.name),
+        }
+    _clear_data_file(dest)
     try:
-        quant_pre_process(str(source), str(dest))
+        quant_pre_process(str(source), str(dest), **external)
         return ()
     except Exception as exc:  # symbolic shape inference raises anything on exotic graphs
-        quant_pre_process(str(source), str(dest), skip_symbolic_shape=True)
+        _clear_data_file(dest)
+        quant_pre_process(str(source), str(dest), skip_symbolic_shape=True, **external)
         return (f"symbolic shape inference skipped ({' '.join(str(exc).split())[:120]})",)
 
 
@@ -140,7 +163,11 @@ def quantize_static(
     quant_format: str,
     per_channel: bool,
     method: str,
+    activation_type: str | None = None,
+    reduce_range: bool = False,
 ) -> None:
+    """onnxruntime's quantize_static; ``activation_type`` a QuantType name (default: U8 for
+    QOperator, S8 for QDQ), ``reduce_range`` 7-bit weights (packager.optimize.cpu)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -161,6 +188,10 @@ def quantize_static(
     # onnxruntime's x64 QOperator kernels are fast for uint8 activations with int8 weights
     # (it warns that S8S8 QOperator is slow); QDQ is fastest with S8S8.
     activations = QuantType.QUInt8 if quant_format == "QOperator" else QuantType.QInt8
+    if activation_type is not None:
+        activations = getattr(QuantType, activation_type)
+    large = is_large(source)
+    _clear_data_file(dest)
     # The histogram calibrators print progress on stdout, which must stay clean for --json.
     with contextlib.redirect_stdout(io.StringIO()):
         ort_quantize_static(
@@ -173,25 +204,38 @@ def quantize_static(
             weight_type=QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, method),
             calibration_providers=["CPUExecutionProvider"],
+            reduce_range=reduce_range,
+            # onnxruntime names the file NAME.onnx.data, as save() does.
+            use_external_data_format=large,
         )
 
 
-def quantize_dynamic(source: Path, dest: Path, *, per_channel: bool) -> None:
+def quantize_dynamic(
+    source: Path, dest: Path, *, per_channel: bool, reduce_range: bool = False
+) -> None:
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
+    large = is_large(source)
+    _clear_data_file(dest)
     with contextlib.redirect_stdout(io.StringIO()):
         ort_quantize_dynamic(
-            str(source), str(dest), per_channel=per_channel, weight_type=QuantType.QInt8
+            str(source),
+            str(dest),
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+            reduce_range=reduce_range,
+            use_external_data_format=large,
         )
 
 
 def convert_fp16(source: Path, dest: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(source))
+    # A path, not a loaded model: onnxruntime then infers shapes with infer_shapes_path, which
+    # copes with models over 2 GiB (infer_shapes on a ModelProto serializes it).
     # keep_io_types: callers keep feeding float32 and get float32 back.
-    converted = convert_float_to_float16(model, keep_io_types=True)
+    converted = convert_float_to_float16(str(source), keep_io_types=True)
     save(converted, dest)
 
 

@@ -10,6 +10,7 @@ from typing import Literal
 
 from packager.errors import UnsupportedError, UsageError
 from packager.models.torch_export import InputSpec, TorchKind
+from packager.optimize.cpu import CpuProfile, Int8Settings, emulation_cpu, int8_settings
 from packager.optimize.request import (
     CalibrationMethodName,
     ImagePreprocessing,
@@ -27,6 +28,10 @@ RUNNABLE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 PER_CHANNEL_QDQ_OPSET = 13
 # onnxruntime's quantizer handles opset 11+ graphs; older ones it only patches the header of.
 INT8_MIN_OPSET = 11
+# --eval-on-target auto: emulate only models up to this size. qemu-user runs onnxruntime's x86
+# kernels 10-50x slower than the host (measured: a 60 KB Conv model, 30 samples, 4 s), so tens
+# of MiB stay within a minute or two; above, the user asks for it with --eval-on-target on.
+AUTO_EMULATED_EVAL_MAX_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class SourceInfo:
     kind: SourceKind
     opset: int | None = None  # default-domain opset of an ONNX source
     foreign_ops: tuple[str, ...] = ()  # "domain::Op" nodes outside RUNNABLE_DOMAINS
+    size_bytes: int | None = None  # the model with its external data
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ class QuantizeInt8:
     method: CalibrationMethodName
     preprocessing: ImagePreprocessing
     min_samples: int
+    settings: Int8Settings | None = None  # None: onnxruntime's defaults (older plans)
+    cpu: str = ""  # the CPU the settings were chosen for (CpuProfile.describe)
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,8 @@ class Evaluate:
     preprocessing: ImagePreprocessing
     max_accuracy_drop: float | None
     min_top1_agreement: float | None
+    emulate: str | None = None  # qemu CPU model the candidate runs on; None: this host
+    measured_on: str = ""  # the CPU the figures come from, in words
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,8 @@ class OptimizePlan:
     steps: tuple[Step, ...]
     model_name: str  # file name of the optimized model inside --out
     baseline_name: str | None  # file name of the FP32 ONNX export kept for PyTorch sources
+    cpu: CpuProfile | None = None  # the CPU the model is optimized for
+    host: CpuProfile | None = None  # the CPU this runs on
 
     def describe(self) -> tuple[str, ...]:
         return tuple(describe_step(step) for step in self.steps)
@@ -139,9 +151,16 @@ def required_opset(quantize: Quantize, quant_format: QuantFormatName, per_channe
     return INT8_MIN_OPSET
 
 
-def plan_optimize(request: OptimizeRequest, source: SourceInfo) -> OptimizePlan:
-    """Validate ``request`` against ``source`` and list the steps that produce the result."""
+def plan_optimize(
+    request: OptimizeRequest, source: SourceInfo, host: CpuProfile | None = None
+) -> OptimizePlan:
+    """Validate ``request`` against ``source`` and list the steps that produce the result.
+
+    INT8 settings follow ``request.cpu`` (the target's CPU), else ``host`` (this machine's), as
+    :func:`packager.optimize.cpu.int8_settings` chooses them; with neither, onnxruntime's
+    defaults. Accuracy is measured on the target's kernels (:func:`evaluation_cpu`)."""
     _validate(request, source)
+    cpu = request.cpu or host
     steps: list[Step] = []
     if source.kind == "onnx":
         steps.append(LoadOnnx(source.path))
@@ -168,10 +187,17 @@ def plan_optimize(request: OptimizeRequest, source: SourceInfo) -> OptimizePlan:
                 method=request.calibration_method,
                 preprocessing=request.preprocessing,
                 min_samples=request.min_calibration_samples,
+                settings=(
+                    int8_settings(cpu, static=static, quant_format=request.quant_format)
+                    if cpu is not None
+                    else None
+                ),
+                cpu=cpu.describe() if cpu is not None else "",
             )
         )
     data = request.eval_dir or request.calibration
     if data is not None:
+        emulate = evaluation_cpu(request, source, host)
         steps.append(
             Evaluate(
                 data=data,
@@ -179,6 +205,8 @@ def plan_optimize(request: OptimizeRequest, source: SourceInfo) -> OptimizePlan:
                 preprocessing=request.preprocessing,
                 max_accuracy_drop=request.max_accuracy_drop,
                 min_top1_agreement=request.min_top1_agreement,
+                emulate=emulate,
+                measured_on=measured_on(request.cpu, host, emulate),
             )
         )
     steps.append(Report(request.latency_runs))
@@ -189,7 +217,56 @@ def plan_optimize(request: OptimizeRequest, source: SourceInfo) -> OptimizePlan:
         steps=tuple(steps),
         model_name=f"{stem}.{request.quantize}.onnx",
         baseline_name=None if source.kind == "onnx" else f"{stem}.fp32.onnx",
+        cpu=cpu,
+        host=host,
     )
+
+
+def evaluation_cpu(
+    request: OptimizeRequest, source: SourceInfo, host: CpuProfile | None
+) -> str | None:
+    """The qemu CPU model the optimized model is evaluated on, None for this host.
+
+    INT8 only, and only where the host would compute other figures than the target
+    (:func:`packager.optimize.cpu.emulation_cpu`): ``--eval-on-target on`` always then, ``auto``
+    for models up to :data:`AUTO_EMULATED_EVAL_MAX_BYTES`, ``off`` never."""
+    if request.quantize == "fp16" or request.eval_on_target == "off":
+        return None
+    if request.cpu is None or host is None:
+        return None
+    if request.cpu.arch != host.arch and request.eval_on_target == "on":
+        raise UsageError(
+            f"--eval-on-target on: {request.cpu.name} is {request.cpu.arch}; its CPU is measured "
+            "by running the model in the target's image under qemu, which 'edgepack build "
+            "--target ... --eval DIR' does (by default for INT8 models up to "
+            f"{AUTO_EMULATED_EVAL_MAX_BYTES >> 20} MiB)"
+        )
+    emulate = emulation_cpu(request.cpu, host)
+    if emulate is None or request.eval_on_target == "on":
+        return emulate
+    size = source.size_bytes
+    return emulate if size is not None and size <= AUTO_EMULATED_EVAL_MAX_BYTES else None
+
+
+def measured_on(target: CpuProfile | None, host: CpuProfile | None, emulate: str | None) -> str:
+    """Where the accuracy figures come from, in words, for the report."""
+    here = host.describe() if host is not None else "this host"
+    if emulate is not None:
+        assert target is not None
+        return (
+            f"emulated {emulate} CPU (qemu-user; AVX2, no VNNI) on {here}: the int8 kernels "
+            f"of {target.describe()}"
+        )
+    if target is None or host is None:
+        return f"{here}, natively"
+    if target.arch != host.arch:
+        return (
+            f"{here}, natively: not the target's ISA ({target.describe()}); onnxruntime's "
+            "kernels there may round differently"
+        )
+    same = target.vnni == host.vnni if target.x86 else target.dotprod == host.dotprod
+    match = "the same int8 kernel class as" if same else "not the int8 kernels of"
+    return f"{here}, natively: {match} {target.describe()}"
 
 
 def describe_step(step: Step) -> str:
@@ -209,11 +286,12 @@ def describe_step(step: Step) -> str:
             return f"convert opset {old} -> {new} ({reason})"
         case Preprocess():
             return "pre-process: shape inference and graph optimization"
-        case QuantizeInt8(static=True, quant_format=fmt, per_channel=pc, method=method):
+        case QuantizeInt8(static=True, quant_format=fmt, per_channel=pc, method=method) as q:
             granularity = "per-channel" if pc else "per-tensor"
-            return f"quantize static INT8 {fmt}, {granularity}, {method} calibration"
-        case QuantizeInt8(per_channel=pc):
-            return f"quantize dynamic INT8, {'per-channel' if pc else 'per-tensor'} weights"
+            return f"quantize static INT8 {fmt}, {granularity}, {method} calibration" + _for(q)
+        case QuantizeInt8(per_channel=pc) as q:
+            granularity = "per-channel" if pc else "per-tensor"
+            return f"quantize dynamic INT8, {granularity} weights" + _for(q)
         case ConvertFp16():
             return "convert to FP16 (float32 inputs and outputs kept)"
         case Evaluate(data, held_out, _, drop, agreement):
@@ -224,10 +302,20 @@ def describe_step(step: Step) -> str:
                 gate.append(f"min top-1 agreement {agreement:.2%}")
             where = "held-out set" if held_out else "calibration set (not held out)"
             suffix = f"; gate: {', '.join(gate)}" if gate else ""
-            return f"evaluate against the FP32 model on {data.name} ({where}){suffix}"
+            on = f" on an emulated {step.emulate} CPU" if step.emulate else ""
+            return f"evaluate against the FP32 model{on} on {data.name} ({where}){suffix}"
         case Report(runs):
             return f"report: size, median latency of {runs} runs, accuracy per variant"
     raise AssertionError(f"unknown step {step!r}")  # pragma: no cover
+
+
+def _for(step: QuantizeInt8) -> str:
+    if step.settings is None:
+        return ""
+    s = step.settings
+    types = f"{s.activation_type[1:].lower()} activations"
+    bits = "7-bit weights (reduce_range)" if s.reduce_range else "8-bit weights"
+    return f", {types}, {bits} for {step.cpu}"
 
 
 def _opset_reason(request: OptimizeRequest, needed: int) -> str:

@@ -7,11 +7,15 @@ from pathlib import Path
 from typing import Literal
 
 from packager.models.torch_export import InputSpec
+from packager.optimize.cpu import CpuProfile
 
 Quantize = Literal["fp16", "int8-dynamic", "int8-static"]
 QuantFormatName = Literal["QDQ", "QOperator"]
 CalibrationMethodName = Literal["MinMax", "Entropy", "Percentile"]
 Layout = Literal["NCHW", "NHWC"]
+# Whether INT8 accuracy is measured on the target's CPU (emulated) rather than this host's.
+EvalOnTarget = Literal["auto", "on", "off"]
+EVAL_ON_TARGET_CHOICES: tuple[EvalOnTarget, ...] = ("auto", "on", "off")
 
 QUANTIZE_CHOICES: tuple[Quantize, ...] = ("fp16", "int8-dynamic", "int8-static")
 FORMAT_CHOICES: tuple[QuantFormatName, ...] = ("QDQ", "QOperator")
@@ -61,3 +65,6 @@ class OptimizeRequest:
     min_top1_agreement: float | None = None  # fraction, e.g. 0.98
     latency_runs: int = 20
     force: bool = False
+    # The CPU the model is for (a target's cpu section); None: this host's. INT8 settings follow it.
+    cpu: CpuProfile | None = None
+    eval_on_target: EvalOnTarget = "auto"

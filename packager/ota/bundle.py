@@ -10,7 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packager.bundle.manifest import MANIFEST, check_files, read_manifest, sha256_file
+from packager.agent.confinement import ConfinementError, detached_args
+from packager.agent.paths import PathError, check_inside, check_relpath, mask_mode
+from packager.agent.protocol import check_release
+from packager.bundle.manifest import (
+    MANIFEST,
+    SIGNATURE,
+    check_files,
+    read_manifest,
+    sha256_file,
+)
 from packager.errors import UnsupportedError, VerifyError
 from packager.ota.layout import BLOB_PREFIX, CUSTOM_KEY, FILE_PREFIX, RELEASE_SCHEMA
 
@@ -76,6 +85,16 @@ def check_percent(percent: float) -> int:
     return int(percent)
 
 
+def check_confinement(bundle: Path) -> str:
+    """'' when the bundle's ``confinement.json`` (if any) is what devices accept, else the
+    problem in one line: a release that would run unconfined is refused before it is signed."""
+    try:
+        detached_args(bundle)
+    except ConfinementError as exc:
+        return str(exc)
+    return ""
+
+
 def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -> ReleasePlan:
     """Verify ``bundle`` (every checksum, every blob name) and describe it as a release."""
     check_channel(channel)
@@ -83,7 +102,9 @@ def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -
     manifest = read_manifest(bundle)
     problems = check_files(bundle, manifest)
     if problems:
-        raise VerifyError(f"{bundle}: {problems[0]}", hint="rebuild it with 'edgepack build'")
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise VerifyError(f"{bundle}: {problems[0]}{more}", hint="rebuild it with 'edgepack build'",
+                          details=tuple(problems[1:]))
     try:
         target = manifest["target"]
         image = manifest["image"]
@@ -97,13 +118,25 @@ def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -
             f"{bundle / MANIFEST}: target.device_class is {device_class!r}; OTA installs"
             " linux-container bundles only"
         )
+    try:
+        image_path = check_inside(bundle, archive)
+    except PathError as exc:
+        raise VerifyError(f"{bundle / MANIFEST}: image.archive: {exc}") from exc
     objects: list[ObjectSource] = []
     members: list[dict[str, str]] = []
-    image_path = bundle / archive
     with tarfile.open(image_path, "r:") as tar:
         for member in tar.getmembers():
-            if not member.isfile():
+            if member.isdir():
                 continue
+            try:
+                check_relpath(member.name)
+            except PathError as exc:
+                raise VerifyError(f"{image_path}: member {exc}") from exc
+            if not member.isfile():
+                raise VerifyError(
+                    f"{image_path}: member {member.name!r} is not a regular file (links and"
+                    " devices are refused)"
+                )
             match = _BLOB_NAME.match(member.name)
             if match:
                 digest, prefix = match.group(1), BLOB_PREFIX
@@ -115,12 +148,16 @@ def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -
             objects.append(source)
             members.append({"name": member.name, "target": source.target})
     files: list[dict[str, Any]] = []
-    for rel in sorted({str(f["path"]) for f in manifest["files"]} - {archive} | {MANIFEST}):
+    # The signature envelope travels too (unlisted: it signs the manifest), for the agent.
+    signed = {SIGNATURE} if (bundle / SIGNATURE).is_file() else set()
+    listed = {str(f["path"]) for f in manifest["files"]}
+    for rel in sorted(listed - {archive} | {MANIFEST} | signed):
         path = bundle / rel
         digest = sha256_file(path)
         objects.append(ObjectSource(FILE_PREFIX + digest, digest, path.stat().st_size, path))
+        # The path policy's modes only: 0755 when executable, else 0644 (never setuid & co).
         files.append(
-            {"path": rel, "target": FILE_PREFIX + digest, "mode": path.stat().st_mode & 0o777}
+            {"path": rel, "target": FILE_PREFIX + digest, "mode": mask_mode(path.stat().st_mode)}
         )
     document = {
         "schema": RELEASE_SCHEMA,
@@ -133,6 +170,13 @@ def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -
         "files": files,
         "bundle": manifest,
     }
+    try:
+        check_release(document)
+    except PathError as exc:
+        raise VerifyError(f"{bundle / MANIFEST}: {exc}") from exc
+    confinement_problem = check_confinement(bundle)
+    if confinement_problem:
+        raise VerifyError(f"{bundle}: {confinement_problem}")
     unique = {o.target: o for o in objects}
     return ReleasePlan(
         sequence=sequence,

@@ -32,6 +32,7 @@ from securesystemslib.signer import CryptoSigner, Signer  # type: ignore[attr-de
 
 # tuf documents tuf.api.metadata as the public home of these classes but declares no __all__.
 from tuf.api.metadata import (  # type: ignore[attr-defined]
+    DelegatedRole,
     Metadata,
     MetaFile,
     Root,
@@ -54,12 +55,58 @@ _CHUNK = 1024 * 1024
 
 @dataclass(frozen=True)
 class Expiry:
-    """How long each role's metadata stays valid; 'ota refresh' renews snapshot and timestamp."""
+    """How long each role's metadata stays valid when it is signed.
+
+    A client checks every role it loads (TUF specification 5.3-5.6), so metadata is only as
+    valid as its shortest-lived role: each signing keeps the chain ordered, timestamp <=
+    snapshot <= targets, delegated roles and root (see :meth:`Repository._commit`).
+    """
 
     root: timedelta = timedelta(days=365)
     targets: timedelta = timedelta(days=90)
     snapshot: timedelta = timedelta(days=7)
     timestamp: timedelta = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class RoleExpiry:
+    """One role's signed metadata: its version and when clients stop accepting it (UTC)."""
+
+    role: str  # root | targets | snapshot | timestamp | a delegated role's name
+    version: int
+    expires: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "version": self.version,
+            "expires": self.expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """What a refresh or an export signed: every role's expiry, the roles signed anew, and
+    warnings for roles that expire before the promised time and could not be re-signed."""
+
+    timestamp_version: int
+    roles: tuple[RoleExpiry, ...]
+    resigned: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def valid_until(self) -> datetime:
+        """When the first role expires: a client refuses the metadata from then on."""
+        return min(r.expires for r in self.roles)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "timestamp_version": self.timestamp_version,
+            "roles": [r.to_json() for r in self.roles],
+            "valid_until": self.valid_until.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "resigned": list(self.resigned),
+            "warnings": list(self.warnings),
+        }
 
 
 @dataclass(frozen=True)
@@ -208,13 +255,50 @@ class Repository:
         return root, targets, snapshot, timestamp
 
     def _signer(self, root: Metadata[Root], role: str) -> Signer:
-        for keyid in root.signed.roles[role].keyids:
-            pem = self.path / "keys" / "online" / f"{keyid}.pem"
-            if pem.is_file():
-                return CryptoSigner.from_priv_key_uri(f"file2:{pem}", root.signed.keys[keyid])
-        raise InputError(
-            f"{self.path / 'keys' / 'online'}: no private key for the {role} role",
-            hint="restore the online keys that 'ota init' wrote",
+        signers = self._signers("online", root.signed.roles[role].keyids, root.signed.keys, 1)
+        if not signers:
+            raise InputError(
+                f"{self.path / 'keys' / 'online'}: no private key for the {role} role",
+                hint="restore the online keys that 'ota init' wrote",
+            )
+        return signers[0]
+
+    def _signers(
+        self, folder: str, keyids: list[str], keys: dict[str, Any], count: int
+    ) -> list[Signer]:
+        """Up to ``count`` signers for ``keyids`` whose private keys are in keys/<folder>."""
+        found: list[Signer] = []
+        for keyid in keyids:
+            pem = self.path / "keys" / folder / f"{keyid}.pem"
+            if len(found) < count and pem.is_file():
+                found.append(CryptoSigner.from_priv_key_uri(f"file2:{pem}", keys[keyid]))
+        return found
+
+    def _delegated(
+        self, targets: Metadata[Targets], snapshot: Metadata[Snapshot]
+    ) -> dict[str, tuple[DelegatedRole, dict[str, Any], Metadata[Targets]]]:
+        """The delegated targets roles the snapshot lists, by name, in delegation order: the
+        delegation (keyids, threshold), the delegator's keys, the role's current metadata."""
+        delegations = targets.signed.delegations
+        if delegations is None or not delegations.roles:
+            return {}
+        found: dict[str, tuple[DelegatedRole, dict[str, Any], Metadata[Targets]]] = {}
+        for name, role in delegations.roles.items():
+            meta = snapshot.signed.meta.get(f"{name}.json")
+            if meta is not None:
+                path = self.metadata_dir / f"{meta.version}.{name}.json"
+                found[name] = (role, delegations.keys, Metadata.from_file(str(path)))
+        return found
+
+    def expiries(self) -> tuple[RoleExpiry, ...]:
+        """Every role's current version and expiry: root, targets, delegated roles, snapshot,
+        timestamp (what a client loads, in the order it loads them, timestamp aside)."""
+        root, targets, snapshot, timestamp = self._load()
+        roles: list[tuple[str, Metadata[Any]]] = [("root", root), ("targets", targets)]
+        roles += [(name, md) for name, (_, _, md) in self._delegated(targets, snapshot).items()]
+        roles += [("snapshot", snapshot), ("timestamp", timestamp)]
+        return tuple(
+            RoleExpiry(name, int(md.signed.version), md.signed.expires) for name, md in roles
         )
 
     def releases(self) -> list[Release]:
@@ -244,13 +328,44 @@ class Repository:
         *,
         new_targets: bool,
         timestamp_expiry: timedelta | None = None,
-    ) -> None:
-        """Sign and write (targets,) snapshot and timestamp; timestamp.json goes last, atomically,
-        so a client never sees a timestamp that points at metadata not yet written."""
+    ) -> Renewal:
+        """Sign and write snapshot and timestamp, and every role that would expire first.
+
+        A client refuses the metadata as soon as any role it loads has expired, so a timestamp
+        valid N days promises nothing unless every role behind it lasts as long. The snapshot
+        lives at least as long as the timestamp; targets, delegated roles and root at least as
+        long as the snapshot. A role that would expire sooner is signed anew (targets and
+        delegated roles with the online keys; root with the root keys, when keys/root still
+        holds a threshold of them) or, where its keys are absent, named in the warnings.
+        timestamp.json goes last, atomically, so a client never sees a timestamp that points at
+        metadata not yet written.
+        """
         now = _now()
-        if new_targets:
+        stamp_expires = now + (timestamp_expiry or self.expiry.timestamp)
+        floor = max(now + self.expiry.snapshot, stamp_expires)
+        resigned: list[str] = []
+        warnings: list[str] = []
+        self._keep_root(root, floor, now, resigned, warnings)
+        for name, (role, keys, md) in self._delegated(targets, snapshot).items():
+            if md.signed.expires >= floor:
+                continue
+            signers = self._signers("online", role.keyids, keys, role.threshold)
+            if len(signers) < role.threshold:
+                warnings.append(_short(name, md.signed.expires, floor, "keys/online"))
+                continue
+            md.signed.version += 1
+            md.signed.expires = max(now + self.expiry.targets, floor)
+            md.signatures.clear()
+            for signer in signers:
+                md.sign(signer, append=True)
+            _write_atomic(self.metadata_dir / f"{md.signed.version}.{name}.json", _serialize(md))
+            snapshot.signed.meta[f"{name}.json"] = MetaFile(version=md.signed.version)
+            resigned.append(name)
+        if new_targets or targets.signed.expires < floor:
+            if not new_targets:
+                resigned.append("targets")
             targets.signed.version += 1
-            targets.signed.expires = now + self.expiry.targets
+            targets.signed.expires = max(now + self.expiry.targets, floor)
             targets.signatures.clear()
             targets.sign(self._signer(root, "targets"))
             _write_atomic(
@@ -258,7 +373,7 @@ class Repository:
             )
             snapshot.signed.meta["targets.json"] = MetaFile(version=targets.signed.version)
         snapshot.signed.version += 1
-        snapshot.signed.expires = now + self.expiry.snapshot
+        snapshot.signed.expires = floor
         snapshot.signatures.clear()
         snapshot.sign(self._signer(root, "snapshot"))
         _write_atomic(
@@ -266,10 +381,45 @@ class Repository:
         )
         timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
         timestamp.signed.version += 1
-        timestamp.signed.expires = now + (timestamp_expiry or self.expiry.timestamp)
+        timestamp.signed.expires = stamp_expires
         timestamp.signatures.clear()
         timestamp.sign(self._signer(root, "timestamp"))
         _write_atomic(self.metadata_dir / "timestamp.json", _serialize(timestamp))
+        return Renewal(
+            timestamp_version=int(timestamp.signed.version),
+            roles=self.expiries(),
+            resigned=tuple(resigned),
+            warnings=tuple(warnings),
+        )
+
+    def _keep_root(
+        self,
+        root: Metadata[Root],
+        floor: datetime,
+        now: datetime,
+        resigned: list[str],
+        warnings: list[str],
+    ) -> None:
+        """Sign root anew (version + 1, same keys) when it expires before ``floor`` and
+        keys/root still holds a threshold of its keys; otherwise add a warning. Clients accept
+        the new version because the keys and threshold they already trust signed it (TUF
+        specification 5.3.4)."""
+        if root.signed.expires >= floor:
+            return
+        role = root.signed.roles["root"]
+        signers = self._signers("root", role.keyids, root.signed.keys, role.threshold)
+        if len(signers) < role.threshold:
+            warnings.append(_short("root", root.signed.expires, floor, "keys/root"))
+            return
+        root.signed.version += 1
+        root.signed.expires = max(now + self.expiry.root, floor)
+        root.signatures.clear()
+        for signer in signers:
+            root.sign(signer, append=True)
+        data = _serialize(root)
+        _write_atomic(self.metadata_dir / f"{root.signed.version}.root.json", data)
+        _write_atomic(self.metadata_dir / "root.json", data)
+        resigned.append("root")
 
     def next_sequence(self) -> int:
         return max((r.sequence for r in self.releases()), default=0) + 1
@@ -364,17 +514,23 @@ class Repository:
         self._commit(root, targets, snapshot, timestamp, new_targets=True)
         return new
 
-    def refresh(self, *, timestamp_expiry: timedelta | None = None) -> int:
-        """Re-sign snapshot and timestamp with fresh expiry; returns the new timestamp version."""
+    def refresh(self, *, timestamp_expiry: timedelta | None = None) -> Renewal:
+        """Re-sign snapshot and timestamp with fresh expiry (timestamp: ``timestamp_expiry``,
+        default ``expiry.timestamp``), and every role that would expire before them (see
+        :meth:`_commit`)."""
         root, targets, snapshot, timestamp = self._load()
-        self._commit(
+        return self._commit(
             root, targets, snapshot, timestamp, new_targets=False, timestamp_expiry=timestamp_expiry
         )
-        return int(timestamp.signed.version)
 
-    def export(self, usb_dir: Path, *, timestamp_expiry: timedelta | None = None) -> Path:
-        """Copy the repository to ``usb_dir/edgepack-ota`` for devices without a network."""
-        self.refresh(timestamp_expiry=timestamp_expiry)
+    def export(
+        self, usb_dir: Path, *, timestamp_expiry: timedelta | None = None
+    ) -> tuple[Path, Renewal]:
+        """Copy the repository to ``usb_dir/edgepack-ota`` for devices without a network, after a
+        :meth:`refresh` that keeps every role valid for at least ``timestamp_expiry``.
+
+        Returns the stick's repository directory and what the refresh signed."""
+        renewal = self.refresh(timestamp_expiry=timestamp_expiry)
         dest = usb_dir / USB_SUBDIR
         staging = usb_dir / f".{USB_SUBDIR}.tmp"
         if staging.exists():
@@ -387,7 +543,7 @@ class Repository:
                 shutil.copytree(reports, staging / "reports", dirs_exist_ok=True)
             shutil.rmtree(dest)
         os.rename(staging, dest)
-        return dest
+        return dest, renewal
 
     @property
     def trusted_root(self) -> Path:
@@ -407,6 +563,14 @@ def _open_source(bundle_file: Path, member: str | None) -> Iterator[Any]:
             raise VerifyError(f"{bundle_file}: {member} is not a regular file")
         with extracted:
             yield extracted
+
+
+def _short(role: str, expires: datetime, until: datetime, folder: str) -> str:
+    return (
+        f"{role} metadata expires {expires:%Y-%m-%d %H:%M}Z, before {until:%Y-%m-%d %H:%M}Z:"
+        f" clients refuse this repository from then; put the {role} keys back in {folder} and"
+        " run this again to re-sign it"
+    )
 
 
 def _release(name: str, info: TargetFile) -> Release | None:

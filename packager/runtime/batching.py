@@ -28,7 +28,9 @@ class QueueFull(Exception):
     pass
 
 
-@dataclass
+# eq=False: the queue removes a request by identity; a field-wise == would compare numpy arrays
+# (ValueError), killing the batcher thread when a request of another group waits ahead of it.
+@dataclass(eq=False)
 class _Pending:
     inputs: Mapping[str, Array]
     outputs: tuple[str, ...]
@@ -134,36 +136,52 @@ class Batcher:
             self._execute(items)
 
     def _execute(self, items: list[_Pending]) -> None:
+        if len(items) > 1:
+            try:
+                self._compute(items)
+            except Exception:
+                # One request's bad values must not fail the others merged with it: run each
+                # alone, so that only its own request gets the error.
+                for item in items:
+                    self._execute([item])
+                return
+            self._finish(items)
+            return
         try:
-            first = items[0]
-            rows = sum(item.rows for item in items)
-            if len(items) == 1:
-                feeds = first.inputs
-            else:
-                feeds = {
-                    name: np.concatenate([item.inputs[name] for item in items])
-                    for name in first.inputs
-                }
-            results = self._run(feeds, first.outputs, rows)
-            for result in results:
-                if result.ndim == 0 or result.shape[0] != rows:
-                    raise RuntimeError(
-                        f"the model returned {result.shape} for a batch of {rows} rows; "
-                        "it cannot be batched (set max_batch_size to 0)"
-                    )
-            offset = 0
-            for item in items:
-                item.results = [r[offset : offset + item.rows] for r in results]
-                offset += item.rows
+            self._compute(items)
         except Exception as exc:
-            for item in items:
-                item.error = exc
-        finally:
-            for item in items:
-                if item.callback is not None:
-                    try:
-                        item.callback(item.results, item.error)
-                    except Exception:  # a callback's bug must not end the worker
-                        pass
-                else:
-                    item.done.set()
+            items[0].error = exc
+        self._finish(items)
+
+    def _compute(self, items: list[_Pending]) -> None:
+        """Run the items as one batch and set each one's results (raises on failure)."""
+        first = items[0]
+        rows = sum(item.rows for item in items)
+        if len(items) == 1:
+            feeds = first.inputs
+        else:
+            feeds = {
+                name: np.concatenate([item.inputs[name] for item in items]) for name in first.inputs
+            }
+        results = self._run(feeds, first.outputs, rows)
+        for result in results:
+            if result.ndim == 0 or result.shape[0] != rows:
+                raise RuntimeError(
+                    f"the model returned {result.shape} for a batch of {rows} rows; "
+                    "it cannot be batched (set max_batch_size to 0)"
+                )
+        offset = 0
+        for item in items:
+            item.results = [r[offset : offset + item.rows] for r in results]
+            offset += item.rows
+
+    @staticmethod
+    def _finish(items: list[_Pending]) -> None:
+        for item in items:
+            if item.callback is not None:
+                try:
+                    item.callback(item.results, item.error)
+                except Exception:  # a callback's bug must not end the worker
+                    pass
+            else:
+                item.done.set()

@@ -40,16 +40,30 @@ class RuntimeConfig:
     mem_pattern: bool = True
     arena_extend_strategy: str = "kNextPowerOfTwo"
     log_level: str = "info"
-    # Larger bodies are refused with 413 before they are read, so one client cannot exhaust RAM.
+    # The target's cap on a request body. The runtime's own limit is the model's largest valid
+    # request (see protocol.largest_request_bytes) when that is smaller; larger bodies are
+    # refused with 413 before they are read, so one client cannot exhaust RAM.
     max_request_bytes: int = 64 * 1024 * 1024
-    # An idle keep-alive connection holds a thread; close it after this long.
+    # An idle keep-alive connection is closed after this long.
     keepalive_timeout_s: float = 30.0
+    # The whole request head (line + headers) must arrive within this long of its first byte;
+    # a body gets this long plus its size at 64 KiB/s (nginx's client_header_timeout and
+    # client_body_timeout bound the same slow clients).
+    header_timeout_s: float = 10.0
+    # Open connections at most (further lowered to fit the process's descriptor limit); over it
+    # an idle or stalled connection is closed for the newcomer, else the newcomer gets 503.
+    max_connections: int = 256
     # On SIGTERM, in-flight requests get this long to finish before the process exits anyway.
     drain_timeout_s: float = 20.0
     # Dynamic batching: off unless max_batch_size > 1 and every input and output has a dynamic
     # first dimension. Requests wait at most max_queue_delay_us for others to join their batch.
     max_batch_size: int = 0
     max_queue_delay_us: int = 0
+    # Requests are concatenated along the first axis only when it is a batch axis: named so in
+    # the model (model.BATCH_DIM_NAMES) or declared here (0, the only axis the batcher merges
+    # along; the build writes it for `--batch-axis 0`). Otherwise max_batch_size > 1 is refused
+    # (logged once) and requests run one by one: a time-major model's first axis is time.
+    batch_axis: int | None = None
     # Requests waiting for the model beyond this are refused with 503 + Retry-After.
     max_queue_size: int = 256
     # LRU cache of responses, bounded in bytes; 0 turns it off.
@@ -99,6 +113,12 @@ def _arena_extend_strategy(value: Any) -> str | None:
     return None
 
 
+def _batch_axis(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value != 0):
+        return "must be 0 or null (requests are only ever merged along the first axis)"
+    return None
+
+
 def _log_level(value: Any) -> str | None:
     if value not in LOG_LEVELS:
         return f"must be one of {', '.join(LOG_LEVELS)}"
@@ -119,9 +139,12 @@ _CHECKS: Mapping[str, Callable[[Any], str | None]] = {
     "log_level": _log_level,
     "max_request_bytes": _int_range(1),
     "keepalive_timeout_s": _positive_number,
+    "header_timeout_s": _positive_number,
+    "max_connections": _int_range(1),
     "drain_timeout_s": _positive_number,
     "max_batch_size": _int_range(0),
     "max_queue_delay_us": _int_range(0, 10_000_000),
+    "batch_axis": _batch_axis,
     "max_queue_size": _int_range(1),
     "cache_bytes": _int_range(0),
 }

@@ -10,6 +10,16 @@ from typing import Any
 
 LOGGER_NAME = "edgepack.runtime"
 logger = logging.getLogger(LOGGER_NAME)
+# Bounds on one log line: a client's URL, a message or a traceback cannot fill the journal.
+MAX_FIELD_CHARS = 256
+MAX_EXCEPTION_CHARS = 4096
+
+
+def clip(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, marked with how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more]"
 
 
 class JsonFormatter(logging.Formatter):
@@ -22,10 +32,11 @@ class JsonFormatter(logging.Formatter):
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            document.update(fields)
+            for key, value in fields.items():
+                document[key] = clip(value) if isinstance(value, str) else value
         if record.exc_info:
             # json.dumps escapes the newlines, so a traceback stays on the event's one line.
-            document["exception"] = self.formatException(record.exc_info)
+            document["exception"] = clip(self.formatException(record.exc_info), MAX_EXCEPTION_CHARS)
         return json.dumps(document, default=str)
 
 
@@ -42,3 +53,27 @@ def event(
 ) -> None:
     if logger.isEnabledFor(level):
         logger.log(level, name, extra={"fields": fields}, exc_info=exc_info)
+
+
+class Throttle:
+    """At most ``per_second`` events a second (a token bucket); ``allow`` returns how many were
+    refused since the last allowed one (to log with it), or None to drop this one. Clients
+    choose how often errors happen: their events must not flood the journal."""
+
+    def __init__(self, per_second: float, burst: int) -> None:
+        self.per_second = per_second
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self._dropped = 0
+
+    def allow(self) -> int | None:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.per_second)
+        self._last = now
+        if self._tokens < 1:
+            self._dropped += 1
+            return None
+        self._tokens -= 1
+        dropped, self._dropped = self._dropped, 0
+        return dropped

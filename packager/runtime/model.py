@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,21 @@ DATATYPES: Mapping[str, tuple[str, np.dtype[Any]]] = {
 }
 
 
+# A dynamic first dimension is a batch axis only when its symbolic name (ONNX dim_param) says so,
+# whole name, any case: the names exporters and model zoos give a batch (PyTorch's dynamic_axes
+# examples "batch_size"/"batch", the ONNX Model Zoo's "N", Keras' "batch"). Any other dynamic
+# first dimension may be time (a time-major RNN), tokens or boxes, along which requests must not
+# be concatenated; the build declares such a model's batch axis explicitly (runtime.json
+# "batch_axis": 0, from `edgepack build --batch-axis 0`).
+BATCH_DIM_NAMES = re.compile(r"n|b|bs|nbatch|batch|batches|batch_?size|batch_?dim", re.IGNORECASE)
+
+
+def is_batch_dim(dim: object) -> bool:
+    """True when ``dim`` (a dimension as onnx/onnxruntime report it: int, str or None) is a
+    symbolic dimension named as a batch (BATCH_DIM_NAMES)."""
+    return isinstance(dim, str) and BATCH_DIM_NAMES.fullmatch(dim) is not None
+
+
 class ModelError(Exception):
     """The model cannot be loaded or uses a type the runtime cannot serve (one-line message)."""
 
@@ -42,6 +58,8 @@ class TensorSpec:
     datatype: str  # "FP32", ...
     shape: tuple[int, ...]  # -1 for a dynamic dimension
     dtype: np.dtype[Any]
+    # The first dimension as the model declares it: a symbolic name, a size or None (unknown).
+    first_dim: int | str | None = None
 
     def describe(self) -> str:
         return f"{self.name} ({self.datatype} {format_shape(self.shape)})"
@@ -67,6 +85,11 @@ class Signature:
         tensors = self.inputs + self.outputs
         return all(len(t.shape) >= 1 and t.shape[0] == -1 for t in tensors)
 
+    def unnamed_batch_axis(self) -> tuple[TensorSpec, ...]:
+        """The tensors whose first dimension is not named as a batch (``is_batch_dim``): empty
+        when the model itself declares its first axis a batch axis on every input and output."""
+        return tuple(t for t in self.inputs + self.outputs if not is_batch_dim(t.first_dim))
+
 
 def format_shape(shape: Sequence[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
@@ -80,7 +103,10 @@ def _spec(node: Any, path: Path) -> TensorSpec:
     datatype, dtype = DATATYPES[node.type]
     # onnxruntime reports a dynamic dimension as a symbolic name (str) or None.
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
-    return TensorSpec(node.name, datatype, shape, dtype)
+    first = node.shape[0] if node.shape else None
+    if not isinstance(first, int | str):
+        first = None
+    return TensorSpec(node.name, datatype, shape, dtype, first)
 
 
 def file_digest(path: Path) -> str:

@@ -34,6 +34,80 @@ def bad_request(message: str) -> ProtocolError:
     return ProtocolError(400, message)
 
 
+# The longest text a JSON number takes for one element: float64's longest round-trip repr is 24
+# characters ("-2.2250738585072014e-308"; int64's extremes take 20), plus json.dumps' default
+# ", " separator. Elements of every datatype fit in it, in JSON and in binary (itemsize <= 8).
+JSON_BYTES_PER_ELEMENT = 26
+# Everything in a request besides the tensor values: names, shapes, datatypes, "outputs",
+# parameters, an id, the binary extension's JSON header. A generous constant, not a measurement.
+REQUEST_OVERHEAD_BYTES = 64 * 1024
+# Message fragments that repeat what a client sent are cut to this many characters.
+_SHOWN_CHARS = 64
+
+
+def show(value: Any) -> str:
+    """A client-supplied value for an error message, as JSON, at most ~64 characters."""
+    if isinstance(value, str) and len(value) > _SHOWN_CHARS:
+        value = value[:_SHOWN_CHARS]
+    try:
+        text = json.dumps(value, separators=(",", ":"))
+    except (TypeError, ValueError):  # ints beyond Python's 4300-digit str() limit, ...
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def show_name(name: str) -> str:
+    """A client-supplied name for an error message: repr, at most ~64 characters."""
+    return repr(name[:_SHOWN_CHARS]) + ("..." if len(name) > _SHOWN_CHARS else "")
+
+
+def largest_elements(signature: Signature, max_rows: int | None) -> int | None:
+    """How many tensor elements the largest valid request holds over all inputs, or None when a
+    dynamic dimension other than a bounded batch dimension leaves it unbounded.
+
+    ``max_rows`` bounds a dynamic first dimension (the runtime's max_batch_size, when >= 1).
+    """
+    total = 0
+    for spec in signature.inputs:
+        count = 1
+        for index, dim in enumerate(spec.shape):
+            if dim >= 0:
+                count *= dim
+            elif index == 0 and max_rows is not None:
+                count *= max_rows
+            else:
+                return None
+        total += count
+    return total
+
+
+def largest_request_bytes(signature: Signature, max_rows: int | None) -> int | None:
+    """The size of the largest valid infer request body, or None when it is unbounded.
+
+    Derivation: every input element costs at most ``JSON_BYTES_PER_ELEMENT`` (26) bytes as JSON
+    (more than any binary element), plus ``REQUEST_OVERHEAD_BYTES`` (64 KiB) for the rest of the
+    document. E.g. mnist's [1,1,28,28] FP32 input: 784 x 26 + 65536 = 85920 bytes.
+    """
+    elements = largest_elements(signature, max_rows)
+    if elements is None:
+        return None
+    return elements * JSON_BYTES_PER_ELEMENT + REQUEST_OVERHEAD_BYTES
+
+
+class _NotJson(ValueError):
+    """NaN, Infinity and -Infinity: Python's json module reads them, JSON has no such numbers."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON number")
+
+
+def _loads(text: bytes) -> Any:
+    if b"NaN" in text or b"Infinity" in text:  # perhaps only inside a string: check exactly
+        return json.loads(text, parse_constant=_refuse_constant)
+    return json.loads(text)  # the module's cached decoder: quicker than a new one per call
+
+
 @dataclass(frozen=True)
 class RequestedOutput:
     spec: TensorSpec
@@ -55,28 +129,32 @@ def _expected_outputs(signature: Signature) -> str:
     return ", ".join(spec.describe() for spec in signature.outputs)
 
 
-def _check_shape(spec: TensorSpec, shape: Any) -> tuple[int, ...]:
+def _check_shape(spec: TensorSpec, shape: Any, max_rows: int | None) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise bad_request(
-            f"input {spec.name!r}: shape must be a list of non-negative integers, got "
-            f"{json.dumps(shape)}"
+            f"input {spec.name!r}: shape must be a list of non-negative integers, got {show(shape)}"
         )
     if len(shape) != len(spec.shape) or any(
         want != -1 and want != got for want, got in zip(spec.shape, shape, strict=True)
     ):
         raise bad_request(
             f"input {spec.name!r}: expected shape {format_shape(spec.shape)} (-1 = any size), "
-            f"got {format_shape(shape)}"
+            f"got {show(shape)}"
+        )
+    if max_rows is not None and spec.shape[:1] == (-1,) and shape[0] > max_rows:
+        raise bad_request(
+            f"input {spec.name!r}: a batch of {show(shape[0])} rows is more than this runtime's "
+            f"max_batch_size ({max_rows}); split the request"
         )
     return tuple(shape)
 
 
 def _count_error(spec: TensorSpec, shape: tuple[int, ...], got: int) -> ProtocolError:
     return bad_request(
-        f"input {spec.name!r}: shape {format_shape(shape)} needs {math.prod(shape)} elements, "
-        f"got {got}"
+        f"input {spec.name!r}: shape {show(list(shape))} needs {show(math.prod(shape))} "
+        f"elements, got {got}"
     )
 
 
@@ -123,7 +201,7 @@ def loads_request(body: bytes) -> Any:
     :class:`ParsedNumbers` rather than lists (decoding them element by element in Python is
     most of a JSON request's cost). Anything unusual falls back to plain ``json.loads``."""
     if len(body) < _MIN_FAST_BYTES:
-        return json.loads(body)
+        return _loads(body)
     pieces: list[bytes] = []
     arrays: list[Array] = []
     position = 0
@@ -144,11 +222,11 @@ def loads_request(body: bytes) -> Any:
             arrays.append(array)
         match = _DATA_KEY.search(body, end)
     if not arrays:
-        return json.loads(body)
+        return _loads(body)
     try:
-        document = json.loads(b"".join([*pieces, body[position:]]))
+        document = _loads(b"".join([*pieces, body[position:]]))
     except ValueError:
-        return json.loads(body)  # the error, with positions in the body the client sent
+        return _loads(body)  # the error, with positions in the body the client sent
     # Each sentinel must stand as the "data" of one input, exactly once; else decode it all.
     placed = 0
     entries = document.get("inputs") if isinstance(document, dict) else None
@@ -156,11 +234,11 @@ def loads_request(body: bytes) -> Any:
         data = entry.get("data") if isinstance(entry, dict) else None
         if isinstance(data, str) and data.startswith(_SENTINEL[:-2]):
             if placed == len(arrays) or data != _SENTINEL % placed:
-                return json.loads(body)
+                return _loads(body)
             entry["data"] = ParsedNumbers(arrays[placed])
             placed += 1
     if placed != len(arrays):
-        return json.loads(body)
+        return _loads(body)
     return document
 
 
@@ -252,29 +330,52 @@ def _binary_size(parameters: dict[str, Any], where: str) -> int | None:
 
 
 def parse_infer_request(
-    body: bytes, header_length: int | None, signature: Signature
+    body: bytes,
+    header_length: int | None,
+    signature: Signature,
+    *,
+    max_rows: int | None = None,
+    max_elements: int | None = None,
 ) -> InferRequest:
     """Validate an infer request against the model signature.
 
     ``header_length`` is the value of the Inference-Header-Content-Length header: the JSON part's
-    size when binary tensors follow it, or None for a pure JSON body.
+    size when binary tensors follow it, or None for a pure JSON body. ``max_rows`` bounds a
+    dynamic batch dimension (max_batch_size); ``max_elements`` (see ``largest_elements``) bounds
+    the values the JSON part may hold, checked before it is decoded, so that a body of short
+    numbers ("0,0,0,...") cannot make the decoder build far more objects than a valid request.
+    All errors are ProtocolError(400) with a short message.
     """
     if header_length is not None and not 0 <= header_length <= len(body):
         raise bad_request(
             f"{HEADER_LENGTH} is {header_length} but the body has only {len(body)} bytes"
         )
     view = memoryview(body)
-    head = view[:header_length] if header_length is not None else view
+    head = bytes(view[:header_length]) if header_length is not None else body
+    # Every value after an array's first is preceded by a comma: the count bounds the values.
+    if max_elements is not None and head.count(b",") > max_elements + REQUEST_OVERHEAD_BYTES:
+        raise bad_request(
+            f"the request holds more values than the model's inputs take ({max_elements})"
+        )
     try:
-        document = loads_request(bytes(head))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        document = loads_request(head)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        if isinstance(exc, json.JSONDecodeError):
+            detail = exc.msg
+        elif isinstance(exc, _NotJson):
+            detail = str(exc)
+        elif isinstance(exc, RecursionError):
+            detail = "nested too deeply"
+        elif isinstance(exc, UnicodeDecodeError):
+            detail = "not UTF-8"
+        else:  # an integer beyond Python's digit limit, ...
+            detail = "a number is out of range"
         raise bad_request(f"malformed JSON request: {detail}") from None
     if not isinstance(document, dict):
         raise bad_request("the request must be a JSON object with an 'inputs' array")
     request_id = document.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise bad_request("'id' must be a string")
+    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 1024):
+        raise bad_request("'id' must be a string of at most 1024 characters")
     entries = document.get("inputs")
     if not isinstance(entries, list) or not entries:
         raise bad_request(
@@ -290,23 +391,24 @@ def parse_infer_request(
         spec = signature.input(name)
         if spec is None:
             raise bad_request(
-                f"unknown input {name!r}; the model's inputs are: {_expected_inputs(signature)}"
+                f"unknown input {show_name(name)}; the model's inputs are: "
+                f"{_expected_inputs(signature)}"
             )
         if name in arrays:
             raise bad_request(f"input {name!r} is given twice")
         if entry.get("datatype") != spec.datatype:
             raise bad_request(
                 f"input {name!r}: expected datatype {spec.datatype}, got "
-                f"{json.dumps(entry.get('datatype'))}"
+                f"{show(entry.get('datatype'))}"
             )
-        shape = _check_shape(spec, entry.get("shape"))
+        shape = _check_shape(spec, entry.get("shape"), max_rows)
         size = _binary_size(_parameters(entry, f"input {name!r}"), f"input {name!r}")
         if size is not None:
             if "data" in entry:
                 raise bad_request(f"input {name!r}: give either 'data' or binary_data_size")
             if offset + size > len(body):
                 raise bad_request(
-                    f"input {name!r}: binary_data_size {size} runs past the end of the body"
+                    f"input {name!r}: binary_data_size {show(size)} runs past the end of the body"
                 )
             arrays[name] = _from_binary(spec, shape, view[offset : offset + size])
             offset += size
@@ -339,15 +441,20 @@ def _requested_outputs(
     if not isinstance(entries, list):
         raise bad_request("'outputs' must be an array of {\"name\": ...} objects")
     requested: list[RequestedOutput] = []
+    seen: set[str] = set()
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise bad_request(f"outputs[{index}] must be an object with a string 'name'")
         spec = signature.output(entry["name"])
         if spec is None:
             raise bad_request(
-                f"unknown output {entry['name']!r}; the model's outputs are: "
+                f"unknown output {show_name(entry['name'])}; the model's outputs are: "
                 f"{_expected_outputs(signature)}"
             )
+        # Each repetition would be computed and encoded again: one name, one output.
+        if spec.name in seen:
+            raise bad_request(f"output {spec.name!r} is requested twice")
+        seen.add(spec.name)
         parameters = _parameters(entry, f"output {spec.name!r}")
         if "classification" in parameters:
             raise bad_request(f"output {spec.name!r}: the classification extension is not served")
@@ -384,7 +491,15 @@ def encode_infer_response(
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = np.asarray(result, dtype=spec.dtype).ravel().tolist()
+            values = np.asarray(result, dtype=spec.dtype)
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                # JSON has no NaN or Infinity (json.dumps would write invalid JSON);
+                # the binary extension carries them as IEEE 754 bits.
+                raise bad_request(
+                    f"output {spec.name!r} holds NaN or infinite values, which JSON cannot "
+                    "carry; request it as binary data (parameters.binary_data: true)"
+                )
+            entry["data"] = values.ravel().tolist()
         entries.append(entry)
     document: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:

@@ -13,6 +13,15 @@ pipelining, Content-Length bodies only). Where inference runs depends on the mod
     so that the loop keeps answering health checks and other requests meanwhile.
 The standard library's ``http.server`` (a thread per connection, ``email`` header parsing) spent
 most of a small request's time in Python around the model; see benchmarks/runtime.py.
+
+Network clients are not trusted; what one client can hold is bounded (nginx and Triton bound the
+same things): a body is at most the model's largest valid request (protocol.largest_request_bytes,
+capped by max_request_bytes) and is read only once a server-wide body budget holds it; a request
+head must arrive within header_timeout_s and a body at a minimum rate; reading stops while the
+client does not read its replies; connections are capped (below the descriptor limit), the most
+stalled one making room for a newcomer, else 503; large bodies are parsed on a worker thread;
+errors caused by a request's values answer 400 and never turn readiness off; error logs are
+short and rate-limited. See tests/integration/test_runtime_attack.py.
 """
 
 from __future__ import annotations
@@ -23,11 +32,13 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,7 +52,7 @@ from . import __version__
 from .batching import Batcher, QueueFull
 from .cache import ResponseCache, cache_key
 from .config import ConfigError, RuntimeConfig, load_config
-from .log import configure, event, logger
+from .log import Throttle, clip, configure, event, logger
 from .metrics import Metrics
 from .model import Array, Model, ModelError, load_model
 from .protocol import (
@@ -50,7 +61,11 @@ from .protocol import (
     ProtocolError,
     bad_request,
     encode_infer_response,
+    largest_elements,
+    largest_request_bytes,
     parse_infer_request,
+    show,
+    show_name,
 )
 from .sdnotify import notify, watchdog_interval_s
 
@@ -81,12 +96,15 @@ def json_response(status: int, document: Any) -> Response:
     return Response(status, json.dumps(document, separators=(",", ":")).encode())
 
 
+# An error message is one short line: what a client sent is quoted in part, never whole.
+MAX_ERROR_CHARS = 512
+
+
 def error_response(
     status: int, message: str, headers: tuple[tuple[str, str], ...] = ()
 ) -> Response:
-    return Response(
-        status, json.dumps({"error": message}, separators=(",", ":")).encode(), headers=headers
-    )
+    document = {"error": clip(message, MAX_ERROR_CHARS)}
+    return Response(status, json.dumps(document, separators=(",", ":")).encode(), headers=headers)
 
 
 @dataclass(frozen=True)
@@ -105,7 +123,8 @@ class ServiceUnavailable(ProtocolError):
 
 
 # After this many session.run failures in a row the model "cannot serve": ready turns false
-# (and the systemd watchdog stops being fed) until a run succeeds again.
+# (and the systemd watchdog stops being fed) until a run succeeds again. Only failures that are
+# not the request's own count: see App._input_at_fault.
 FAILURES_UNTIL_UNHEALTHY = 3
 
 
@@ -115,11 +134,23 @@ class App:
     def __init__(self, config: RuntimeConfig, model: Model) -> None:
         self.config = config
         self.model = model
+        signature = model.signature
+        # A request's rows are bounded by max_batch_size (when set) on a dynamic first dimension;
+        # the body limit is the largest valid request, capped by the target's max_request_bytes.
+        self.max_rows = config.max_batch_size if config.max_batch_size >= 1 else None
+        self.max_elements = largest_elements(signature, self.max_rows)
+        largest = largest_request_bytes(signature, self.max_rows)
+        self.limit_from_model = largest is not None and largest < config.max_request_bytes
+        self.body_limit = (
+            largest if largest is not None and self.limit_from_model else (config.max_request_bytes)
+        )
         self.ready = threading.Event()  # set after warm-up, cleared on shutdown
         self.metrics = Metrics()
         self.cache = ResponseCache(config.cache_bytes) if config.cache_bytes > 0 else None
+        # Whether a request's first axis is rows of a batch (see _batch_axis_declared).
+        self.batch_axis = signature.batchable and self._batch_axis_declared()
         self.batcher: Batcher | None = None
-        if config.max_batch_size > 1 and model.signature.batchable:
+        if config.max_batch_size > 1 and signature.batchable and not self._batch_refused():
             self.batcher = Batcher(
                 self._timed_run,
                 config.max_batch_size,
@@ -135,6 +166,30 @@ class App:
         if self.cache is not None:
             cache = self.cache
             self.metrics.cache_bytes = lambda: cache.used
+
+    def _batch_axis_declared(self) -> bool:
+        """The first axis is a batch axis: named so on every input and output of the model
+        (model.BATCH_DIM_NAMES) or declared by runtime.json's batch_axis."""
+        return self.config.batch_axis == 0 or not self.model.signature.unnamed_batch_axis()
+
+    def _batch_refused(self) -> bool:
+        """True (and logged, once: the App is made once per process) when runtime.json asks for
+        batching but the model's first axis is not a declared batch axis. Concatenating along
+        any other axis (a time-major RNN's time) gives every request but the first a wrong answer,
+        so requests run one by one instead. runtime.json comes from the bundle: this is the
+        runtime's own check of what the build already refuses."""
+        if self._batch_axis_declared():
+            return False
+        tensor = self.model.signature.unnamed_batch_axis()[0]
+        event(
+            "batching_refused",
+            logging.WARNING,
+            message=f"max_batch_size {self.config.max_batch_size} ignored: the first dimension "
+            f"of {clip(repr(tensor.name), 80)} ({clip(repr(tensor.first_dim), 80)}) is not a "
+            "declared batch axis; requests run "
+            "one by one (name it 'batch' or 'N' in the model, or set batch_axis 0 if it is one)",
+        )
+        return True
 
     def healthy(self) -> bool:
         """Warmed up, not stopping, the model answering, and the batch worker alive."""
@@ -185,15 +240,16 @@ class App:
             return error_response(503, exc.message, (("Retry-After", str(exc.retry_after_s)),))
         if isinstance(exc, ProtocolError):
             return error_response(exc.status, exc.message)
-        # A bug or an onnxruntime failure answers 500; the server keeps serving.
+        # A bug answers 500 (its details go to the log, not to the client); the server keeps
+        # serving.
         event(
             "request_failed",
             logging.ERROR,
             exc_info=exc,
-            method=method,
-            path=path,
+            method=clip(method, 16),
+            path=clip(path, 120),
         )
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        return error_response(500, "internal error; see the runtime's log")
 
     def _route(self, method: str, path: str, headers: _Headers, body: bytes) -> Response | InferJob:
         if path in ("/v2/health/live", "/v2/health/ready", "/v2"):
@@ -222,7 +278,7 @@ class App:
             return json_response(200, report)
         match = _MODEL_PATH.match(path)
         if match is None:
-            raise ProtocolError(404, f"no such endpoint: {method} {path}")
+            raise ProtocolError(404, f"no such endpoint: {clip(method, 16)} {clip(path, 100)}")
         self._check_model(match["name"], match["version"])
         action = match["action"]
         if action == "/infer":
@@ -237,17 +293,17 @@ class App:
     @staticmethod
     def _require(method: str, allowed: str, path: str) -> None:
         if method != allowed:
-            raise ProtocolError(405, f"{path} accepts {allowed}, not {method}")
+            raise ProtocolError(405, f"{clip(path, 100)} accepts {allowed}, not {clip(method, 16)}")
 
     def _check_model(self, name: str, version: str | None) -> None:
         if name != self.model.name:
             raise ProtocolError(
-                404, f"unknown model {name!r}; this runtime serves {self.model.name!r}"
+                404, f"unknown model {show_name(name)}; this runtime serves {self.model.name!r}"
             )
         if version is not None and version != self.model.version:
             raise ProtocolError(
                 404,
-                f"unknown version {version!r} of model {name!r}; "
+                f"unknown version {show_name(version)} of model {name!r}; "
                 f"this runtime serves version {self.model.version!r}",
             )
 
@@ -275,13 +331,16 @@ class App:
         header_length: int | None = None
         raw_length = headers.get(HEADER_LENGTH)
         if raw_length is not None:
-            try:
-                header_length = int(raw_length)
-            except ValueError:
-                raise bad_request(
-                    f"{HEADER_LENGTH} must be an integer, got {raw_length!r}"
-                ) from None
-        request = parse_infer_request(body, header_length, self.model.signature)
+            if not (raw_length.isdigit() and raw_length.isascii() and len(raw_length) <= 18):
+                raise bad_request(f"{HEADER_LENGTH} must be an integer, got {show(raw_length)}")
+            header_length = int(raw_length)
+        request = parse_infer_request(
+            body,
+            header_length,
+            self.model.signature,
+            max_rows=self.max_rows,
+            max_elements=self.max_elements,
+        )
         names = [out.spec.name for out in request.outputs]
         key = b""
         if self.cache is not None:
@@ -291,6 +350,19 @@ class App:
             if results is not None:
                 return self._encode(request, results)
         return InferJob(request, names, key)
+
+    def work(self, method: str, path: str, headers: _Headers, body: bytes) -> Response | InferJob:
+        """``begin`` and, without a batcher, the run and ``conclude`` too: all of a request that
+        can be done in a worker thread (the server's path for large bodies)."""
+        outcome = self.begin(method, path, headers, body)
+        if isinstance(outcome, Response) or self.batcher is not None:
+            return outcome
+        try:
+            self.admit()
+            results = self.run_admitted(outcome)
+        except Exception as exc:
+            return self.failure(exc, method, path)
+        return self.conclude(outcome, results, method, path)
 
     def infer(self, headers: _Headers, body: bytes) -> Response:
         """Validate, run (here, in this thread) and encode one infer request."""
@@ -364,9 +436,21 @@ class App:
             f"the queue is full ({self.config.max_queue_size} requests waiting); retry later"
         )
 
+    def _input_at_fault(self, exc: Exception) -> bool:
+        """Whether a failed run is the request's fault: onnxruntime says so (InvalidArgument), or
+        the warm-up input, which ran at start, still runs. Only other failures count towards
+        FAILURES_UNTIL_UNHEALTHY, so no client can turn readiness off."""
+        if type(exc).__name__ == "InvalidArgument":
+            return True
+        try:
+            self.model.warm_up()
+        except Exception:
+            return False
+        return True
+
     def _rows(self, inputs: Mapping[str, Array]) -> int:
         spec = self.model.signature.inputs[0]
-        return int(inputs[spec.name].shape[0]) if self.model.signature.batchable else 1
+        return int(inputs[spec.name].shape[0]) if self.batch_axis else 1
 
     def _run(self, inputs: Mapping[str, Array], names: Sequence[str]) -> list[Array]:
         if self.batcher is not None:
@@ -387,11 +471,17 @@ class App:
         try:
             results = self.model.run(inputs, names)
         except Exception as exc:
+            self.metrics.count("inference_failures")
+            detail = clip(" ".join(str(exc).split()), 300)
+            if self._input_at_fault(exc):
+                # The request's own values (an index out of range, ...): the model is fine.
+                raise ProtocolError(
+                    400, "the model cannot run on these input values (onnxruntime refused them)"
+                ) from None
             with self._lock:
                 self._failures += 1
-            self.metrics.count("inference_failures")
-            message = " ".join(str(exc).split())
-            raise ProtocolError(500, f"inference failed: {message}") from None
+            event("inference_failed", logging.ERROR, message=detail)
+            raise ProtocolError(500, "inference failed; see the runtime's log") from None
         elapsed = time.perf_counter() - started
         with self._lock:
             self._failures = 0
@@ -404,7 +494,11 @@ def request_path(target: str) -> str:
     """The request target's path without query, fragment or trailing slashes."""
     if target[:1] == "/" and "?" not in target and "#" not in target:
         return target.rstrip("/") or "/"  # the common case, without urlsplit's work
-    return urlsplit(target).path.rstrip("/") or "/"
+    try:
+        path = urlsplit(target).path
+    except ValueError:  # "//[x?": an unparsable authority
+        path = target.split("#", 1)[0].split("?", 1)[0]
+    return path.rstrip("/") or "/"
 
 
 _LABELS = {
@@ -433,15 +527,41 @@ def endpoint_label(path: str) -> str:
 # ------------------------------------------------------------------------------------ HTTP/1.1
 
 SERVER_HEADER = f"edgepack-runtime/{__version__}"
-# The request line and headers together; more is refused with 431.
-MAX_HEAD_BYTES = 64 * 1024
+# The request line and headers together; more is refused with 431 (nginx's default buffers for
+# a request head total 32 KiB too: large_client_header_buffers 4 8k).
+MAX_HEAD_BYTES = 32 * 1024
 MAX_HEADERS = 100
 # After an error reply that leaves a body unread: read and drop this much, for this long, so that
 # the client reads the reply instead of a connection reset (a lingering close).
 LINGER_BYTES = 64 << 20
 LINGER_S = 2.0
+# A body gets header_timeout_s plus its size at this rate to arrive; slower is a trickle (408).
+MIN_BODY_BYTES_PER_S = 64 * 1024
+# Bodies this large or larger are parsed (and, unbatched, run and encoded) on a worker thread so
+# that the event loop keeps answering health checks meanwhile; smaller ones are quicker in place.
+OFFLOAD_BYTES = 64 * 1024
+# All connections together may hold this many body bytes (reserved, whole, when a head announces
+# a body; the rest wait for their turn): the model's largest valid request, at least this much.
+MIN_BODY_BUDGET = 8 << 20
+# asyncio accepts up to this many connections per wake-up (its ``backlog`` argument), and a
+# connection over the cap is closed only a few loop iterations after its accept: the descriptor
+# limit must leave room for several batches (ACCEPT_BATCHES_IN_FLIGHT) besides the connections.
+ACCEPT_BATCH = 16
+ACCEPT_BATCHES_IN_FLIGHT = 4
+# Descriptors kept free besides those: the listening socket, the loop's self-pipe and epoll,
+# stdio, the log, onnxruntime's files.
+RESERVED_FDS = 32
+# At most this many connections may hold replies their clients do not read (each up to the
+# transport's 64 KiB high-water mark plus one reply); past it the oldest is closed.
+MAX_STALLED_WRITERS = 16
+# Error events are logged at most this often (a client decides how often errors happen).
+ERROR_LOGS_PER_S = 20
 _METHODS_WITH_BODY = ("POST", "PUT")
 _METHODS = ("GET", "POST", "PUT", "DELETE")
+# Control bytes no request head may hold besides its CRLFs (RFC 9112; HTAB is allowed).
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token (method, header name)
+_TARGET = re.compile(r"[\x21-\x7e]+")  # visible ASCII
 
 
 class Headers(dict[str, str]):
@@ -469,11 +589,18 @@ class RequestHead:
 class HeadError(Exception):
     """The request line or headers cannot be served: answer ``status`` and close."""
 
-    def __init__(self, status: int, message: str, target: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        target: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.target = target  # when the request line was read: counted in the metrics
+        self.headers = headers
 
 
 def _reason(status: int) -> str:
@@ -499,25 +626,37 @@ def http_date() -> str:
 
 
 def parse_head(head: bytes) -> RequestHead:
-    """The request line and headers (without the blank line); raises HeadError."""
+    """The request line and headers (without the blank line); raises HeadError (4xx)."""
+    # Lines end with CRLF: a bare LF or CR would split lines differently elsewhere (smuggling).
+    crlf = head.count(b"\r\n")
+    bad = _CONTROL_BYTES.search(head)
+    if head.count(b"\n") != crlf or head.count(b"\r") != crlf or bad is not None:
+        if head.count(b"\n") != crlf:
+            what = "a bare LF"
+        elif head.count(b"\r") != crlf:
+            what = "a bare CR"
+        else:
+            assert bad is not None
+            what = f"control byte 0x{bad.group()[0]:02x}"
+        raise HeadError(400, f"{what} in the request head: lines end with CRLF, no control bytes")
     text = head.decode("latin-1")
-    lines = text.split("\r\n") if "\r\n" in text else text.split("\n")
-    parts = lines[0].rstrip("\r").split(" ")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise HeadError(400, f"bad request line {lines[0].rstrip()[:100]!r}")
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
+        raise HeadError(400, f"bad request line {clip(lines[0], 100)!r}")
     method, target, version = parts
     major, dot, minor = version[5:].partition(".")
     if version[:5] != "HTTP/" or not dot or not major.isdigit() or not minor.isdigit():
         raise HeadError(400, f"bad HTTP version {version[:20]!r}")
     if major != "1":
-        raise HeadError(505, f"HTTP version {version[5:]} is not supported; use HTTP/1.1")
+        raise HeadError(505, f"HTTP version {version[5:20]} is not supported; use HTTP/1.1")
     if len(lines) > MAX_HEADERS + 1:
         raise HeadError(431, f"more than {MAX_HEADERS} headers")
     headers = Headers()
     for index in range(1, len(lines)):
-        line = lines[index].rstrip("\r")
+        line = lines[index]
         name, colon, value = line.partition(":")
-        if not colon or not name or name[-1] in " \t" or name[0] in " \t":
+        if not colon or not _TOKEN.fullmatch(name):
             raise HeadError(400, f"malformed header line {line[:100]!r}")
         key = name.lower()
         value = value.strip(" \t")
@@ -542,26 +681,58 @@ def parse_head(head: bytes) -> RequestHead:
             raise HeadError(411, "the request needs a Content-Length header", target)
         length = 0
     elif raw.isdigit() and raw.isascii():
+        if len(raw) > 18:  # beyond any limit (and int() refuses over 4300 digits)
+            raise HeadError(413, f"Content-Length has {len(raw)} digits: too large", target)
         length = int(raw)
     else:
-        raise HeadError(400, f"Content-Length must be a non-negative integer, got {raw!r}", target)
+        raise HeadError(
+            400, f"Content-Length must be a non-negative integer, got {clip(raw, 40)!r}", target
+        )
     return RequestHead(method, target, headers, keep_alive, length)
 
 
 def _head_end(buffer: bytearray) -> tuple[int, int] | None:
-    """(end of the headers, start of the body) once the blank line has arrived."""
-    crlf = buffer.find(b"\n\r\n")
+    """(end of the headers, start of the body) once the blank line has arrived (a bare-LF one
+    too, so that parse_head can refuse it rather than wait)."""
+    crlf = buffer.find(b"\r\n\r\n")
     lf = buffer.find(b"\n\n", 0, crlf if crlf >= 0 else len(buffer))
     if lf >= 0:
-        return lf, lf + 2
+        return lf + 1, lf + 2  # the head keeps its bare LF, which parse_head refuses
     if crlf >= 0:
-        return crlf, crlf + 3
+        return crlf, crlf + 4
     return None
+
+
+def _take(buffer: bytearray, length: int) -> bytes:
+    """The first ``length`` bytes of ``buffer``, removed from it, copied once."""
+    if length == len(buffer):
+        body = bytes(buffer)
+        buffer.clear()
+        return body
+    view = memoryview(buffer)
+    try:
+        part = view[:length]
+        body = bytes(part)
+        part.release()
+    finally:
+        view.release()
+    del buffer[:length]
+    return body
+
+
+# (the request, its path, its inference when one is out (None while a worker parses it), start)
+_Running = tuple[RequestHead, str, InferJob | None, float]
 
 
 class Connection(asyncio.Protocol):
     """One client connection, driven by the event loop: one request answered at a time (pipelined
-    requests wait in the buffer), keep-alive until the client, an error or a drain closes it."""
+    requests wait in the buffer), keep-alive until the client, an error or a drain closes it.
+
+    Bounds: reading stops while a reply waits for the client to read (the transport's write
+    high-water mark) and when the buffer holds more than the current request needs; a head has
+    ``header_timeout_s`` to arrive, a body that plus its size at ``MIN_BODY_BYTES_PER_S``; a body
+    is read only once the server's body budget holds it (``RuntimeServer.reserve``).
+    """
 
     def __init__(self, server: RuntimeServer) -> None:
         self.server = server
@@ -571,13 +742,18 @@ class Connection(asyncio.Protocol):
         self.client = "-"
         self.buffer = bytearray()
         self.head: RequestHead | None = None  # read; its body is awaited
-        self.running: tuple[RequestHead, str, InferJob, float] | None = None  # inference out
+        self.running: _Running | None = None  # parsing or inference out
         self.answering = False
         self.closing = False
         self.eof = False  # the client has shut down its sending side
         self.lingering = 0  # > 0: after an error reply, bytes still read and dropped
         self.write_paused = False
         self.last_active = self.loop.time()
+        self.started = self.last_active  # when the current request's first byte was processed
+        self.deadline: float | None = None  # the current head or body must be in by then
+        self.reserved = 0  # body bytes held in the server's budget
+        self.waiting = False  # for the server's body budget
+        self.served = 0  # requests answered
 
     # -------------------------------------------------------------------- asyncio callbacks
 
@@ -586,11 +762,23 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client = str(peer[0]) if peer else "-"
-        self.server.connections.add(self)
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            victim = server.pick_victim()
+            if victim is None:
+                self.closing = True
+                retry = (("Retry-After", "1"),)
+                self._write(error_response(503, "too many connections; retry", retry), close=True)
+                transport.close()
+                return
+            victim.evict()
+        server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self._release()
         self.server.connections.discard(self)
+        self.server.stalled.pop(self, None)
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.loop.time()
@@ -602,11 +790,9 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         self.buffer += data
-        if self.running is None:
+        if self.running is None and not self.waiting:
             self._process()
-        elif len(self.buffer) > MAX_HEAD_BYTES and self.transport is not None:
-            # A client pipelining while its request runs: stop reading until it is answered.
-            self.transport.pause_reading()
+        self._flow()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -615,12 +801,22 @@ class Connection(asyncio.Protocol):
         return False  # the transport closes itself
 
     def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its requests too.
         self.write_paused = True
+        self._flow()
+        stalled = self.server.stalled
+        stalled[self] = None
+        if len(stalled) > MAX_STALLED_WRITERS:
+            # Each holds up to the high-water mark plus one reply: bound them all together.
+            oldest = next(iter(stalled))
+            oldest.evict()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.running is None:
+        self.server.stalled.pop(self, None)
+        if self.running is None and not self.waiting:
             self._process()
+        self._flow()
 
     # ---------------------------------------------------------------------------- requests
 
@@ -631,6 +827,32 @@ class Connection(asyncio.Protocol):
             return True
         return not (self.lingering or self.closing) and (self.head is not None or bool(self.buffer))
 
+    def eviction_key(self) -> tuple[int, float] | None:
+        """Which connection goes first when a newcomer finds every slot taken (lowest first), or
+        None while a request is answered: already closing, then the client not reading its
+        replies, idle keep-alive, a head still arriving (oldest first; a new connection counts
+        from its start, so it is the last of these), a body waiting for the budget, one
+        arriving."""
+        if self.running is not None or self.answering:
+            return None
+        if self.closing or self.lingering:
+            return (0, self.last_active)
+        if self.write_paused:
+            return (1, self.last_active)
+        if self.head is None and not self.buffer and self.served:
+            return (2, self.last_active)
+        if self.head is None:
+            return (3, self.started)
+        return (4 if self.waiting else 5, self.started)
+
+    def evict(self) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+        self.server.stalled.pop(self, None)
+        self._release()
+        if self.transport is not None:
+            self.transport.abort()
+
     def close_if_idle(self) -> None:
         if not self.busy:
             self._close()
@@ -640,40 +862,106 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _release(self) -> None:
+        """Give this connection's body bytes back to the server's budget."""
+        self.waiting = False
+        if self.reserved:
+            reserved, self.reserved = self.reserved, 0
+            self.server.release(reserved)
+
+    def _flow(self) -> None:
+        """Read while the current request needs bytes and the client reads its replies."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        need = MAX_HEAD_BYTES + (self.head.length if self.head is not None else 0)
+        wanted = bool(self.lingering) or (
+            not self.write_paused and not self.waiting and len(self.buffer) < need
+        )
+        if wanted != transport.is_reading():
+            if wanted:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+    def granted(self) -> None:
+        """The server's budget now holds this connection's body: read it."""
+        self.waiting = False
+        if self.closing or self.head is None:
+            self._release()  # closed meanwhile
+            return
+        self._start_body(self.head)
+        self._process()
+        self._flow()
+
+    def expire(self) -> None:
+        """The head or body missed its deadline (or the budget did not free up in time)."""
+        if self.waiting:
+            error = HeadError(
+                503,
+                "the server is busy reading other requests; retry",
+                None,
+                (("Retry-After", "1"),),
+            )
+        elif self.head is None:
+            error = HeadError(408, "the request head did not arrive in time")
+        else:
+            error = HeadError(408, "the request body did not arrive in time")
+        self._reject(error)
+
+    def _start_body(self, head: RequestHead) -> None:
+        config = self.app.config
+        self.deadline = (
+            self.loop.time() + config.header_timeout_s + head.length / MIN_BODY_BYTES_PER_S
+        )
+        if head.length > len(self.buffer) and (
+            head.headers.get("expect", "").lower() == "100-continue"
+        ):
+            assert self.transport is not None
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
     def _process(self) -> None:
         """Answer each complete request in the buffer, in order, until one must wait."""
         try:
-            while self.running is None and not self.closing and not self.write_paused:
+            while (
+                self.running is None
+                and not self.closing
+                and not self.write_paused
+                and not self.waiting
+            ):
                 buffer = self.buffer
                 if self.head is None:
                     while buffer and buffer[0] in (13, 10):  # blank lines between requests
                         del buffer[:1]
                     if not buffer:
                         break
+                    if self.deadline is None:
+                        self.started = self.loop.time()
+                        self.deadline = self.started + self.app.config.header_timeout_s
                     end = _head_end(buffer)
                     if end is None:
                         if len(buffer) > MAX_HEAD_BYTES:
                             raise HeadError(431, f"the request head exceeds {MAX_HEAD_BYTES} bytes")
                         break
+                    if end[0] > MAX_HEAD_BYTES:
+                        raise HeadError(431, f"the request head exceeds {MAX_HEAD_BYTES} bytes")
                     head = parse_head(bytes(buffer[: end[0]]))
                     del buffer[: end[1]]
                     self._check_length(head)
                     self.head = head
-                    if head.length > len(buffer) and (
-                        head.headers.get("expect", "").lower() == "100-continue"
-                    ):
-                        assert self.transport is not None
-                        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    if head.length:
+                        if not self.server.reserve(self, head.length):
+                            self.waiting = True
+                            self.deadline = self.loop.time() + self.app.config.header_timeout_s
+                            break
+                        self._start_body(head)
                 head = self.head
                 if len(buffer) < head.length:
                     break
-                if head.length == len(buffer):
-                    body = bytes(buffer)
-                    buffer.clear()
-                else:
-                    body = bytes(buffer[: head.length])
-                    del buffer[: head.length]
+                body = _take(buffer, head.length) if head.length else b""
                 self.head = None
+                self.deadline = None
+                self.served += 1
                 self.answering = True  # counted in flight (a /metrics scrape counts itself)
                 try:
                     self._answer(head, body)
@@ -683,35 +971,48 @@ class Connection(asyncio.Protocol):
             self._reject(exc)
         except Exception as exc:  # a bug: answer 500 and close rather than hang the client
             event("request_failed", logging.ERROR, exc_info=exc, client=self.client)
-            self._reject(HeadError(500, f"internal error: {type(exc).__name__}: {exc}"))
-        if (
-            self.running is None
-            and not self.closing
-            and self.transport is not None
-            and not self.transport.is_reading()
-        ):
-            self.transport.resume_reading()
+            self._reject(HeadError(500, "internal error; see the runtime's log"))
 
     def _check_length(self, head: RequestHead) -> None:
-        limit = self.app.config.max_request_bytes
+        app = self.app
+        limit = app.body_limit
         if head.length > limit:
-            raise HeadError(
-                413, f"the body has {head.length} bytes; the limit is {limit}", head.target
+            source = (
+                "the model's largest valid request"
+                if app.limit_from_model
+                else ("max_request_bytes")
             )
+            raise HeadError(
+                413,
+                f"the body has {head.length} bytes; the limit is {limit} ({source})",
+                head.target,
+            )
+
+    def _log_error(self, status: int, method: str, path: str, message: str) -> None:
+        dropped = self.server.error_log.allow()
+        if dropped is None:
+            return
+        extra: dict[str, Any] = {"suppressed": dropped} if dropped else {}
+        event(
+            "request_error",
+            logging.WARNING if status < 500 else logging.ERROR,
+            method=clip(method, 16),
+            path=clip(path, 120),
+            status=status,
+            client=self.client,
+            message=clip(message, 200),
+            **extra,
+        )
 
     def _reject(self, exc: HeadError) -> None:
         """Answer an error and close: what remains of the request cannot be parsed."""
         self.head = None
-        self._write(error_response(exc.status, exc.message), close=True)
+        self.deadline = None
+        self._release()
+        self._write(error_response(exc.status, exc.message, exc.headers), close=True)
         if exc.target is not None:
             self.app.metrics.request(endpoint_label(exc.target), exc.status, None)
-            event(
-                "request_error",
-                logging.WARNING,
-                path=exc.target,
-                status=exc.status,
-                message=exc.message,
-            )
+            self._log_error(exc.status, "-", request_path(exc.target), exc.message)
         else:
             event("http", logging.DEBUG, message=exc.message, client=self.client)
         # Read and drop what the client still sends, then close (bounded in bytes and time).
@@ -726,6 +1027,7 @@ class Connection(asyncio.Protocol):
         except (OSError, RuntimeError):
             self._close()
             return
+        self._flow()
         self.loop.call_later(LINGER_S, self._close)
 
     def _answer(self, head: RequestHead, body: bytes) -> None:
@@ -734,8 +1036,25 @@ class Connection(asyncio.Protocol):
         method = head.method
         path = request_path(head.target)
         if method not in _METHODS:
-            raise HeadError(501, f"method {method} is not supported", head.target)
-        outcome = app.begin(method, path, head.headers, body)
+            raise HeadError(501, f"method {clip(method, 16)} is not supported", head.target)
+        if len(body) >= OFFLOAD_BYTES:
+            # Parsing a large body takes long enough to stall every other connection.
+            self.running = (head, path, None, started)
+            try:
+                future = self.server.pool.submit(app.work, method, path, head.headers, body)
+            except RuntimeError as exc:  # the pool is shut down: the process is stopping
+                self.running = None
+                self._reply(head, path, app.failure(exc, method, path), started)
+                return
+            future.add_done_callback(self._worked)
+            return
+        self._dispatch(head, path, app.begin(method, path, head.headers, body), started)
+
+    def _dispatch(
+        self, head: RequestHead, path: str, outcome: Response | InferJob, started: float
+    ) -> None:
+        app = self.app
+        method = head.method
         if isinstance(outcome, Response):
             self._reply(head, path, outcome, started)
             return
@@ -772,6 +1091,28 @@ class Connection(asyncio.Protocol):
         self.running = (head, path, outcome, started)
         future.add_done_callback(self._future_done)
 
+    def _worked(self, future: Future[Response | InferJob]) -> None:
+        """A worker parsed (and perhaps answered) a large request: continue on the loop."""
+        error = future.exception()
+        outcome: Response | InferJob | BaseException = (
+            error if error is not None else future.result()
+        )
+        try:
+            self.loop.call_soon_threadsafe(self._continue, outcome)
+        except RuntimeError:
+            pass  # the loop is closed: the process is exiting
+
+    def _continue(self, outcome: Response | InferJob | BaseException) -> None:
+        assert self.running is not None
+        head, path, _, started = self.running
+        self.running = None
+        if isinstance(outcome, BaseException):
+            outcome = self.app.failure(outcome, head.method, path)
+        self._dispatch(head, path, outcome, started)
+        if self.running is None and not self.closing:
+            self._process()
+            self._flow()
+
     def _future_done(self, future: Future[list[Array]]) -> None:
         error = future.exception()
         self._done_elsewhere(None if error is not None else future.result(), error)
@@ -786,6 +1127,7 @@ class Connection(asyncio.Protocol):
     def _done(self, results: list[Array] | None, error: BaseException | None) -> None:
         assert self.running is not None
         head, path, job, started = self.running
+        assert job is not None
         self.running = None
         if error is not None or results is None:
             response = self.app.failure(error or RuntimeError("no results"), head.method, path)
@@ -794,8 +1136,10 @@ class Connection(asyncio.Protocol):
         self._reply(head, path, response, started)
         if not self.closing:
             self._process()
+            self._flow()
 
     def _reply(self, head: RequestHead, path: str, response: Response, started: float) -> None:
+        self._release()
         close = not head.keep_alive or self.eof or self.server.draining
         self._write(response, close=close)
         label = endpoint_label(path)
@@ -804,21 +1148,17 @@ class Connection(asyncio.Protocol):
             label, response.status, time.perf_counter() - started if label == "infer" else None
         )
         if response.status >= 400:
-            event(
-                "request_error",
-                logging.WARNING if response.status < 500 else logging.ERROR,
-                method=head.method,
-                path=head.target,
-                status=response.status,
-                client=self.client,
-                message=json.loads(response.body).get("error", ""),
-            )
+            try:
+                message = str(json.loads(response.body).get("error", ""))
+            except ValueError:
+                message = ""
+            self._log_error(response.status, head.method, path, message)
         elif logger.isEnabledFor(logging.DEBUG):
             event(
                 "request",
                 logging.DEBUG,
                 method=head.method,
-                path=head.target,
+                path=path,
                 status=response.status,
                 ms=round((time.perf_counter() - started) * 1000, 3),
             )
@@ -859,6 +1199,17 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def connection_limit(configured: int) -> int:
+    """``configured``, lowered so that the connections, the accepts in flight and RESERVED_FDS
+    fit in the process's descriptor limit (RLIMIT_NOFILE): past it, accept() fails and nobody,
+    health checks included, gets in (asyncio then stops accepting for a second)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    spare = ACCEPT_BATCH * ACCEPT_BATCHES_IN_FLIGHT + RESERVED_FDS
+    return max(1, min(configured, soft - spare))
+
+
 def pool_size(intra_op_threads: int) -> int:
     """Threads for models too slow to run on the loop: one run per core when each run uses one
     core, else two (each run already spreads over the cores; two overlap Python and compute)."""
@@ -871,7 +1222,7 @@ class RuntimeServer:
     drain them."""
 
     # The default backlog drops connections when many clients connect at once.
-    backlog = 256
+    backlog = 128
 
     def __init__(self, address: tuple[str, int], app: App) -> None:
         self.app = app
@@ -879,6 +1230,14 @@ class RuntimeServer:
         self.server_address: tuple[str, int] = self.socket.getsockname()[:2]
         self.loop = asyncio.new_event_loop()
         self.connections: set[Connection] = set()
+        self.max_connections = connection_limit(app.config.max_connections)
+        self.body_budget = max(app.body_limit, MIN_BODY_BUDGET)
+        self.reserved = 0  # body bytes reserved by connections
+        self.waiters: deque[Connection] = deque()  # for the body budget, first come first served
+        # Connections whose client stopped reading replies (write buffer over its high-water
+        # mark), oldest first.
+        self.stalled: dict[Connection, None] = {}
+        self.error_log = Throttle(ERROR_LOGS_PER_S, burst=ERROR_LOGS_PER_S * 2)
         self.draining = False
         self.pool = ThreadPoolExecutor(
             pool_size(app.config.intra_op_threads), thread_name_prefix="infer"
@@ -896,9 +1255,12 @@ class RuntimeServer:
         try:
             self._server = self.loop.run_until_complete(
                 self.loop.create_server(
-                    lambda: Connection(self), sock=self.socket, backlog=self.backlog
+                    lambda: Connection(self), sock=self.socket, backlog=ACCEPT_BATCH
                 )
             )
+            # create_server listened with its backlog argument (the accept batch): restore
+            # the kernel's queue of pending connections.
+            self.socket.listen(self.backlog)
             self._schedule_sweep()
             self._started.set()
             self.loop.run_forever()
@@ -910,15 +1272,62 @@ class RuntimeServer:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
+    def reserve(self, connection: Connection, length: int) -> bool:
+        """Hold ``length`` body bytes for ``connection``, or queue it (False) until ``release``
+        makes room. Whole bodies only, first come first served: no two half-read bodies can wait
+        for each other, and each fits (body_budget >= the body limit)."""
+        if not self.waiters and self.reserved + length <= self.body_budget:
+            self.reserved += length
+            connection.reserved = length
+            return True
+        self.waiters.append(connection)
+        return False
+
+    def release(self, length: int) -> None:
+        self.reserved -= length
+        while self.waiters:
+            waiter = self.waiters[0]
+            head = waiter.head
+            if waiter.closing or not waiter.waiting or head is None:
+                self.waiters.popleft()
+                continue
+            if self.reserved + head.length > self.body_budget:
+                break
+            self.waiters.popleft()
+            self.reserved += head.length
+            waiter.reserved = head.length
+            self.loop.call_soon(waiter.granted)
+
+    def pick_victim(self) -> Connection | None:
+        """The connection to close for a newcomer (see Connection.eviction_key), if any."""
+        best: Connection | None = None
+        best_key: tuple[int, float] | None = None
+        for connection in self.connections:
+            key = connection.eviction_key()
+            if key is not None and (best_key is None or key < best_key):
+                best, best_key = connection, key
+        return best
+
     def _schedule_sweep(self) -> None:
-        timeout = self.app.config.keepalive_timeout_s
-        self.loop.call_later(min(1.0, timeout / 2), self._sweep)
+        config = self.app.config
+        interval = min(1.0, config.keepalive_timeout_s / 2, config.header_timeout_s / 4)
+        self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Close connections idle (or stalled mid-request) for keepalive_timeout_s."""
+        """Answer 408 to heads and bodies past their deadline; close connections idle for
+        keepalive_timeout_s."""
         timeout = self.app.config.keepalive_timeout_s
         now = self.loop.time()
         for connection in list(self.connections):
+            deadline = connection.deadline
+            if (
+                deadline is not None
+                and now > deadline
+                and connection.running is None
+                and not connection.closing
+            ):
+                connection.expire()
+                continue
             if connection.running is None and now - connection.last_active > timeout:
                 transport = connection.transport
                 if transport is not None and transport.is_closing():
@@ -1036,6 +1445,8 @@ def serve(config: RuntimeConfig) -> int:
         warmup_ms=round(warmup_s * 1000, 3),
         batching=app.batcher is not None,
         cache_bytes=config.cache_bytes,
+        max_request_bytes=app.body_limit,
+        max_connections=server.max_connections,
     )
     notify("READY=1")
     app.metrics.in_flight = lambda: server.in_flight

@@ -68,6 +68,33 @@ class Engine:
         proc = self.tool.run(args, timeout=300)
         return proc.stdout.decode().strip()
 
+    def run_once(
+        self,
+        ref: str,
+        args: Sequence[str],
+        *,
+        name: str,
+        entrypoint: str,
+        volumes: Sequence[str] = (),
+        platform: str | None = None,
+        env: Sequence[tuple[str, str]] = (),
+        timeout: float = 900,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run ``entrypoint args`` in a new container of ``ref`` without a network and wait for
+        it (``timeout`` seconds); the container is removed. The exit status is not checked."""
+        argv: list[str] = ["run", "--rm", "--network", "none", "--name", name, *self.run_flags]
+        if platform:
+            argv += ["--platform", platform]
+        for spec in volumes:
+            argv += ["-v", spec]
+        for key, value in env:
+            argv += ["-e", f"{key}={value}"]
+        argv += ["--entrypoint", entrypoint, ref, *args]
+        try:
+            return self.tool.run(argv, timeout=timeout, check=False)
+        finally:
+            self.remove(name)  # after a timeout the container may still run
+
     def logs(self, name: str, tail: int = 50) -> str:
         proc = self.tool.run(["logs", "--tail", str(tail), name], check=False, timeout=30)
         return (proc.stdout + proc.stderr).decode("utf-8", "replace")

@@ -6,9 +6,12 @@ target's core and FPU, then the model symbol read back out of the object file.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from packager.tools.base import Tool
+
+CompletedBytes = subprocess.CompletedProcess[bytes]
 
 _GCC_APT = "gcc-arm-none-eabi"
 GCC = Tool(name="arm-none-eabi-gcc", executable="arm-none-eabi-gcc", apt_package=_GCC_APT)
@@ -49,3 +52,37 @@ def dump_section(obj: Path, section: str, output: Path) -> None:
 def symbols(obj: Path) -> str:
     """``readelf -Ws``: the symbol table as text (value, size, section index, name)."""
     return READELF.run(["-Ws", obj]).stdout.decode("utf-8", "replace")
+
+
+SIZE = Tool(name="arm-none-eabi-size", executable="arm-none-eabi-size",
+            apt_package="binutils-arm-none-eabi")
+# Firmware links against newlib-nano with semihosting (librdimon): `edgepack run`'s emulator
+# harness prints through the debugger channel. Needs libnewlib-arm-none-eabi and, for C++,
+# libstdc++-arm-none-eabi-newlib.
+LINK_FLAGS = ("--specs=nano.specs", "--specs=rdimon.specs", "-nostartfiles", "-Wl,--gc-sections")
+
+
+def version() -> str:
+    """``arm-none-eabi-g++ -dumpfullversion``: part of every object-cache key."""
+    return GXX.run(["-dumpfullversion"], timeout=30).stdout.decode().strip()
+
+
+def compile_object(source: Path, output: Path, flags: list[str], *, timeout: float) -> None:
+    """Compile one C or C++ source (by suffix) to an object file with ``flags``."""
+    tool = GCC if source.suffix == ".c" else GXX
+    tool.run([*flags, "-c", source, "-o", output], timeout=timeout)
+
+
+def link(objects: list[Path], output: Path, flags: list[str], map_file: Path) -> CompletedBytes:
+    """Link a firmware ELF; returns the finished process (not checked: the caller reads the
+    undefined symbols out of a failed link)."""
+    return GXX.run([*flags, *LINK_FLAGS, f"-Wl,-Map={map_file}", *objects, "-o", output],
+                   timeout=600, check=False)
+
+
+def section_sizes(elf: Path) -> tuple[int, int, int]:
+    """``arm-none-eabi-size`` (Berkeley format) of an ELF: (text, data, bss) in bytes. Flash holds
+    text + data (the initial values), RAM holds data + bss."""
+    out = SIZE.run([elf], timeout=30).stdout.decode().splitlines()
+    text, data, bss = (int(v) for v in out[1].split()[:3])
+    return text, data, bss

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from packager.tools.qemu import ensure_binfmt
+from tests.integration.dockerd import dockerd, loopback_registry  # noqa: F401  (issue 13)
+from tests.process_guard import suite_container
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,10 +71,13 @@ def arm64_emulation() -> None:
 
 @pytest.fixture
 def cleanup_containers() -> Iterator[list[str]]:
+    """Container names a test may leave behind (its runtime killed, say): removed after it, on
+    failure too. Suite containers are named ``edgepack-...`` (tests/process_guard.py checks)."""
     names: list[str] = []
     yield names
     for name in names:
-        subprocess.run(["podman", "rm", "-f", "-t", "1", name], capture_output=True)
+        suite_container(name)  # should the removal fail, the session guard names it
+        subprocess.run(["podman", "rm", "-f", "-t", "1", name], capture_output=True, timeout=120)
 
 
 def run_install_sh(
@@ -82,6 +87,8 @@ def run_install_sh(
     the engine flags this sandbox needs go through EDGEPACK_ENGINE_ARGS, as a user would."""
     from packager.tools.containers import find_engine
 
+    # The container install.sh starts: the session guard fails the suite if it outlives it.
+    suite_container(f"edgepack-{json.loads((bundle / 'manifest.json').read_text())['name']}")
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         "EDGEPACK_ENGINE_ARGS": " ".join(find_engine("podman").run_flags),

@@ -73,18 +73,29 @@ class Stub:
     SLOT_SIZE = 8192
     HEADER_AREA = 256
 
-    def __init__(self, lib: ctypes.CDLL, flash: Flash) -> None:
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        flash: Flash,
+        *,
+        slot_addr: tuple[int, int] | None = None,
+        slot_size: int | None = None,
+        header_area: int | None = None,
+    ) -> None:
         self.lib = lib
         self.flash = flash
+        self.slot_size = self.SLOT_SIZE if slot_size is None else slot_size
+        self.header_area = self.HEADER_AREA if header_area is None else header_area
+        self.slot_addr = (0, self.slot_size) if slot_addr is None else slot_addr
         self._read = READ_FN(flash.read)  # kept referenced for the lifetime of the context
         self._write = WRITE_FN(flash.write)
         self.config = Config(
             self._read,
             self._write,
             None,
-            (ctypes.c_uint32 * 2)(0, self.SLOT_SIZE),
-            self.SLOT_SIZE,
-            self.HEADER_AREA,
+            (ctypes.c_uint32 * 2)(*self.slot_addr),
+            self.slot_size,
+            self.header_area,
         )
         self.ctx = ctypes.create_string_buffer(lib.ep_update_ctx_size())
         self.boot_result = lib.ep_update_init(self.ctx, ctypes.byref(self.config))
@@ -96,8 +107,13 @@ class Stub:
         return int(self.lib.ep_update_verify_slot(self.ctx, slot, None))
 
     def slot_bytes(self, slot: int, length: int) -> bytes:
-        start = slot * self.SLOT_SIZE
+        start = self.slot_addr[slot]
         return bytes(self.flash.data[start : start + length])
+
+    def header(self, slot: int) -> bytes:
+        """The 64 committed header bytes at the start of ``slot``'s header area."""
+        start = self.slot_addr[slot] + self.slot_size - self.header_area
+        return bytes(self.flash.data[start : start + 64])
 
     def update(
         self,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -102,10 +103,18 @@ def launch(
     module: str = "packager.runtime.server",
     pythonpath: Path | None = None,
     env_extra: dict[str, str] | None = None,
+    nofile: int | None = None,
 ) -> tuple[subprocess.Popen[bytes], Any]:
+    """Start the runtime; ``nofile`` sets its descriptor limit (RLIMIT_NOFILE), as systemd's
+    LimitNOFILE= or docker's --ulimit would."""
     env = {**os.environ, **(env_extra or {})}
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
+
+    def limit_descriptors() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     log = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", module, "--config", str(config_path)],
@@ -114,6 +123,7 @@ def launch(
         stderr=log,
         cwd=pythonpath or REPO_ROOT,
         env=env,
+        preexec_fn=limit_descriptors if nofile is not None else None,
     )
     return process, log
 
@@ -148,13 +158,19 @@ def start_runtime(
     module: str = "packager.runtime.server",
     pythonpath: Path | None = None,
     env_extra: dict[str, str] | None = None,
+    nofile: int | None = None,
     **config: Any,
 ) -> RuntimeProcess:
     """Write a config into ``workdir``, start the runtime and wait until it is ready."""
     config_path = write_config(workdir, model_path, model_name, **config)
     log_path = workdir / "runtime.log"
     process, log = launch(
-        config_path, log_path, module=module, pythonpath=pythonpath, env_extra=env_extra
+        config_path,
+        log_path,
+        module=module,
+        pythonpath=pythonpath,
+        env_extra=env_extra,
+        nofile=nofile,
     )
     try:
         port = wait_ready(process, log_path)

@@ -15,6 +15,7 @@ import pytest
 import tritonclient.http as triton
 
 from tests.integration.conftest import REPO, build_json, free_port
+from tests.process_guard import Processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -25,7 +26,8 @@ def _eight(onnx_dir: Path) -> np.ndarray:
 
 
 def test_int8_static_bundle_serves_the_quantized_model(
-        onnx_dir: Path, edgepack_cache: Path, tmp_path: Path) -> None:
+        onnx_dir: Path, edgepack_cache: Path, tmp_path: Path, processes: Processes,
+        cleanup_containers: list[str]) -> None:
     eight = _eight(onnx_dir)
     rng = np.random.default_rng(1)
     calibration = tmp_path / "calibration"
@@ -50,9 +52,10 @@ def test_int8_static_bundle_serves_the_quantized_model(
     assert manifest["model"]["size_bytes"] < (onnx_dir / "mnist.onnx").stat().st_size
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "packager", "run", doc["bundle"],
-                             "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    cleanup_containers.append(f"edgepack-run-{manifest['name']}-{port}")  # if `run` is killed
+    proc = processes.own(subprocess.Popen([sys.executable, "-m", "packager", "run", doc["bundle"],
+                                           "--port", str(port)], cwd=REPO,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
         client = triton.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=60.0)
         deadline = time.monotonic() + 300

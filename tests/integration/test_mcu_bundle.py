@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from packager.backends.base import BuildRequest
-from packager.backends.mcu import UPDATE_STUB_BYTES, McuBackend
+from packager.backends.mcu import UPDATE_STUB_BYTES, McuBackend, slot_image
 from packager.bundle.manifest import check_files, read_manifest, write_manifest
 from packager.models.tflite import inspect_tflite
 from packager.targets import McuTarget, resolve_target
@@ -42,10 +42,12 @@ needs_arm = pytest.mark.skipif(
 )
 
 
-def build_bundle(model: Path, target: str, out: Path) -> Path:
+def build_bundle(
+    model: Path, target: str, out: Path, options: tuple[tuple[str, str], ...] = ()
+) -> Path:
     """The backend through the same steps the build core takes (fit, plan, execute, manifest)."""
     loaded = resolve_target(target)
-    request = BuildRequest(model=model, target=target)
+    request = BuildRequest(model=model, target=target, options=options)
     info = inspect_tflite(model)
     backend = McuBackend()
     report = backend.fit(request, info, loaded)
@@ -66,6 +68,19 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], P
     }
 
 
+@pytest.fixture(scope="module")
+def bundles_update_off(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """Without model updates the model is compiled into the firmware (g_model)."""
+    if not MODELS:
+        pytest.skip(f"no TFLM test models in {TFLM_DIR}")
+    root = tmp_path_factory.mktemp("mcu-noupdate")
+    return {
+        (m, t): build_bundle(TFLM_DIR / m, t, root / f"{t}-{m}", (("update", "off"),))
+        for m in MODELS
+        for t in TARGETS
+    }
+
+
 def settings_value(bundle: Path, name: str) -> int:
     text = (bundle / "src" / "model_settings.h").read_text()
     match = re.search(rf"constexpr size_t {name} = (\d+);", text)
@@ -80,9 +95,9 @@ def settings_value(bundle: Path, name: str) -> int:
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("model", MODELS)
 def test_model_array_compiled_for_target_equals_tflite(
-    bundles: dict[tuple[str, str], Path], model: str, target: str, tmp_path: Path
+    bundles_update_off: dict[tuple[str, str], Path], model: str, target: str, tmp_path: Path
 ) -> None:
-    bundle = bundles[(model, target)]
+    bundle = bundles_update_off[(model, target)]
     spec = resolve_target(target).spec
     assert isinstance(spec, McuTarget)
     flags = (*gcc_arm.cpu_flags(spec.mcu.core, spec.mcu.fpu), "-fdata-sections")
@@ -354,11 +369,13 @@ MODEL_V2 = (TFLM_DIR / "simple_add_model.tflite").read_bytes() if MODELS else b"
 
 @pytest.fixture
 def installed(stub_lib: object) -> Iterator[tuple[object, Flash]]:
-    """A device whose slot 0 holds MODEL_V1, verified and active."""
+    """A device as the factory flashes it: slot 0 (A) holds MODEL_V1 written from the image
+    edgepack builds for slot A, and the update module boots it as verified and active."""
     flash = Flash(size=2 * Stub.SLOT_SIZE)
+    assert Stub(stub_lib, flash).boot_result == EP_ERR_NO_MODEL  # type: ignore[arg-type]
+    flash.data[0 : Stub.SLOT_SIZE] = slot_image(MODEL_V1, Stub.SLOT_SIZE, Stub.HEADER_AREA)
     device = Stub(stub_lib, flash)  # type: ignore[arg-type]
-    assert device.boot_result == EP_ERR_NO_MODEL
-    assert device.update(MODEL_V1, 1) == 0
+    assert device.boot_result == 0 and device.verify(0) == 0
     yield stub_lib, flash
 
 

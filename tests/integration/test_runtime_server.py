@@ -291,7 +291,56 @@ MALFORMED: list[tuple[str, str, Callable[[], tuple[bytes, dict[str, str]]], int,
     ),
     ("unknown-endpoint", "/v2/repository/index", _raw(b"{}"), 404, "no such endpoint"),
     ("post-to-metadata", "/v2/models/mnist", _raw(b"{}"), 405, "accepts GET, not POST"),
-    ("too-large", INFER, _raw(b" " * (2 << 20)), 413, "the limit is 1048576"),
+    # The limit is mnist's largest valid request (784 x 26 + 65536), under max_request_bytes.
+    (
+        "too-large",
+        INFER,
+        _raw(b" " * 85921),
+        413,
+        "the limit is 85920 (the model's largest valid request)",
+    ),
+    (
+        "output-twice",
+        INFER,
+        _json(lambda: {**_mnist_request(), "outputs": [{"name": "Plus214_Output_0"}] * 2}),
+        400,
+        "output 'Plus214_Output_0' is requested twice",
+    ),
+    (
+        "nan-literal",
+        INFER,
+        _raw(json.dumps(_mnist_request(data=[float("nan")] * 784)).encode()),
+        400,
+        "malformed JSON request: NaN is not a JSON number",
+    ),
+    (
+        "huge-integer",
+        INFER,
+        _raw(b'{"inputs":[{"name":"Input3","shape":[' + b"9" * 5000 + b"]}]}"),
+        400,
+        "malformed JSON request: a number is out of range",
+    ),
+    (
+        "huge-dimension",
+        INFER,
+        _json(lambda: _mnist_request(shape=[10**4000, 1, 28, 28])),
+        400,
+        "expected shape [1,1,28,28] (-1 = any size), got [1000000000",
+    ),
+    (
+        "deep-json",
+        INFER,
+        _raw(b'{"inputs":' + b"[" * 40_000 + b"]" * 40_000 + b"}"),
+        400,
+        "malformed JSON request: nested too deeply",
+    ),
+    (
+        "header-length-5000-digits",
+        INFER,
+        _with_header_length("9" * 5000),
+        400,
+        "Inference-Header-Content-Length must be an integer",
+    ),
 ]
 
 
@@ -311,9 +360,85 @@ def test_malformed_requests_get_a_clear_error(
     got_status, document = post(mnist, path, body, headers)
     assert (got_status, list(document)) == (status, ["error"])
     assert message in document["error"]
+    assert len(document["error"]) <= 512  # short: never the client's input repeated whole
     # Nothing a client sends takes the server down.
     assert mnist.process.poll() is None
     assert triton.InferenceServerClient(mnist.address).is_server_ready()
+
+
+RAW_HEADS: list[tuple[str, bytes, int, bytes]] = [
+    (
+        "content-length-5000-digits",
+        b"POST /v2/health/live HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+        413,
+        b"Content-Length has 5000 digits",
+    ),
+    ("bare-lf", b"GET /v2/health/live HTTP/1.1\nHost: x\n\n", 400, b"a bare LF"),
+    (
+        "bare-lf-in-value",
+        b"GET /v2/health/live HTTP/1.1\r\nX-A: 1\nX-B: 2\r\n\r\n",
+        400,
+        b"a bare LF",
+    ),
+    (
+        "nul-in-header",
+        b"GET /v2/health/live HTTP/1.1\r\nHost: a\x00b\r\n\r\n",
+        400,
+        b"control byte 0x00",
+    ),
+    ("nul-in-target", b"GET /v2/health\x00/live HTTP/1.1\r\n\r\n", 400, b"control byte 0x00"),
+    (
+        "space-in-name",
+        b"GET /v2/health/live HTTP/1.1\r\nX A: 1\r\n\r\n",
+        400,
+        b"malformed header line",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "message"),
+    [case[1:] for case in RAW_HEADS],
+    ids=[case[0] for case in RAW_HEADS],
+)
+def test_malformed_heads_get_a_4xx_and_a_close(
+    mnist: RuntimeProcess, request_bytes: bytes, status: int, message: bytes
+) -> None:
+    with socket.create_connection(("127.0.0.1", mnist.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(f"HTTP/1.1 {status} ".encode())
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head and message in body and len(body) < 600
+    assert triton.InferenceServerClient(mnist.address).is_server_ready()
+
+
+def test_nan_outputs_are_refused_as_json_and_carried_as_binary(tmp_path: Path) -> None:
+    """JSON has no NaN or Infinity: such an output is refused as JSON (400, the server stays
+    ready) and comes back exactly as a binary tensor."""
+    model = identity_model(tmp_path / "identity.onnx")
+    runtime = start_runtime(tmp_path / "rt", model, "identity")
+    try:
+        special = np.asarray([np.nan, np.inf, 1.0], dtype=np.float64)
+        inputs = []
+        for name, _, shape, datatype in IDENTITY_TENSORS:
+            dims = [3] if name == "wide" else [1 if d is None else d for d in shape]
+            tensor = triton.InferInput(name, dims, datatype)
+            zeros = np.zeros(dims, dtype=triton_dtype(datatype))
+            tensor.set_data_from_numpy(special if name == "wide" else zeros, binary_data=True)
+            inputs.append(tensor)
+        client = triton.InferenceServerClient(runtime.address)
+        as_json = triton.InferRequestedOutput("wide_out", binary_data=False)
+        with pytest.raises(InferenceServerException, match="holds NaN or infinite values"):
+            client.infer("identity", inputs, outputs=[as_json])
+        as_binary = triton.InferRequestedOutput("wide_out", binary_data=True)
+        result = client.infer("identity", inputs, outputs=[as_binary]).as_numpy("wide_out")
+        np.testing.assert_array_equal(result, special)
+        assert client.is_server_ready()
+    finally:
+        assert runtime.stop() == 0
 
 
 def test_binary_input_with_json_output_on_one_keepalive_connection(mnist: RuntimeProcess) -> None:
@@ -467,6 +592,7 @@ def test_runs_as_the_edgepack_runtime_package_with_healthcheck(tmp_path: Path) -
     finally:
         if process.poll() is None:
             process.kill()
+            process.wait()
         log.close()
 
 

@@ -26,6 +26,7 @@ import pytest
 import tritonclient.http as triton
 
 from tests.integration.conftest import REPO, build_json, edgepack, free_port, run_install_sh
+from tests.process_guard import Processes, suite_container
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -85,6 +86,9 @@ def test_build_json_document(bundles: dict[str, dict[str, Any]]) -> None:
             "README.md",
             "SHA256SUMS",
             "manifest.json",
+            "sbom.cdx.json",  # issue 15: SBOM and SLSA provenance in every bundle
+            "provenance.intoto.json",
+            "confinement.json",  # issue 9: one list of container flags for every starter
         ]
     )
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -93,6 +97,8 @@ def test_build_json_document(bundles: dict[str, dict[str, Any]]) -> None:
         "name": "rpi4",
         "device_class": "linux-container",
         "platform": "linux/arm64/v8",
+        # issue 10: the CPU model `edgepack run` emulates
+        "cpu": {"cores": 4, "model": "cortex-a72", "qemu": "cortex-a72"},
     }
     assert {f["path"] for f in manifest["files"]} == set(names) - {"manifest.json"}
 
@@ -240,10 +246,16 @@ def _wait_ready(
 
 @pytest.mark.parametrize("target", ["rpi4", "industrial-pc"])
 def test_runtime_in_the_image_answers_mnist(
-    target: str, bundles: dict[str, dict[str, Any]], onnx_dir: Path, arm64_emulation: None
+    target: str,
+    bundles: dict[str, dict[str, Any]],
+    onnx_dir: Path,
+    arm64_emulation: None,
+    processes: Processes,
+    cleanup_containers: list[str],
 ) -> None:
     port = free_port()
-    proc = _serve(bundles[target]["bundle"], port)
+    cleanup_containers.append(f"edgepack-run-mnist-{port}")  # removed after the check below
+    proc = processes.own(_serve(bundles[target]["bundle"], port))
     try:
         client = triton.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=120.0)
         _wait_ready(client, proc, timeout=600)
@@ -273,6 +285,7 @@ def test_runtime_in_the_image_answers_mnist(
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
     # `edgepack run` removes its container when stopped.
     name = f"edgepack-run-mnist-{port}"
     listed = subprocess.run(
@@ -326,10 +339,12 @@ def _notifications(
 
 
 def test_supervisor_reports_ready_pings_watchdog_and_exits_when_the_runtime_dies(
-    bundles: dict[str, dict[str, Any]], tmp_path: Path
+    bundles: dict[str, dict[str, Any]], tmp_path: Path, processes: Processes
 ) -> None:
     """supervise.py as systemd runs it (Type=notify), with a real notify socket and podman."""
     from packager.tools.containers import find_engine
+
+    suite_container("edgepack-mnist")  # what supervise.py runs: the session guard checks it
 
     bundle = Path(bundles["industrial-pc"]["bundle"])
     engine_args = [f"--engine-arg={a}" for a in find_engine("podman").run_flags]
@@ -342,7 +357,9 @@ def test_supervisor_reports_ready_pings_watchdog_and_exits_when_the_runtime_dies
     def watchdogs(msgs: list[str]) -> int:
         return sum(m == "WATCHDOG=1" for m in msgs)
 
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = processes.own(
+        subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    )
     try:
         msgs = _notifications(server, lambda m: watchdogs(m) >= 2, timeout=180)
         assert any(m.startswith("READY=1") for m in msgs), msgs
@@ -359,7 +376,9 @@ def test_supervisor_reports_ready_pings_watchdog_and_exits_when_the_runtime_dies
         subprocess.run(["podman", "kill", "edgepack-mnist"], capture_output=True, check=True)
         assert proc.wait(timeout=60) != 0
         # And a clean stop: SIGTERM -> STOPPING=1, the container stopped, exit 0.
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = processes.own(
+            subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
         _notifications(server, lambda m: any(x.startswith("READY=1") for x in m), timeout=180)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -374,6 +393,7 @@ def test_supervisor_reports_ready_pings_watchdog_and_exits_when_the_runtime_dies
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
         subprocess.run(["podman", "rm", "-f", "-t", "1", "edgepack-mnist"], capture_output=True)
         server.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -126,3 +127,148 @@ def test_bad_name_and_version(
     assert code == ExitCode.USAGE and "--name" in _error_line(err)
     code, _, err = _run(["build", str(model), "--target", "rpi4", "--version", "1 0"], capsys)
     assert code == ExitCode.USAGE and "--version" in _error_line(err)
+
+
+# --name/--version are the image's repository component and tag: exactly the OCI
+# distribution-spec grammar, or podman/docker refuse the bundle at `load` ("invalid reference
+# format") after edgepack said it was fine.
+@pytest.mark.parametrize(
+    "name", ["mnist-", "a..b", "a___b", "-a", "a.-b", "_a", "a_", "x" * 64, "a\n", "A"]
+)
+def test_name_outside_the_oci_grammar_is_refused(
+    tmp_path: Path, onnx_dir: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    out = tmp_path / "bundle"
+    argv = ["build", str(onnx_dir / "mnist.onnx"), "-t", "industrial-pc", "--out", str(out)]
+    code, _, err = _run([*argv, "--name", name], capsys)
+    assert code == ExitCode.USAGE
+    assert "--name" in _error_line(err)
+    _assert_nothing_written(tmp_path, out)
+
+
+@pytest.mark.parametrize("version", ["1.0+b1", "-1", ".1", "1" * 129, "1 0", "v1:2"])
+def test_version_outside_the_oci_tag_grammar_is_refused(
+    tmp_path: Path, onnx_dir: Path, capsys: pytest.CaptureFixture[str], version: str
+) -> None:
+    out = tmp_path / "bundle"
+    argv = ["build", str(onnx_dir / "mnist.onnx"), "-t", "industrial-pc", "--out", str(out)]
+    code, _, err = _run([*argv, "--version", version], capsys)
+    assert code == ExitCode.USAGE
+    line = _error_line(err)
+    assert "--version" in line
+    if version == "1.0+b1":  # semver build metadata: refused, with the fix
+        assert "use '-' instead, e.g. --version 1.0-b1" in line
+    _assert_nothing_written(tmp_path, out)
+
+
+@pytest.mark.parametrize(
+    ("file_name", "expected"),
+    [
+        ("mnist.onnx", "mnist"),
+        ("ResNet50-v1.7.onnx", "resnet50-v1"),
+        ("my___model.onnx", "my-model"),
+        ("my__model.onnx", "my__model"),
+        ("a_-b.onnx", "a-b"),
+        ("a--b.onnx", "a--b"),
+        ("-_x_-.onnx", "x"),
+        ("Ünïcode model.onnx", "n-code-model"),
+        ("___.onnx", "model"),
+        ("x" * 70 + ".onnx", "x" * 63),
+        ("a" * 62 + "_b.onnx", "a" * 62),
+    ],
+)
+def test_default_name_from_the_model_file_is_a_valid_image_name(
+    file_name: str, expected: str
+) -> None:
+    from packager.backends.base import BuildRequest
+    from packager.build import bundle_name
+    from packager.targets import NAME_FORM
+
+    name = bundle_name(BuildRequest(model=Path(file_name), target="rpi4"))
+    assert name == expected and NAME_FORM.matches(name)
+
+
+def test_out_below_a_file_is_a_usage_error(
+    tmp_path: Path, onnx_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "sub" / "bundle"
+    code, _, err = _run(
+        ["build", str(onnx_dir / "mnist.onnx"), "-t", "industrial-pc", "--out", str(out)], capsys
+    )
+    assert code == ExitCode.USAGE
+    assert "is a file, not a directory" in _error_line(err)
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("https://x:99999/", "not a valid URL"),
+        ("https://x:0/", "port 0 is not in 1-65535"),
+        ("https://x/../../", "'..' segments"),
+        ("https://x/a/./b", "'..' segments"),
+        ("https://x//a", "empty segments"),
+        ("https://-x-/", "not a valid host name"),
+        ("file:///srv/../etc", "'..' segments"),
+        ("https://user@x/", "must match"),
+    ],
+)
+def test_ota_repo_url_is_checked_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, why: str
+) -> None:
+    """The model does not even exist: the flag is refused first (exit 2, not 3)."""
+    root = tmp_path / "1.root.json"
+    root.write_text("{}")
+    out = tmp_path / "bundle"
+    code, _, err = _run(
+        ["build", str(tmp_path / "absent.onnx"), "-t", "industrial-pc", "--out", str(out),
+         "--ota-repo", url, "--ota-root", str(root)],
+        capsys,
+    )
+    assert code == ExitCode.USAGE
+    line = _error_line(err)
+    assert "--ota-repo" in line and why in line
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_ota_channel_is_checked_before_the_model_is_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "1.root.json"
+    root.write_text("{}")
+    code, _, err = _run(
+        ["build", str(tmp_path / "absent.onnx"), "-t", "industrial-pc",
+         "--ota-repo", "https://updates.example.com/r/", "--ota-root", str(root),
+         "--ota-channel", "Bad Channel"],
+        capsys,
+    )
+    assert code == ExitCode.USAGE and "--ota-channel" in _error_line(err)
+
+
+def test_a_killed_builds_staging_dir_is_removed_by_the_next_build(
+    tmp_path: Path, onnx_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SIGKILLed build leaves .OUT.PID.RANDOM; the next build to that --out removes it when
+    PID is dead, and keeps a live process's (a concurrent build) and other outputs'."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    out = tmp_path / "bundle"
+    stale = tmp_path / f".bundle.{dead.pid}.abcd_123"
+    live = tmp_path / f".bundle.{os.getpid()}.efgh_456"
+    other = tmp_path / f".other.{dead.pid}.ijkl_789"
+    for folder in (stale, live, other):
+        (folder / "bundle").mkdir(parents=True)
+        (folder / "bundle" / "image.tar").write_bytes(b"x" * 1000)
+    model = tmp_path / "trunc.onnx"  # fails after staging: the build itself leaves nothing
+    model.write_bytes((onnx_dir / "mnist.onnx").read_bytes()[:1000])
+    code, _, _ = _run(["build", str(model), "--target", "rpi4", "--out", str(out)], capsys)
+    assert code == ExitCode.INPUT
+    assert not stale.exists()
+    assert live.is_dir() and other.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(
+        [live.name, other.name]
+    )

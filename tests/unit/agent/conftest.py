@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from packager.ota.repo import Repository
+from tests.process_guard import pids_with_env, stop
 from tests.unit.agent.helpers import kill_containers, make_engine
 
 
@@ -16,6 +17,10 @@ def engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     exe = make_engine(state)
     yield exe
     kill_containers(state)
+    # Every runtime this engine started, recorded or not (a test may wipe the records, as a
+    # reboot does): each carries FAKE_ENGINE_STATE in its environment.
+    survivors = stop(pids_with_env("FAKE_ENGINE_STATE", str(state)), grace_s=2.0)
+    assert not survivors, f"fake engine runtimes survived SIGKILL: {survivors}"
 
 
 @pytest.fixture

@@ -51,7 +51,25 @@ def _kill(name: str) -> None:
         pid = json.loads(path.read_text())["pid"]
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+        # Like `podman stop/rm`: return once the container is gone (and its port free), within
+        # a bound; a runtime still alive after that is what the engine fixture's finalizer kills.
+        for _ in range(200):
+            if not _alive(pid):
+                break
+            time.sleep(0.01)
         path.unlink()
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        # As the servers do (HTTPServer.allow_reuse_address): a closed connection's TIME_WAIT on
+        # the port does not count, a listener does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def main(argv: list[str]) -> int:
@@ -100,6 +118,14 @@ def main(argv: list[str]) -> int:
             print(f"no image {ref}", file=sys.stderr)
             return 125
         ready = json.loads(image.read_text())["ready"]
+        if _port_taken(int(port)):
+            # What podman says when another process (say a runtime that outlived its container)
+            # holds the published port: the container does not start.
+            print(
+                f"cannot listen on the TCP port: listen tcp4 :{port}: bind: address already in use",
+                file=sys.stderr,
+            )
+            return 126
         proc = subprocess.Popen(
             [sys.executable, "-c", SERVER, port, ready],
             start_new_session=True,

@@ -310,10 +310,20 @@ def test_sigkill_during_rollback_then_restart(
 def test_power_cut_restarts_the_installed_runtime(
     tmp_path: Path, repo: Repository, engine: Path
 ) -> None:
+    from tests.process_guard import listeners, pids_with_env, stop
+
     port = free_port()
     root = _installed_v1(tmp_path, repo, engine, port)
-    shutil.rmtree(engine.parent / "containers")  # the engine lost its containers (reboot)
-    (engine.parent / "containers").mkdir()
+    state = engine.parent
+    # A power cut: every process dies (the runtime too), and the engine lost its containers.
+    assert not stop(pids_with_env("FAKE_ENGINE_STATE", str(state)), kill=True)
+    shutil.rmtree(state / "containers")
+    (state / "containers").mkdir()
     cfg = config(root, (repo.path / "repository").as_uri(), engine, port)
     assert Agent(cfg).run_once().outcome == "idle"
     assert_complete(root, 1, port)
+    # Exactly one runtime serves: the installed one's container, and no other runtime is alive.
+    records = [json.loads(p.read_text()) for p in (state / "containers").glob("*.json")]
+    assert [r["pid"] for r in records] == pids_with_env("FAKE_ENGINE_STATE", str(state))
+    assert [r["pid"] for r in records] == listeners(port)
+    assert len(records) == 1 and records[0]["ref"].endswith(":1.0.0")

@@ -9,11 +9,16 @@ import pytest
 from packager.backends.base import BuildRequest
 from packager.backends.mcu import (
     TFLM_CORE_BYTES,
+    UPDATE_SECTOR,
     McuBackend,
     chosen_arena,
+    flash_map,
     hex_lines,
     measure_arena,
+    slot_header,
+    slot_image,
     tflm_runs,
+    update_slot_size,
 )
 from packager.build import build
 from packager.errors import FitError, InputError, UnsupportedError
@@ -66,7 +71,10 @@ def test_fit_report_names_parts_and_sources() -> None:
                               inspect_tflite(path), target)
     ram, flash = report.resources
     parts = dict(flash.needed_parts)
-    assert parts["model"] == path.stat().st_size
+    # Updates on (the default): the model is stored once per update slot and nowhere else.
+    slot = update_slot_size(path.stat().st_size)
+    assert {k: v for k, v in parts.items() if "model" in k} == {
+        "model in update slot A": slot, "model in update slot B": slot}
     assert parts["TFLM framework (estimate)"] == TFLM_CORE_BYTES
     assert {k for k in parts if k.startswith("kernel ")} == {
         f"kernel {op} (estimate)" for op in
@@ -78,15 +86,15 @@ def test_fit_report_names_parts_and_sources() -> None:
 
 
 @pytest.mark.parametrize(
-    ("ram_kb", "flash_kb", "resource"), [(32, 1024, "ram"), (512, 40, "flash")]
+    ("ram_kb", "flash_kb", "resource"), [(32, 1024, "ram"), (512, 24, "flash")]
 )
 def test_too_large_is_refused_naming_both_numbers(
     ram_kb: int, flash_kb: int, resource: str
 ) -> None:
     path = TFLM / "simple_add_model.tflite"
     target = small_target(ram_kb, flash_kb)
-    report = McuBackend().fit(BuildRequest(model=path, target="tiny.toml"),
-                              inspect_tflite(path), target)  # type: ignore[arg-type]
+    request = BuildRequest(model=path, target="tiny.toml", options=(("update", "off"),))
+    report = McuBackend().fit(request, inspect_tflite(path), target)  # type: ignore[arg-type]
     bad = next(r for r in report.resources if not r.fits)
     assert bad.name == resource
     with pytest.raises(FitError) as err:
@@ -152,3 +160,70 @@ def test_update_off_drops_stub_and_slots() -> None:
     assert "src/model_update.c" not in {f.path for f in plan.rendered}
     with pytest.raises(UnsupportedError):
         backend.fit(BuildRequest(model=path, target="x", options=(("bogus", "1"),)), info, target)
+
+
+def test_slot_header_is_the_update_modules_layout() -> None:
+    import hashlib
+    import struct
+    import zlib
+
+    model = (TFLM / "hello_world_int8.tflite").read_bytes()
+    header = slot_header(model)
+    assert len(header) == 64
+    fields = struct.unpack("<IHHIIII32s4sI", header)
+    assert fields[:7] == (0x554D5045, 1, 64, 1, 1, len(model), zlib.crc32(model))
+    assert fields[7] == hashlib.sha256(model).digest() and fields[8] == bytes(4)
+    assert fields[9] == zlib.crc32(header[:60])
+    image = slot_image(model, 8192, 4096)
+    assert len(image) == 8192 and image[: len(model)] == model
+    assert image[len(model) : 4096] == b"\xff" * (4096 - len(model))
+    assert image[4096:4160] == header and image[4160:] == b"\xff" * (8192 - 4160)
+    with pytest.raises(ValueError):
+        slot_image(model, 4096 + 1024, 4096)
+
+
+@pytest.mark.parametrize(("name", "base"), [("nrf52840-dk", 0), ("stm32f746-disco", 0x08000000)])
+def test_update_slots_sit_below_the_reserved_top_of_flash(name: str, base: int) -> None:
+    spec = resolve_target(name).spec
+    size = 300 * 1024
+    fmap = flash_map(spec, size)  # type: ignore[arg-type]
+    top = base + (1024 - spec.memory.flash_reserved_kb) * 1024  # type: ignore[union-attr]
+    assert fmap.slot_size == update_slot_size(size) and fmap.header_area == UPDATE_SECTOR
+    assert fmap.slot_a_addr % UPDATE_SECTOR == 0 and fmap.slot_a_addr >= base
+    assert fmap.slot_b_addr == fmap.slot_a_addr + fmap.slot_size
+    assert top - UPDATE_SECTOR < fmap.slot_b_addr + fmap.slot_size <= top
+    assert fmap.firmware_limit == fmap.slot_a_addr
+
+
+def test_dual_slots_too_large_name_the_slots_and_suggest_update_off() -> None:
+    path = TFLM / "hello_world_int8.tflite"
+    target = small_target(512, 40)  # 24 KiB usable: one copy of the model fits, two slots not
+    info = inspect_tflite(path)
+    with pytest.raises(FitError) as err:
+        McuBackend().fit(BuildRequest(model=path, target="tiny.toml"), info, target)  # type: ignore[arg-type]
+    line = err.value.one_line()
+    assert "the two model-update slots take 16.0 KiB" in line
+    assert "--opt update=off" in line and "(fits)" in line
+    # --force builds anyway (enforce warns), and with updates off it fits
+    forced = BuildRequest(model=path, target="tiny.toml", force=True)
+    assert not McuBackend().fit(forced, info, target).fits  # type: ignore[arg-type]
+    off = BuildRequest(model=path, target="tiny.toml", options=(("update", "off"),))
+    assert McuBackend().fit(off, info, target).fits  # type: ignore[arg-type]
+
+
+def test_update_on_writes_slot_a_image_and_no_model_array(tmp_path: Path) -> None:
+    path = TFLM / "hello_world_int8.tflite"
+    target = resolve_target("nrf52840-dk")
+    request = BuildRequest(model=path, target="nrf52840-dk")
+    info = inspect_tflite(path)
+    backend = McuBackend()
+    plan = backend.plan(request, info, target, backend.fit(request, info, target))
+    result = backend.execute(plan, tmp_path, tmp_path)
+    slots = dict(result.manifest_extra)["mcu"]["update_slots"]
+    image = (tmp_path / slots["slot_a_image"]).read_bytes()
+    assert image[: path.stat().st_size] == path.read_bytes()
+    assert slots["slot_a_image"] in result.files
+    source = (tmp_path / "src" / "model_data.cc").read_text()
+    assert "g_model" not in source and "edgepack_model_from_slots" in source
+    header = (tmp_path / "src" / "model_update.h").read_text()
+    assert f"#define EP_UPDATE_DEFAULT_SLOT_A_ADDR {slots['slot_a_addr']}u" in header

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -185,7 +186,7 @@ def test_dispatch_by_suffix(onnx_dir: Path, tmp_path: Path) -> None:
     upper.write_bytes((onnx_dir / "mnist.onnx").read_bytes())
     assert inspect_model(upper).inputs[0].name == "Input3"
     with pytest.raises(UnsupportedError) as err:
-        inspect_model(tmp_path / "model.pt")
+        inspect_model(tmp_path / "model.bin")  # .pt is read since issue 10 (build takes it)
     for suffix in INSPECTORS:
         assert suffix in err.value.one_line()
 
@@ -303,3 +304,93 @@ def test_histogram_includes_subgraph_ops(tmp_path: Path) -> None:
     assert info.op_histogram == {"Add": 1, "Cast": 1, "If": 1, "ReduceSum": 1, "Sub": 1}
     # X is read inside the branches, so it is still live while the If runs: X, cond and Y.
     assert info.activation_bytes >= F32 * (4 + 4)
+
+
+# --- external data locations: the model's layout, and nothing outside its folder ----------------
+
+
+def _nested_model(folder: Path, location: str = "weights/ext.bin") -> Path:
+    """A model saved the way users do: ``onnx.save(..., location="weights/ext.bin")``."""
+    path, _ = _external_model(folder)
+    model = onnx.load(str(path))  # inlines the weights
+    (folder / "ext.weights").unlink()
+    (folder / location).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(
+        model, path, save_as_external_data=True, location=location, size_threshold=0
+    )
+    return path
+
+
+def _relocate(path: Path, location: str) -> None:
+    """Point every external tensor at ``location`` (onnx.save refuses to write such models)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    path.write_bytes(model.SerializeToString())
+
+
+def test_nested_external_data_keeps_its_relative_location(tmp_path: Path) -> None:
+    path = _nested_model(tmp_path)
+    info = inspect_onnx(path)
+    assert info.external_data == (tmp_path / "weights" / "ext.bin",)
+    assert info.external_data[0].relative_to(path.parent).as_posix() == "weights/ext.bin"
+
+
+def test_external_data_symlink_to_a_host_file_is_refused(tmp_path: Path) -> None:
+    path, _ = _external_model(tmp_path)
+    (tmp_path / "ext.weights").unlink()
+    secret = tmp_path.parent / f"{tmp_path.name}-secret"
+    secret.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 1000)
+    (tmp_path / "ext.weights").symlink_to(secret)
+    with pytest.raises(InputError) as err:
+        inspect_onnx(path)
+    line = err.value.one_line()
+    assert err.value.exit_code == 3
+    assert str(path) in line and "'W1'" in line and "'ext.weights'" in line
+    assert "symbolic link" in line and "\n" not in line
+
+
+def test_external_data_through_a_symlinked_folder_is_refused(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    path = _nested_model(model_dir)
+    elsewhere = tmp_path / "elsewhere"
+    (model_dir / "weights").rename(elsewhere)
+    (model_dir / "weights").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(InputError, match=r"'weights' is a symbolic link"):
+        inspect_onnx(path)
+
+
+@pytest.mark.parametrize(
+    ("location", "why"),
+    [
+        ("/etc/passwd", "absolute"),
+        ("../outside.bin", r"'\.\.'"),
+        ("weights/../../outside.bin", r"'\.\.'"),
+        ("C:\\weights\\ext.bin", "absolute"),
+        ("weights\\ext.bin", "may use only letters"),
+        ("ext\n.bin", "may use only letters"),
+    ],
+)
+def test_external_data_location_outside_the_folder_is_refused(
+    tmp_path: Path, location: str, why: str
+) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    path, _ = _external_model(model_dir)
+    (tmp_path / "outside.bin").write_bytes((model_dir / "ext.weights").read_bytes())
+    _relocate(path, location)
+    with pytest.raises(InputError, match=why) as err:
+        inspect_onnx(path)
+    line = err.value.one_line()
+    assert str(path) in line and "tensor 'W1'" in line and repr(location) in line
+
+
+def test_external_data_that_is_a_folder_or_fifo_is_refused(tmp_path: Path) -> None:
+    path, _ = _external_model(tmp_path)
+    (tmp_path / "ext.weights").unlink()
+    os.mkfifo(tmp_path / "ext.weights")
+    with pytest.raises(InputError, match="not a regular file"):
+        inspect_onnx(path)

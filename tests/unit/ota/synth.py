@@ -49,6 +49,7 @@ def make_bundle(
     base: bytes = b"base-1" * 1000,
     ready: str = "yes",
     platform: str = "linux/amd64",
+    confinement: bytes | None = None,
 ) -> SynthBundle:
     """``ready`` is read by the fake engine: "yes" serves ready, "never" answers 503 forever."""
     out.mkdir(parents=True)
@@ -128,6 +129,8 @@ def make_bundle(
     (out / "install.sh").write_text("#!/bin/sh\necho install\n")
     (out / "install.sh").chmod(0o755)
     (out / "README.md").write_text(f"# {name} {version}\n")
+    if confinement is not None:  # what the Linux backend writes (packager.agent.confinement)
+        (out / "confinement.json").write_bytes(confinement)
     write_manifest(
         out,
         {

@@ -110,3 +110,38 @@ def test_enqueue_calls_back_with_results_or_error_without_blocking() -> None:
     results = sorted((r[0].tolist() for r, e in outcomes if r is not None and e is None), key=len)
     assert results == [[[2.0, 2.0]], [[6.0, 6.0], [6.0, 6.0]]]
     batcher.close()
+
+
+def test_one_bad_request_fails_only_itself_when_merged_with_others() -> None:
+    """A batch that fails is run again request by request: only the bad one gets the error."""
+    gate = threading.Event()
+    runs: list[int] = []
+
+    def run(feeds: Mapping[str, Array], outputs: Sequence[str], rows: int) -> list[Array]:
+        gate.wait(10)
+        runs.append(rows)
+        if (feeds["x"] < 0).any():
+            raise ValueError("index out of range")
+        return [feeds["x"] * 2]
+
+    batcher = Batcher(run, max_batch_size=8, max_delay_s=0.2, max_queue=8)
+    outcomes: dict[float, tuple[Any, Any]] = {}
+    done = threading.Event()
+
+    def callback_for(value: float) -> Any:
+        def callback(results: list[Array] | None, error: BaseException | None) -> None:
+            outcomes[value] = (results, error)
+            if len(outcomes) == 3:
+                done.set()
+
+        return callback
+
+    for value in (1.0, -1.0, 3.0):
+        batcher.enqueue({"x": np.full((1, 2), value)}, ["y"], callback_for(value))
+    gate.set()
+    assert done.wait(10)
+    assert runs[0] == 3  # merged first, then one by one
+    assert isinstance(outcomes[-1.0][1], ValueError) and outcomes[-1.0][0] is None
+    assert outcomes[1.0][0][0].tolist() == [[2.0, 2.0]] and outcomes[1.0][1] is None
+    assert outcomes[3.0][0][0].tolist() == [[6.0, 6.0]] and outcomes[3.0][1] is None
+    batcher.close()

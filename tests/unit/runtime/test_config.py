@@ -95,7 +95,8 @@ def test_absolute_model_path_is_kept(tmp_path: Path) -> None:
     [
         (
             {"prot": 80},
-            "c.json: unknown key 'prot'; known keys: arena_extend_strategy, cache_bytes, ",
+            "c.json: unknown key 'prot'; known keys: arena_extend_strategy, batch_axis, "
+            "cache_bytes, ",
         ),
         ({"port": True}, "c.json: port must be an integer (got true)"),
         ({"port": 70000}, "c.json: port must be between 0 and 65535 (got 70000)"),

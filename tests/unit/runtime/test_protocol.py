@@ -10,12 +10,16 @@ import pytest
 
 from packager.runtime.model import DATATYPES, Signature, TensorSpec
 from packager.runtime.protocol import (
+    JSON_BYTES_PER_ELEMENT,
     ParsedNumbers,
     ProtocolError,
     RequestedOutput,
     encode_infer_response,
+    largest_elements,
+    largest_request_bytes,
     loads_request,
     parse_infer_request,
+    show,
 )
 
 SPECS = {
@@ -326,3 +330,89 @@ def test_fast_path_arrays_are_validated_like_lists() -> None:
         parse_infer_request(body(tensor("INT64", pixels[:1] + [0.5] * 599, [300, 2])), None, sig)
     with pytest.raises(ProtocolError, match="needs 600 elements, got 598"):
         parse_infer_request(body(tensor("FP32", pixels[:598], [300, 2])), None, sig)
+
+
+# ---- bounds (issue 9) ---------------------------------------------------------------------------
+
+
+def test_largest_request_is_26_bytes_per_element_plus_64_kib() -> None:
+    mnist = Signature((TensorSpec("x", "FP32", (1, 1, 28, 28), np.dtype("<f4")),), ())
+    assert largest_request_bytes(mnist, None) == 784 * 26 + 65536
+    batched = signature("FP32", "INT8")  # two inputs of [-1, 2]
+    assert largest_elements(batched, 4) == 16
+    assert largest_request_bytes(batched, 4) == 16 * 26 + 65536
+    assert largest_request_bytes(batched, None) is None  # an unbounded batch: the cap applies
+    inner = Signature((TensorSpec("x", "FP32", (1, -1), np.dtype("<f4")),), ())
+    assert largest_request_bytes(inner, 8) is None  # only a first dimension is a batch
+
+
+def test_the_longest_json_numbers_fit_the_per_element_allowance() -> None:
+    longest = [-2.2250738585072014e-308, -(2**63), -1.7976931348623157e308, 2**64 - 1]
+    for value in longest:
+        separator = len(json.dumps([value, value])) - 2 - 2 * len(json.dumps(value))
+        assert len(json.dumps(value)) + separator <= JSON_BYTES_PER_ELEMENT
+
+
+def test_a_batch_above_max_rows_is_refused() -> None:
+    sig = signature("FP32")
+    parse_infer_request(body(tensor("FP32", [0.0] * 8, [4, 2])), None, sig, max_rows=4)
+    with pytest.raises(ProtocolError, match=r"a batch of 5 rows is more than .* \(4\)"):
+        parse_infer_request(body(tensor("FP32", [0.0] * 10, [5, 2])), None, sig, max_rows=4)
+
+
+def test_more_values_than_the_largest_request_are_refused_before_decoding() -> None:
+    sig = signature("FP32")
+    elements = largest_elements(sig, 2)
+    assert elements == 4
+    too_many = body(tensor("FP32", [0] * (4 + 65536 + 10), [2, 2]))
+    with pytest.raises(ProtocolError, match=r"more values than the model's inputs take \(4\)"):
+        parse_infer_request(too_many, None, sig, max_rows=2, max_elements=elements)
+
+
+def test_an_output_requested_twice_is_refused() -> None:
+    sig = signature("FP32")
+    request = body(tensor("FP32", [0.0] * 4), outputs=[{"name": "y_FP32"}] * 2)
+    with pytest.raises(ProtocolError, match="output 'y_FP32' is requested twice"):
+        parse_infer_request(request, None, sig)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b'{"inputs": [{"data": [NaN]}]}', "NaN is not a JSON number"),
+        (b'{"inputs": [{"data": [-Infinity]}]}', "-Infinity is not a JSON number"),
+        (b'{"inputs": [' + b"1" * 5000 + b"]}", "a number is out of range"),
+        (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    ],
+    ids=["nan", "infinity", "5000-digits", "100k-deep"],
+)
+def test_what_is_not_json_is_a_400(text: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError) as refused:
+        parse_infer_request(text, None, signature("FP32"))
+    assert refused.value.status == 400
+    assert refused.value.message == f"malformed JSON request: {message}"
+
+
+def test_error_messages_quote_client_values_briefly() -> None:
+    sig = signature("FP32")
+    long_name = "n" * 100_000
+    with pytest.raises(ProtocolError) as refused:
+        parse_infer_request(body({**tensor("FP32", [0.0] * 4), "name": long_name}), None, sig)
+    assert len(refused.value.message) < 200
+    with pytest.raises(ProtocolError) as refused:
+        parse_infer_request(body(tensor("FP32", [0.0] * 4, [10**4000, 2])), None, sig)
+    assert len(refused.value.message) < 300
+    assert len(show("x" * 1000)) <= 64 and len(show(list(range(1000)))) <= 64
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_outputs_are_refused_as_json_and_kept_as_binary(value: float) -> None:
+    spec = SPECS["FP32"]
+    result = np.asarray([[value, 1.0]], dtype=np.float32)
+    with pytest.raises(ProtocolError, match="holds NaN or infinite values"):
+        encode_infer_response("m", "1", None, [RequestedOutput(spec, binary=False)], [result])
+    payload, header = encode_infer_response(
+        "m", "1", None, [RequestedOutput(spec, binary=True)], [result]
+    )
+    assert header is not None
+    assert np.frombuffer(payload[header:], dtype="<f4").tobytes() == result.tobytes()

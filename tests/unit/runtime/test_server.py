@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import resource
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ import pytest
 
 from packager.runtime import server as server_module
 from packager.runtime.config import RuntimeConfig
+from packager.runtime.log import Throttle, clip
 from packager.runtime.model import load_model
 from packager.runtime.server import (
     FAILURES_UNTIL_UNHEALTHY,
@@ -58,11 +60,32 @@ def test_ready_turns_false_after_repeated_inference_failures_and_back(
         assert app.handle("GET", "/v2/health/ready", {}, b"").status == 200
         response = app.handle("POST", "/v2/models/iris/infer", {}, infer_body())
         assert response.status == 500
-        assert json.loads(response.body) == {"error": "inference failed: device lost"}
+        # The cause goes to the log; the client learns nothing of the internals.
+        assert json.loads(response.body) == {"error": "inference failed; see the runtime's log"}
     assert app.handle("GET", "/v2/health/ready", {}, b"").status == 503
     assert app.handle("GET", "/v2/models/iris/ready", {}, b"").status == 503
     monkeypatch.setattr(app.model, "run", real_run)
     assert app.handle("POST", "/v2/models/iris/infer", {}, infer_body()).status == 200
+    assert app.handle("GET", "/v2/health/ready", {}, b"").status == 200
+    app.close()
+
+
+def test_inference_errors_caused_by_the_input_answer_400_and_keep_readiness(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = make_app()
+    real_run = app.model.run
+
+    def refuses_ones(inputs: Mapping[str, Any], outputs: Sequence[str]) -> list[Any]:
+        if float(next(iter(inputs.values())).ravel()[0]) == 1.0:
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Gather: index out of range")
+        return real_run(inputs, outputs)
+
+    monkeypatch.setattr(app.model, "run", refuses_ones)
+    for _ in range(FAILURES_UNTIL_UNHEALTHY * 3):
+        response = app.handle("POST", "/v2/models/iris/infer", {}, infer_body())
+        assert response.status == 400
+        assert b"ONNXRuntimeError" not in response.body and b"Gather" not in response.body
     assert app.handle("GET", "/v2/health/ready", {}, b"").status == 200
     app.close()
 
@@ -295,3 +318,176 @@ def test_drain_waits_for_the_request_in_flight_and_closes_idle_connections(
     assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in reply
     idle.close()
     busy.close()
+
+
+# ---- bounds (issue 9) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        (b"GET /x HTTP/1.1\nHost: a", "a bare LF"),
+        (b"GET /x HTTP/1.1\r\nHost: a\rb", "a bare CR"),
+        (b"GET /x HTTP/1.1\r\nHost: a\x00b", "control byte 0x00"),
+        (b"GET /x\x01 HTTP/1.1", "control byte 0x01"),
+        (b"G(T /x HTTP/1.1", "bad request line"),
+        (b"GET /x HTTP/1.1\r\nX\x7fY: 1", "control byte 0x7f"),
+        (b"GET /x HTTP/1.1\r\nX Y: 1", "malformed header line"),
+    ],
+)
+def test_heads_with_bare_line_ends_or_control_bytes_are_refused(head: bytes, message: str) -> None:
+    with pytest.raises(HeadError) as refused:
+        parse_head(head)
+    assert refused.value.status == 400
+    assert message in refused.value.message
+
+
+def test_a_content_length_of_thousands_of_digits_is_413_not_a_crash() -> None:
+    with pytest.raises(HeadError) as refused:
+        parse_head(b"POST /x HTTP/1.1\r\nContent-Length: " + b"9" * 5000)
+    assert refused.value.status == 413
+    assert len(refused.value.message) < 100
+
+
+def test_tabs_and_obs_text_in_header_values_are_allowed() -> None:
+    head = parse_head(b"GET /x HTTP/1.1\r\nUser-Agent: a\tb \xe9")
+    assert head.headers.get("user-agent") == "a\tb \xe9"
+
+
+def test_the_body_limit_is_the_largest_valid_request_capped_by_the_target() -> None:
+    batched = make_app(max_batch_size=8)  # iris: FP32 [-1, 4]
+    assert batched.body_limit == 8 * 4 * 26 + 65536 and batched.limit_from_model
+    assert make_app(max_batch_size=8, max_request_bytes=1000).body_limit == 1000
+    unbounded = make_app()  # a dynamic batch without max_batch_size: the target's cap
+    assert unbounded.body_limit == 64 << 20 and not unbounded.limit_from_model
+    for app in (batched, unbounded):
+        app.close()
+
+
+def test_connection_limit_leaves_descriptors_for_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (384, 4096))
+    assert server_module.connection_limit(1000) == 384 - 16 * 4 - 32
+    assert server_module.connection_limit(100) == 100
+
+
+def test_throttle_drops_past_the_rate_and_counts_what_it_dropped() -> None:
+    throttle = Throttle(per_second=0.001, burst=3)
+    assert [throttle.allow() for _ in range(5)] == [0, 0, 0, None, None]
+    throttle._tokens = 1.0  # a token refilled
+    assert throttle.allow() == 2
+
+
+def test_log_fields_are_clipped() -> None:
+    assert clip("x" * 10) == "x" * 10
+    assert clip("x" * 1000, 100) == "x" * 100 + "...[900 more]"
+
+
+def _serve(**config: Any) -> tuple[RuntimeServer, App]:
+    app = make_app(**config)
+    server = RuntimeServer(("127.0.0.1", 0), app)
+    server.start()
+    return server, app
+
+
+def _stop(server: RuntimeServer, app: App) -> None:
+    app.close()
+    server.stop()
+
+
+def test_slow_head_and_trickled_body_get_408() -> None:
+    server, app = _serve(header_timeout_s=0.3)
+    try:
+        port = server.server_address[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow_head:
+            slow_head.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+            assert _read_all(slow_head).startswith(b"HTTP/1.1 408 ")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as trickle:
+            # 0.3 s + 20000 bytes at 64 KiB/s to arrive; 10 bytes do.
+            trickle.sendall(
+                b"POST /v2/models/iris/infer HTTP/1.1\r\nContent-Length: 20000\r\n\r\n" + b" " * 10
+            )
+            reply = _read_all(trickle)
+            assert reply.startswith(b"HTTP/1.1 408 ") and b"body did not arrive" in reply
+    finally:
+        _stop(server, app)
+
+
+def test_over_the_cap_the_oldest_stalled_head_makes_room_else_503(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server_module, "INLINE_RUN_S", 0.0)  # runs go to the pool
+    server, app = _serve(max_connections=2)
+    gate = threading.Event()
+    real_run = app.model.run
+
+    def held(inputs: Mapping[str, Any], outputs: Sequence[str]) -> list[Any]:
+        gate.wait(10)
+        return real_run(inputs, outputs)
+
+    try:
+        port = server.server_address[1]
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+        stalled.sendall(b"GET /v2/health/live HTTP/1.1\r\n")  # never finished
+        time.sleep(0.2)
+        monkeypatch.setattr(app.model, "run", held)
+        busy = socket.create_connection(("127.0.0.1", port), timeout=10)
+        busy.sendall(_infer_request(1))  # running until the gate opens
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as newcomer:
+            newcomer.sendall(b"GET /v2/health/ready HTTP/1.1\r\nConnection: close\r\n\r\n")
+            assert _read_all(newcomer).startswith(b"HTTP/1.1 200 ")
+        assert _read_all(stalled) == b""  # closed for the newcomer
+        # Both slots now hold requests in progress: one more is refused, not queued.
+        second = socket.create_connection(("127.0.0.1", port), timeout=10)
+        second.sendall(_infer_request(1))
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as refused:
+            reply = _read_all(refused)
+        assert reply.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in reply
+        gate.set()
+        for sock in (busy, second):
+            sock.shutdown(socket.SHUT_WR)
+            assert _read_all(sock).startswith(b"HTTP/1.1 200 ")
+            sock.close()
+        stalled.close()
+    finally:
+        gate.set()
+        _stop(server, app)
+
+
+def test_clients_that_do_not_read_replies_are_bounded_in_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each pipelines requests with large replies and never reads: past MAX_STALLED_WRITERS
+    such connections, the oldest is closed (so their buffered replies are bounded together)."""
+    monkeypatch.setattr(server_module, "MAX_STALLED_WRITERS", 1)
+    server, app = _serve()
+    try:
+        port = server.server_address[1]
+        rows = 20_000  # a ~1 MB JSON reply each
+        stream = _infer_request(rows) * 8
+
+        def peers(connections: Any) -> set[int]:
+            return {c.transport.get_extra_info("peername")[1] for c in list(connections)}
+
+        first = socket.create_connection(("127.0.0.1", port), timeout=10)
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        first.sendall(stream)
+        deadline = time.monotonic() + 10
+        while not server.stalled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert peers(server.stalled) == {first.getsockname()[1]}
+        second = socket.create_connection(("127.0.0.1", port), timeout=10)
+        second.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        second.sendall(stream)
+        while peers(server.stalled) != {second.getsockname()[1]} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert peers(server.stalled) == {second.getsockname()[1]}
+        assert first.getsockname()[1] not in peers(server.connections)  # closed by the server
+        with pytest.raises(ConnectionResetError):  # aborted, its replies dropped
+            while first.recv(1 << 20):
+                pass
+        first.close()
+        second.close()
+    finally:
+        _stop(server, app)

@@ -1,0 +1,97 @@
+"""``edgepack inspect`` for the PyTorch files ``build`` converts (``.pt``, ``.pth``, ``.pt2``):
+tensors where the file records them (an exported program does; a pickled module does not: its
+input shapes come from the calibration data), operators, parameters. Heavy: imports torch."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from packager.models.info import ModelInfo, TensorInfo
+from packager.models.torch_export import detect_kind, load_torch_model
+
+
+def _tensor(name: str, value: Any) -> TensorInfo | None:
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        return None
+    dims = tuple(int(d) if str(d).lstrip("-").isdigit() else str(d) for d in shape)
+    return TensorInfo(name=name, dtype=str(dtype).removeprefix("torch."), shape=dims)
+
+
+def _unloaded(path: Path) -> ModelInfo:
+    data = path.read_bytes()
+    return ModelInfo(
+        path=path,
+        format="pytorch",
+        digest=f"sha256:{hashlib.sha256(data).hexdigest()}",
+        size_bytes=len(data),
+        inputs=(),
+        outputs=(),
+        opsets={},
+        op_histogram={},
+        param_count=0,
+        weights_bytes=0,
+        activation_bytes=0,
+        producer="pytorch",
+        notes=(
+            "PyTorch torch.save pickle: not unpickled here (that runs code from the file); "
+            "build loads it, with a warning, to convert it",
+            "torch.export.save (.pt2) records tensors and operators that inspect can show",
+        ),
+    )
+
+
+def inspect_torch(path: Path) -> ModelInfo:
+    """The inspector for ``.pt`` / ``.pth`` / ``.pt2`` (``packager.models.INSPECTORS``).
+    InputError for unreadable files (``torch_export.load_torch_model``). A full torch.save
+    pickle is not loaded: unpickling runs code from the file, and inspecting must not."""
+    kind = detect_kind(path)
+    if kind == "torch-pickle":
+        return _unloaded(path)
+    loaded = load_torch_model(path, kind)
+    inputs: list[TensorInfo] = []
+    outputs: list[TensorInfo] = []
+    histogram: Counter[str] = Counter()
+    notes: list[str] = [f"PyTorch {kind}"]
+    if kind == "exported-program":
+        module = loaded.module()
+        for node in loaded.graph.nodes:
+            value = node.meta.get("val")
+            if node.op == "placeholder" and node.name in loaded.graph_signature.user_inputs:
+                tensor = _tensor(node.name, value)
+                if tensor is not None:
+                    inputs.append(tensor)
+            elif node.op == "call_function":
+                histogram[str(getattr(node.target, "__name__", node.target))] += 1
+            elif node.op == "output":
+                for i, item in enumerate(node.args[0] if node.args else ()):
+                    tensor = _tensor(f"output_{i}", getattr(item, "meta", {}).get("val"))
+                    if tensor is not None:
+                        outputs.append(tensor)
+    else:
+        module = loaded  # TorchScript: code in TorchScript's own interpreter, not Python
+        for sub in module.modules():
+            if not any(True for _ in sub.children()):
+                histogram[getattr(sub, "original_name", type(sub).__name__)] += 1
+        notes.append("input shapes are not stored in this file: --calibration samples give them")
+    params = list(module.parameters()) + list(module.buffers())
+    data = path.read_bytes()
+    return ModelInfo(
+        path=path,
+        format="pytorch",
+        digest=f"sha256:{hashlib.sha256(data).hexdigest()}",
+        size_bytes=len(data),
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        opsets={},
+        op_histogram=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
+        param_count=int(sum(p.numel() for p in params)),
+        weights_bytes=int(sum(p.numel() * p.element_size() for p in params)),
+        activation_bytes=0,
+        producer="pytorch",
+        notes=tuple(notes),
+    )

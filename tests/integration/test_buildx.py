@@ -1,0 +1,422 @@
+"""edgepack images in CI pipelines built with buildx (issue 13), on the private dockerd of
+tests/integration/dockerd.py (its BuildKit, the ``docker`` driver):
+
+- ``edgepack bake`` of the mnist rpi4 and industrial-pc bundles, a user Dockerfile ``FROM
+  edgepack`` with an exec-form ``RUN`` that imports onnxruntime (under qemu for arm64, with the
+  arm64 /proc/cpuinfo bind-mounted), built by ``docker buildx bake`` for linux/arm64 and
+  linux/amd64 into one OCI archive holding one index: each platform's base layers are the
+  bundle's, by digest.
+- Two models x two devices in one ``docker buildx bake --push`` to the loopback registry; an
+  image pulled back by digest with skopeo, loaded and served (an MNIST inference).
+- ``Dockerfile.builder`` built from a Debian bookworm base made with mmdebstrap and ``docker
+  import`` (the Docker Hub image cannot be pulled here), and run as users run it: the bundle it
+  builds has the image digest of the host's build of the same inputs.
+
+The daemon runs with ``--bridge=none``: RUN steps take ``--network=none`` (or host), containers
+the daemon's own bridge network. Slow: the builder image takes minutes (see its test).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import REPO, build_json, edgepack
+from tests.integration.dockerd import Dockerd, DockerError, Registry
+from tests.integration.test_docker_engine import (  # noqa: F401  (a fixture)
+    TARGETS,
+    _infer,
+    _mnist,
+    _wait_ready,
+    bundles,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PORTS = range(19200, 19300)  # this module's loopback range for published container ports
+USER_DOCKERFILE = """\
+FROM edgepack
+RUN --network=none --mount=type=bind,source=cpuinfo-arm64.txt,target=/proc/cpuinfo \\
+    ["python3", "-c", "import onnxruntime, platform; print('imported', onnxruntime.__version__, \
+platform.machine())"]
+"""
+
+
+def _port() -> int:
+    import socket
+
+    for port in PORTS:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free loopback port in {PORTS.start}-{PORTS.stop - 1}")
+
+
+def _oci_archive(path: Path) -> dict[str, Any]:
+    """{digest: parsed JSON} of the index and manifests in an OCI archive, plus its top index."""
+    found: dict[str, Any] = {}
+    with tarfile.open(path) as archive:
+        top = json.load(archive.extractfile("index.json"))  # type: ignore[arg-type]
+        for member in archive.getmembers():
+            if member.name.startswith("blobs/sha256/") and member.size < 65536:
+                data = archive.extractfile(member).read()  # type: ignore[union-attr]
+                try:
+                    found["sha256:" + member.name.rsplit("/", 1)[1]] = json.loads(data)
+                except ValueError:
+                    pass  # a small layer
+    found["index.json"] = top
+    return found
+
+
+def _platforms(index: dict[str, Any]) -> dict[str, str]:
+    """{os/arch: manifest digest}, attestation manifests (unknown/unknown) left out."""
+    return {
+        f"{m['platform']['os']}/{m['platform']['architecture']}": m["digest"]
+        for m in index["manifests"]
+        if m["platform"]["os"] != "unknown"
+    }
+
+
+def _bake(
+    dockerd: Dockerd,
+    folder: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess[str]:
+    """``docker buildx bake ARGS`` in the bake folder (its paths are relative to it)."""
+    argv = [
+        str(dockerd.env["PATH"].split(":", 1)[0] + "/docker"),
+        "buildx",
+        "bake",
+        "--progress",
+        "plain",
+        *args,
+    ]
+    try:
+        proc = subprocess.run(
+            argv,
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**dockerd.env, **(env or {})},
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise DockerError(
+            f"docker buildx bake {' '.join(args)}: no answer in {timeout:.0f}s"
+        ) from exc
+    if proc.returncode != 0:
+        raise DockerError(f"docker buildx bake {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def test_user_dockerfile_built_for_two_platforms_into_one_index(
+    dockerd: Dockerd,
+    bundles: dict[str, dict[str, Any]],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "bake"
+    doc = json.loads(
+        edgepack(
+            "bake", *(bundles[t]["bundle"] for t in TARGETS), "--out", str(folder), "--json"
+        ).stdout
+    )
+    assert doc["dockerfile_written"]
+    assert (folder / "Dockerfile").read_text().rstrip().endswith("FROM edgepack")
+    (folder / "Dockerfile").write_text(USER_DOCKERFILE)
+    # A second bake keeps the user's Dockerfile and writes the same bake file.
+    first = (folder / "docker-bake.hcl").read_bytes()
+    again = json.loads(
+        edgepack(
+            "bake", *(bundles[t]["bundle"] for t in TARGETS), "--out", str(folder), "--json"
+        ).stdout
+    )
+    assert not again["dockerfile_written"]
+    assert (folder / "Dockerfile").read_text() == USER_DOCKERFILE
+    assert (folder / "docker-bake.hcl").read_bytes() == first
+    (mnist,) = [t for t in doc["targets"] if t["name"] == "mnist"]
+    assert sorted(mnist["platforms"]) == ["linux/amd64", "linux/arm64/v8"]
+
+    (tmp_path / "oci").mkdir()
+    started = time.monotonic()
+    proc = _bake(dockerd, folder, "mnist", env={"OCI_DIR": str(tmp_path / "oci")})
+    took = time.monotonic() - started
+    # The RUN ran on both platforms, arm64 under qemu-user (the cpuinfo mount let it import).
+    assert "imported" in proc.stderr and "aarch64" in proc.stderr and "x86_64" in proc.stderr
+    blobs = _oci_archive(tmp_path / "oci" / "mnist.tar")
+    (top,) = blobs["index.json"]["manifests"]
+    index = blobs[top["digest"]]
+    assert index["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    platforms = _platforms(index)
+    assert sorted(platforms) == ["linux/amd64", "linux/arm64"]
+    for target, platform in TARGETS.items():
+        manifest = blobs[platforms["/".join(platform.split("/")[:2])]]
+        base = [layer["digest"] for layer in bundles[target]["image"]["layers"]]
+        built = [layer["digest"] for layer in manifest["layers"]]
+        assert built[: len(base)] == base, target  # edgepack's layers, byte-identical
+        assert len(built) == len(base) + 1  # the RUN's (empty) layer
+    print(f"two-platform bake to an OCI archive: {took:.1f}s")
+
+
+@pytest.fixture(scope="module")
+def network_bundles(
+    tmp_path_factory: pytest.TempPathFactory, onnx_dir: Path, edgepack_cache: Path
+) -> dict[str, str]:
+    """A second model (the shared Network.onnx, named ``network``) for both targets."""
+    out = tmp_path_factory.mktemp("network-bundles")
+    return {
+        target: build_json(
+            str(onnx_dir / "Network.onnx"),
+            "--name",
+            "network",
+            "--target",
+            target,
+            "--out",
+            str(out / target),
+            "--version",
+            "2.0.0",
+            "--cache-dir",
+            str(edgepack_cache),
+        )["bundle"]
+        for target in TARGETS
+    }
+
+
+def test_two_models_by_two_devices_in_one_bake_pushed_pulled_and_served(
+    dockerd: Dockerd,
+    loopback_registry: Registry,
+    bundles: dict[str, dict[str, Any]],  # noqa: F811
+    network_bundles: dict[str, str],
+    onnx_dir: Path,
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "fleet"
+    edgepack(
+        "bake",
+        *(bundles[t]["bundle"] for t in TARGETS),
+        *network_bundles.values(),
+        "--out",
+        str(folder),
+    )
+    registry = f"{loopback_registry.host}/fleet"
+    metadata = tmp_path / "metadata.json"
+    started = time.monotonic()
+    # The default Dockerfile (FROM edgepack) as written; four model x device targets at once.
+    _bake(
+        dockerd,
+        folder,
+        "devices",
+        "--push",
+        "--metadata-file",
+        str(metadata),
+        env={"REGISTRY": registry},
+    )
+    took = time.monotonic() - started
+    built = json.loads(metadata.read_text())
+    names = {f"{m}-{t}" for m in ("mnist", "network") for t in TARGETS}
+    assert names <= set(built), sorted(built)
+    for name in names:
+        model, device = name.split("-", 1)
+        version = "1.0.0" if model == "mnist" else "2.0.0"
+        digest = built[name]["containerimage.digest"]
+        ref = f"docker://{registry}/{model}@{digest}"
+        raw = subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false", ref],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        ).stdout
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == digest
+        tagged = subprocess.run(
+            [
+                "skopeo",
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                f"docker://{registry}/{model}:{version}-{device}",
+            ],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        ).stdout
+        assert tagged == raw, name
+    # One pulled back by digest with skopeo, loaded into the engine and served.
+    pinned = f"docker://{registry}/mnist@{built['mnist-industrial-pc']['containerimage.digest']}"
+    archive = tmp_path / "pulled.tar"
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--src-tls-verify=false",
+            "--override-arch",
+            "amd64",
+            pinned,
+            f"oci-archive:{archive}:docker.io/edgepack-test/pulled:1",
+        ],
+        capture_output=True,
+        timeout=300,
+        check=True,
+    )
+    # Fully qualified: docker's containerd store keeps an OCI ref.name as written, and looks
+    # images up by their normalized (docker.io/...) names.
+    assert "Loaded image: edgepack-test/pulled:1" in dockerd.docker(
+        "load", "-i", archive, timeout=300
+    ).stdout
+    assert dockerd.image("edgepack-test/pulled:1")["Architecture"] == "amd64"
+    port = _port()
+    pixels, expected = _mnist(onnx_dir)
+    with dockerd.container(
+        "edgepack-test-buildx-served",
+        "edgepack-test/pulled:1",
+        run_args=["--publish", f"127.0.0.1:{port}:8080"],
+    ) as name:
+        _wait_ready(dockerd, name, f"http://127.0.0.1:{port}", timeout_s=120)
+        scores = _infer(f"http://127.0.0.1:{port}", pixels)
+    assert int(scores.argmax()) == int(expected.argmax())
+    print(f"two models x two devices, one bake, pushed: {took:.1f}s")
+
+
+# --- Dockerfile.builder -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def builder_image(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``edgepack-test/builder``: Dockerfile.builder built once per session on a
+    ``debian:bookworm-slim`` made here (mmdebstrap minbase + docker import), with the host's CA
+    bundle as the optional build secret. Measured here (2 cores): mmdebstrap ~65 s, import
+    ~15 s, build ~4-5 min."""
+    if shutil.which("mmdebstrap") is None:
+        pytest.fail("mmdebstrap is missing: run `make setup`", pytrace=False)
+    work = tmp_path_factory.mktemp("builder")
+    rootfs = work / "bookworm.tar"
+    times = {}
+    started = time.monotonic()
+    subprocess.run(
+        ["mmdebstrap", "--quiet", "--variant=minbase", "--mode=root", "bookworm", str(rootfs)],
+        capture_output=True,
+        timeout=900,
+        check=True,
+    )
+    times["mmdebstrap"] = time.monotonic() - started
+    started = time.monotonic()
+    dockerd.docker("import", rootfs, "edgepack-test/bookworm-slim:12", timeout=300)
+    rootfs.unlink()
+    times["import"] = time.monotonic() - started
+    # The Dockerfile's FROM names Docker Hub's image; the imported one stands in for it.
+    dockerd.docker("tag", "edgepack-test/bookworm-slim:12", "debian:bookworm-slim", timeout=60)
+    secret = []
+    for candidate in (os.environ.get("SSL_CERT_FILE"), "/etc/ssl/certs/ca-certificates.crt"):
+        if candidate and Path(candidate).is_file():
+            secret = ["--secret", f"id=ca-bundle,src={candidate}"]
+            break
+    started = time.monotonic()
+    dockerd.docker(
+        "build",
+        "--network",
+        "host",
+        "--file",
+        REPO / "Dockerfile.builder",
+        *secret,
+        "--tag",
+        "edgepack-test/builder",
+        REPO,
+        timeout=1500,
+    )
+    times["build"] = time.monotonic() - started
+    print("Dockerfile.builder: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    return "edgepack-test/builder"
+
+
+def _layers(document: dict[str, Any]) -> dict[str, str]:
+    return {layer["name"]: layer["digest"] for layer in document["image"]["layers"]}
+
+
+def _members(archive: Path, digest: str) -> dict[str, bytes]:
+    """{path: bytes} of the regular files in one gzip layer of an image archive."""
+    with tarfile.open(archive) as image:
+        blob = image.extractfile(f"blobs/sha256/{digest.split(':')[1]}")
+        assert blob is not None
+        with tarfile.open(fileobj=blob, mode="r:gz") as layer:
+            return {
+                m.name: layer.extractfile(m).read()  # type: ignore[union-attr]
+                for m in layer.getmembers()
+                if m.isfile()
+            }
+
+
+def test_builder_image_builds_the_host_digest(
+    dockerd: Dockerd,
+    builder_image: str,
+    onnx_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """``docker run --rm -v $PWD:/work edgepack-builder build ...``, cold (its own empty cache,
+    online: Debian's .debs and PyPI's wheels), gives the image a host builds cold from the same
+    inputs. Both compile the wheels' .pyc (packager/image/wheels.py) with their own CPython:
+    CPython's compiler output changes between patch releases (3.11.2 and 3.11.7 compile numpy's
+    ``pad`` differently: measured), so the wheel layer matches only between equal interpreters,
+    as on a Debian 12 host (3.11.2, the builder's); elsewhere the test proves that the .pyc
+    files are the only difference and xfails, naming it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(onnx_dir / "mnist.onnx", work / "mnist.onnx")
+    args = ["build", "mnist.onnx", "--target", "rpi4", "--version", "1.0.0", "--json"]
+    host_cache = tmp_path / "host-cache"
+    host = build_json(str(work / "mnist.onnx"), *args[2:-1], "--out", str(work / "host"),
+                      "--cache-dir", str(host_cache))  # fmt: skip
+    ca = Path(os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt")
+    tls = (
+        ["--volume", f"{ca}:/ca.crt:ro", "--env", "PIP_CERT=/ca.crt",
+         "--env", "SSL_CERT_FILE=/ca.crt"] if ca.is_file() else []
+    )  # fmt: skip
+    (work / "cache").mkdir()
+    name = "edgepack-test-builder-run"
+    dockerd.remove(name)
+    started = time.monotonic()
+    try:
+        proc = dockerd.docker(
+            "run", "--rm", "--name", name, "--network", "host", *tls,
+            "--volume", f"{work}:/work", "--volume", f"{work / 'cache'}:/cache",
+            builder_image, *args, "--out", "builder", timeout=900,
+        )  # fmt: skip
+        version = dockerd.docker(
+            "run", "--rm", "--name", name, "--network", "none", "--entrypoint", "python3",
+            builder_image, "-c", "import sys; print(sys.version.split()[0])", timeout=120,
+        ).stdout.strip()  # fmt: skip
+    finally:
+        dockerd.remove(name)
+    print(f"builder image: a cold rpi4 mnist build in {time.monotonic() - started:.0f}s")
+    inside = json.loads(proc.stdout)
+    ours, theirs = _layers(host), _layers(inside)
+    assert [k for k in ours if ours[k] != theirs[k]] in ([], ["wheels"]), (ours, theirs)
+    host_version = ".".join(map(str, sys.version_info[:3]))
+    if host_version == version or ours == theirs:
+        assert inside["image"]["digest"] == host["image"]["digest"]
+        assert (work / "builder" / "image.tar").read_bytes() == (
+            work / "host" / "image.tar"
+        ).read_bytes()
+        return
+    mine = _members(work / "host" / "image.tar", ours["wheels"])
+    other = _members(work / "builder" / "image.tar", theirs["wheels"])
+    assert sorted(mine) == sorted(other)
+    differ = sorted(path for path in mine if mine[path] != other[path])
+    assert differ and all(path.endswith(".pyc") for path in differ), differ
+    pytest.xfail(
+        f"the wheel layer's .pyc differ between CPython {host_version} (host) and {version} "
+        f"(builder): {len(differ)} file(s), e.g. {differ[0]}; every other byte is equal"
+    )

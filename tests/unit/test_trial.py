@@ -1,0 +1,90 @@
+"""`edgepack run` emulates the device's CPU model, chosen from what the bundle's manifest says.
+
+The manifest's target table comes from the build's own writer (packager.build._target_meta) for
+the shipped targets, so these tests follow the real path from target file to QEMU_CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from packager.build import _target_meta
+from packager.errors import TargetError, UsageError, VerifyError
+from packager.image.emulation import cpuinfo_text
+from packager.targets import parse_target, resolve_target
+from packager.tools.qemu import QEMU_CPU_ENV, QEMU_DEFAULT_CPU, emulated_cpu
+from packager.trial import choose_cpu
+
+
+@pytest.mark.parametrize(
+    ("target", "cpu"),
+    [
+        ("rpi4", "cortex-a72"),
+        ("rpi-zero-2w", "cortex-a53"),
+        ("rpi5", "cortex-a76"),
+        ("jetson-nano", "cortex-a57"),
+        ("jetson-orin-nano", "neoverse-n1"),  # cpu.qemu: qemu has no Cortex-A78AE
+    ],
+)
+def test_run_emulates_the_targets_own_cpu(target: str, cpu: str) -> None:
+    meta = _target_meta(resolve_target(target))
+    assert meta["cpu"]["qemu"] == cpu
+    assert choose_cpu(meta, None) == (cpu, True)
+    assert QEMU_CPU_ENV == "QEMU_CPU"
+
+
+def test_a_core_qemu_does_not_model_falls_back_to_max_and_says_so() -> None:
+    meta = _target_meta(resolve_target("jetson-xavier-nx"))  # NVIDIA Carmel
+    assert meta["cpu"]["qemu"] is None
+    assert choose_cpu(meta, None) == (QEMU_DEFAULT_CPU, False)
+    assert choose_cpu({"name": "old", "device_class": "linux-container"}, None) == ("max", False)
+    assert choose_cpu(meta, "cortex-a72") == ("cortex-a72", True)
+
+
+@pytest.mark.parametrize(
+    "value", ["cortex-a72\n", "cortex-a72 -d in_asm", "../../x", "", "A72", 72, "x" * 40]
+)
+def test_a_hostile_manifest_cpu_is_refused(value: object) -> None:
+    with pytest.raises(VerifyError) as err:
+        choose_cpu({"cpu": {"model": "cortex-a72", "qemu": value}}, None)
+    assert "target.cpu.qemu" in err.value.one_line()
+
+
+def test_a_bad_cpu_option_is_a_usage_error() -> None:
+    with pytest.raises(UsageError) as err:
+        choose_cpu({}, "max,pauth=off;reboot")
+    assert "--cpu" in err.value.one_line()
+
+
+def _linux_target(cpu: dict[str, object]) -> dict[str, object]:
+    return {
+        "name": "board",
+        "description": "a board",
+        "device_class": "linux-container",
+        "platform": {"arch": "arm64"},
+        "cpu": {"cores": 4, **cpu},
+        "memory": {"ram_mb": 1024},
+        "storage": {"kind": "sd", "size_mb": 16384},
+    }
+
+
+def test_cpu_qemu_in_a_target_overrides_the_model_and_is_allow_listed() -> None:
+    loaded = parse_target(_linux_target({"model": "cortex-a55", "qemu": "cortex-a53"}), "b.toml")
+    assert _target_meta(loaded)["cpu"] == {"model": "cortex-a55", "cores": 4, "qemu": "cortex-a53"}
+    assert emulated_cpu("cortex-a55") is None
+    for bad in ("cortex-a53\n", "cortex-a53 -strace", "Cortex-A53", "a" * 33):
+        with pytest.raises(TargetError) as err:
+            parse_target(_linux_target({"model": "cortex-a55", "qemu": bad}), "b.toml")
+        assert "cpu.qemu" in err.value.one_line()
+
+
+@pytest.mark.parametrize(
+    ("cpu", "part", "has_dotprod"),
+    [("cortex-a53", "0xd03", False), ("cortex-a72", "0xd08", False), ("cortex-a76", "0xd0b", True)],
+)
+def test_cpuinfo_matches_the_emulated_core(cpu: str, part: str, has_dotprod: bool) -> None:
+    text = cpuinfo_text(cpu, 4)
+    assert text is not None
+    assert text.count("processor\t:") == 4 and text.count(f"CPU part\t: {part}\n") == 4
+    assert ("asimddp" in text) == has_dotprod
+    assert cpuinfo_text("max", 4) is None
