@@ -6,6 +6,18 @@ Nothing is rebuilt: the manifests, configs and layers are the bundles' own bytes
 platform's digest in the registry is the ``image.digest`` of its bundle's manifest.json. The index
 is written here (canonical JSON, platforms in order: the same bundles give the same index digest)
 and skopeo copies it with ``--preserve-digests``; the registry's copy is read back and compared.
+
+Each image's SBOM (the bundle's ``sbom.cdx.json``, issue 15) goes next to it as an OCI 1.1
+referrer: an artifact manifest (``artifactType`` ``application/vnd.cyclonedx+json``, the empty
+config, one layer holding the SBOM's exact bytes, ``subject`` the image manifest), listed in an
+image index tagged ``sha256-<hex of the image digest>`` (the referrers tag schema of the OCI
+distribution spec 1.1, for registries without the referrers API, such as Debian's
+docker-registry 2.8; a registry with the API indexes the artifact by its ``subject`` itself).
+The image is not touched (the SBOM records its digest, so it cannot be inside it), and the
+artifact is not in ``image.tar`` (``docker load`` and podman expect one image there).
+The tag's index entries carry no ``artifactType``: skopeo 1.9 (containers/image 5.23) drops
+that field when it reads an index, so it refuses to copy one that has it with
+``--preserve-digests`` (measured); a reader finds the type in the artifact manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from packager.bundle.manifest import read_manifest
+from packager.bundle.sbom import SBOM_FILE
 from packager.bundle.verify import verify_bundle
 from packager.errors import ToolFailedError, UsageError, VerifyError
 from packager.image.cache import canonical_json
@@ -36,6 +49,11 @@ from packager.tools.skopeo import RegistryOptions, inspect_raw, push_layout
 
 _ARCHIVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _LAYOUT_TAG = "push"
+SBOM_ARTIFACT_TYPE = "application/vnd.cyclonedx+json"
+# The OCI 1.1 empty descriptor (image-spec manifest.md, "Guidance for an Empty Descriptor").
+MEDIA_EMPTY = "application/vnd.oci.empty.v1+json"
+_EMPTY = b"{}"
+_TITLE = "org.opencontainers.image.title"
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,7 @@ class PushedImage:
     bundle: Path
     platform: str  # "linux/arm64/v8"
     digest: str  # its manifest's, as in the bundle's manifest.json
+    sbom: str | None = None  # the SBOM referrer manifest's digest; None: the bundle has no SBOM
 
 
 @dataclass(frozen=True)
@@ -65,7 +84,8 @@ class PushResult:
             "digest": self.digest,
             "media_type": self.media_type,
             "images": [
-                {"bundle": str(i.bundle), "platform": i.platform, "digest": i.digest}
+                {"bundle": str(i.bundle), "platform": i.platform, "digest": i.digest,
+                 "sbom": i.sbom}
                 for i in self.images
             ],
         }
@@ -87,6 +107,65 @@ def _platform_json(platform: str) -> dict[str, str]:
     if variant:
         doc["variant"] = variant[0]
     return doc
+
+
+def referrers_tag(digest: str) -> str:
+    """``sha256:HEX`` -> ``sha256-HEX``: the referrers tag schema (OCI distribution spec 1.1)."""
+    return digest.replace(":", "-", 1)
+
+
+def sbom_referrer(subject_digest: str, subject_size: int, sbom: bytes) -> tuple[bytes, bytes]:
+    """(artifact manifest, referrers index) bytes, canonical JSON, for an SBOM of the image
+    manifest ``subject_digest`` (``subject_size`` bytes): OCI image-spec 1.1 artifact guidance."""
+    manifest = canonical_json({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "artifactType": SBOM_ARTIFACT_TYPE,
+        "config": {"mediaType": MEDIA_EMPTY, "digest": "sha256:"
+                   + hashlib.sha256(_EMPTY).hexdigest(), "size": len(_EMPTY), "data": "e30="},
+        "layers": [{"mediaType": SBOM_ARTIFACT_TYPE,
+                    "digest": "sha256:" + hashlib.sha256(sbom).hexdigest(), "size": len(sbom),
+                    "annotations": {_TITLE: SBOM_FILE}}],
+        "subject": {"mediaType": MEDIA_MANIFEST, "digest": subject_digest,
+                    "size": subject_size},
+    })
+    index = canonical_json({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_INDEX,
+        "manifests": [{"mediaType": MEDIA_MANIFEST,
+                       "digest": "sha256:" + hashlib.sha256(manifest).hexdigest(),
+                       "size": len(manifest)}],
+    })
+    return manifest, index
+
+
+def stage_sbom_layout(
+    sources: list[_Source], images: Path, layout: Path
+) -> list[tuple[_Source, str, str, bytes]]:
+    """An OCI layout of each bundle's SBOM referrer (bundles without ``sbom.cdx.json`` are left
+    out), next to ``images`` (stage_layout's layout of their manifests): [(source, layout tag
+    naming its referrers index, artifact manifest digest, the index's bytes)]."""
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    refs: list[dict[str, Any]] = []
+    staged = []
+    for n, src in enumerate(sources):
+        path = src.bundle / SBOM_FILE
+        if not path.is_file():
+            continue
+        sbom = path.read_bytes()
+        subject_size = (images / blob_name(src.digest)).stat().st_size
+        manifest, index = sbom_referrer(src.digest, subject_size, sbom)
+        for blob in (_EMPTY, sbom, manifest, index):
+            (layout / blob_name("sha256:" + hashlib.sha256(blob).hexdigest())).write_bytes(blob)
+        tag = f"sbom-{n}"
+        refs.append({"mediaType": MEDIA_INDEX, "digest": "sha256:"
+                     + hashlib.sha256(index).hexdigest(), "size": len(index),
+                     "annotations": {REF_NAME: tag}})
+        staged.append((src, tag, "sha256:" + hashlib.sha256(manifest).hexdigest(), index))
+    (layout / "oci-layout").write_bytes(canonical_json({"imageLayoutVersion": "1.0.0"}))
+    (layout / "index.json").write_bytes(
+        canonical_json({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": refs}))
+    return staged
 
 
 def _read_bundle(bundle: Path) -> _Source:
@@ -212,10 +291,22 @@ def push_bundles(request: PushRequest) -> PushResult:
         layout = Path(tmp) / "layout"
         digest, media_type = stage_layout(sources, layout)
         push_layout(layout, _LAYOUT_TAG, destination, options=request.options)
-    pushed = inspect_raw(destination, options=request.options)
-    actual = "sha256:" + hashlib.sha256(pushed).hexdigest()
-    if actual != digest:
-        raise ToolFailedError(f"{destination}: the registry holds {actual}, edgepack pushed "
-                              f"{digest}", hint="another push to the same tag raced this one?")
+        pushed = inspect_raw(destination, options=request.options)
+        actual = "sha256:" + hashlib.sha256(pushed).hexdigest()
+        if actual != digest:
+            raise ToolFailedError(f"{destination}: the registry holds {actual}, edgepack pushed "
+                                  f"{digest}", hint="another push to the same tag raced this one?")
+        # After the image is in and checked: no reader finds an SBOM whose subject is missing.
+        sboms: dict[str, str] = {}
+        sbom_layout = Path(tmp) / "sbom"
+        repository = destination.rsplit(":", 1)[0]
+        for src, tag, artifact, index in stage_sbom_layout(sources, layout, sbom_layout):
+            target = f"{repository}:{referrers_tag(src.digest)}"
+            push_layout(sbom_layout, tag, target, options=request.options)
+            if inspect_raw(target, options=request.options) != index:
+                raise ToolFailedError(f"{target}: the registry's SBOM index differs from the one "
+                                      "edgepack pushed", hint="another push raced this one?")
+            sboms[src.digest] = artifact
     return PushResult(destination, digest, media_type,
-                      tuple(PushedImage(s.bundle, s.platform, s.digest) for s in sources))
+                      tuple(PushedImage(s.bundle, s.platform, s.digest, sboms.get(s.digest))
+                            for s in sources))

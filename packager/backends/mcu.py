@@ -21,7 +21,7 @@ import jinja2
 
 from packager import __version__
 from packager.backends.base import BuildPlan, BuildRequest, ExecuteResult, RenderedFile
-from packager.backends.mcu_emulate import board_context
+from packager.backends.mcu_emulate import board_context, default_kernels
 from packager.console import capture_fd
 from packager.errors import FitError, InputError, UnsupportedError
 from packager.fit import FitReport, Resource, human_bytes
@@ -590,6 +590,7 @@ def template_context(plan_name: str, project: McuProject, target: LoadedTarget,
         "core": spec.mcu.core,
         "fpu": spec.mcu.fpu,
         "cpu_flags": list(cpu_flags(spec.mcu.core, spec.mcu.fpu)),
+        "kernels": default_kernels(spec.mcu.core),
         "c_name": _c_identifier(plan_name),
         "name": plan_name,
         "model": {
@@ -808,8 +809,9 @@ def prove_firmware(plan: BuildPlan, staging: Path, written: set[str],
     from packager.tools import gcc_arm, qemu
 
     spec = _spec(plan.target)
-    if spec.mcu.core not in mcu_emulate.EMULATED_BOARDS:
-        return {"emulated": False, "note": f"no emulator for {spec.mcu.core} here"}
+    provable, note = mcu_emulate.proof_note(spec.mcu.core)
+    if not provable:
+        return {"emulated": False, "note": note}
     missing = [t.apt_package for t in (gcc_arm.GXX, gcc_arm.SIZE, qemu.QEMU_SYSTEM_ARM,
                                        qemu.BWRAP)
                if not t.available()]

@@ -69,6 +69,35 @@ _CORE_DIRS = ("tensorflow/lite/micro/arena_allocator", "tensorflow/lite/micro/me
 _CORE_SKIP = re.compile(r".*(test|mock|fake|recording|hexdump|system_setup).*")
 
 
+def default_kernels(core: str) -> str:
+    """The TFLM kernel set a target's core builds with by default: ``cmsis-nn`` on Cortex-M
+    (Arm's optimized int8 kernels; the issue measured 1.9-12.7x fewer instructions per inference
+    than the reference kernels, with bit-identical int8 outputs), ``reference`` elsewhere."""
+    return "cmsis-nn" if core.startswith("cortex-m") else "reference"
+
+
+# Cores no firmware proof exists for here, and why (checked with apt-cache search on Debian 13:
+# its only Xtensa GCC is gcc-xtensa-lx106, for the ESP8266, and qemu-system-xtensa has no ESP32-S3
+# machine; xtensa-esp32s3-elf-gcc and Espressif's QEMU fork are not packaged).
+_UNPROVEN_WHY = {
+    "xtensa-lx7": "no ESP32-S3 (Xtensa LX7) toolchain or emulator is installable here (Debian "
+                  "packages Xtensa GCC only for the ESP8266's lx106, and its qemu-system-xtensa "
+                  "has no ESP32-S3 machine)",
+}
+
+
+def proof_note(core: str) -> tuple[bool, str]:
+    """(provable, one line): whether ``edgepack build``/``run`` can prove firmware for ``core``
+    on this kind of machine (Debian packages only), and how or why not."""
+    board = EMULATED_BOARDS.get(core)
+    if board is not None:
+        return True, (f"firmware compiled, linked and run under qemu-system-arm on {board['board']}"
+                      f" ({default_kernels(core)} kernels by default), outputs compared with the "
+                      "TFLM interpreter")
+    why = _UNPROVEN_WHY.get(core, f"no emulated board for {core} here")
+    return False, f"{why}; the project is rendered unproven"
+
+
 def board_context(core: str, flash_kb: int, ram_kb: int, stack_bytes: int) -> dict[str, Any]:
     """Template context of the emulated board for ``core``; empty when none emulates it."""
     board = EMULATED_BOARDS.get(core)
@@ -385,11 +414,13 @@ def _manifest(bundle: Path) -> dict[str, Any]:
 
 
 def emulate_bundle(bundle: Path, inputs: Sequence[Sequence[np.ndarray]] | None, *,
-                   tree: str | None = None, kernels: str = "reference",
+                   tree: str | None = None, kernels: str | None = None,
                    core_override: str | None = None, board_override: str | None = None,
                    count: int = 1) -> FirmwareRun:
     """Build ``bundle``'s firmware and run it on its emulated board.
 
+    ``kernels``: ``reference`` or ``cmsis-nn``; None is the core's default
+    (:func:`default_kernels`: CMSIS-NN on Cortex-M).
     ``inputs``: per inference, one array per model input in the tensor's own dtype (int8 for a
     quantized model); None runs ``count`` inferences on zeros. ``core_override`` compiles for
     another core (its board's startup) and ``board_override`` runs on another board: both exist
@@ -414,7 +445,7 @@ def emulate_bundle(bundle: Path, inputs: Sequence[Sequence[np.ndarray]] | None, 
 
 def emulate_project(bundle: Path, listed: set[str], spec: McuTarget,
                     inputs: Sequence[Sequence[np.ndarray]] | None, *, tree: str | None = None,
-                    kernels: str = "reference", core_override: str | None = None,
+                    kernels: str | None = None, core_override: str | None = None,
                     board_override: str | None = None, count: int = 1,
                     before_run: Callable[[int, int], None] | None = None) -> FirmwareRun:
     """:func:`emulate_bundle` on a rendered project (``bundle``: a bundle or the build's
@@ -430,6 +461,7 @@ def emulate_project(bundle: Path, listed: set[str], spec: McuTarget,
         raise UsageError(f"{spec.name}: no emulator for core {core} (emulated: "
                          f"{', '.join(EMULATED_BOARDS)}); the bundle is built but not proven")
     board = board_override or str(built_for["board"])
+    kernels = kernels or default_kernels(core)
     ld = bundle / "emulate" / f"{built_for['board']}.ld"
     if not ld.is_file():
         raise VerifyError(f"{bundle}: {ld.relative_to(bundle)} missing (bundle made before "

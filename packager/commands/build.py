@@ -201,6 +201,19 @@ def build_cmd(
     for line in fit_lines(doc["fit"]):
         console.result(line)
     mcu = doc.get("mcu")
+    proof = mcu.get("proof") if isinstance(mcu, dict) else None
+    if isinstance(proof, dict):
+        console.result(f"proof:    {_proof_line(proof)}")
     slots = mcu.get("update_slots") if isinstance(mcu, dict) else None
     if isinstance(slots, dict):
         console.result(f"slot A:   flash {slots['slot_a_image']} at {slots['slot_a_addr']}")
+
+
+def _proof_line(proof: dict[str, Any]) -> str:
+    """The build summary's line on an MCU firmware's proof before flash (manifest mcu.proof)."""
+    if not proof.get("emulated"):
+        return f"not proven: {proof.get('note', 'no emulation')}"
+    linked = proof.get("linked", {})
+    return (f"firmware run on {proof.get('board')} ({proof.get('kernels')} kernels), outputs "
+            f"equal the interpreter's; linked flash {linked.get('flash_bytes', 0):,} B, RAM "
+            f"{linked.get('ram_bytes', 0):,} B")

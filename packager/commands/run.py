@@ -30,8 +30,8 @@ from packager.trial import RunRequest, run_bundle
               help="MCU bundles: one inference on this .npy array [zeros].")
 @click.option("--inputs", "inputs_dir", type=click.Path(path_type=Path, file_okay=False),
               help="MCU bundles: one inference per .npy file in DIR (sorted by name).")
-@click.option("--kernels", type=click.Choice(["reference", "cmsis-nn"]), default="reference",
-              show_default=True, help="MCU bundles: the TFLM kernel set to build with.")
+@click.option("--kernels", type=click.Choice(["reference", "cmsis-nn"]),
+              help="MCU bundles: the TFLM kernel set to build with [cmsis-nn on Cortex-M].")
 @click.option("--tflm-tree", metavar="DIR|ARCHIVE",
               help="MCU bundles: TFLM source tree [$EDGEPACK_TFLM_TREE].")
 def run_cmd(
@@ -44,7 +44,7 @@ def run_cmd(
     as_json: bool,
     input_file: Path | None = None,
     inputs_dir: Path | None = None,
-    kernels: str = "reference",
+    kernels: str | None = None,
     tflm_tree: str | None = None,
 ) -> None:
     """Run BUNDLE here: a Linux bundle's image (arm64 under qemu-user, on the device's CPU
@@ -71,7 +71,7 @@ def run_cmd(
         console.result(f"{bundle}: ready in {result.ready_after_s:.1f}s{where}, inference OK")
 
 
-def _run_mcu(bundle: Path, input_file: Path | None, inputs_dir: Path | None, kernels: str,
+def _run_mcu(bundle: Path, input_file: Path | None, inputs_dir: Path | None, kernels: str | None,
              tree: str | None, as_json: bool) -> None:
     from packager.backends.mcu_emulate import emulate_bundle, load_inputs
     from packager.errors import UsageError
@@ -82,7 +82,7 @@ def _run_mcu(bundle: Path, input_file: Path | None, inputs_dir: Path | None, ker
     if inputs_dir and not files:
         raise UsageError(f"{inputs_dir}: no .npy files")
     inputs = load_inputs(bundle, files) if files else None
-    console.status(f"building and emulating {bundle} ({kernels} kernels)")
+    console.status(f"building and emulating {bundle} ({kernels or 'default'} kernels)")
     result = emulate_bundle(bundle, inputs, tree=tree, kernels=kernels)
     doc = result.to_json()
     if as_json:

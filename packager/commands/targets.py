@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from rich.table import Table
 
+from packager.backends.mcu_emulate import proof_note
 from packager.console import console
-from packager.targets import catalogue, resolve_target
+from packager.targets import McuTarget, catalogue, resolve_target
 
 
 @click.group("targets")
@@ -39,11 +42,19 @@ def list_cmd(as_json: bool) -> None:
 def show_cmd(name: str, as_json: bool) -> None:
     """Show one target (a name or a TOML file), validated."""
     target = resolve_target(name)
-    document = {"source": target.source, **target.spec.model_dump(mode="json")}
+    document: dict[str, Any] = {"source": target.source, **target.spec.model_dump(mode="json")}
+    if isinstance(target.spec, McuTarget):
+        provable, note = proof_note(target.spec.mcu.core)
+        document["proof"] = {"emulated": provable, "note": note}
     if as_json:
         console.json(document)
         return
     console.result(f"{target.name}: {target.spec.description}  [{target.source}]")
+    proof = document.get("proof")
+    if isinstance(proof, dict):
+        what = "proof before flash" if proof["emulated"] else "not proven"
+        console.result(f"  {what}: {proof['note']}")
+        document = {k: v for k, v in document.items() if k != "proof"}
     for key, value in document.items():
         if isinstance(value, dict):
             console.result(f"  [{key}]")

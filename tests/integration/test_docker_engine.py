@@ -385,6 +385,39 @@ def test_push_of_two_bundles_is_one_index_with_both_platforms(
     assert dockerd.image(destination.removeprefix("docker://"))["Id"] == pushed["digest"]
 
 
+def test_push_attaches_each_sbom_as_a_referrer_under_the_fallback_tag(
+    pushed: dict[str, Any], loopback_registry: Registry, bundles: dict[str, dict[str, Any]]
+) -> None:
+    """Issue 15: docker-registry 2.8 has no referrers API, so the SBOM is found through the
+    referrers tag schema: REPO:sha256-HEX names an index of artifacts whose subject is the image.
+    docker pull of the unchanged tag:
+    test_push_of_two_bundles_is_one_index_with_both_platforms."""
+    repo = loopback_registry.ref("fleet/mnist")
+    # The images are the bundles' own: the SBOM went next to them, not into them.
+    assert {i["digest"] for i in pushed["images"]} == {
+        b["image"]["digest"] for b in bundles.values()
+    }
+    for image in pushed["images"]:
+        digest = image["digest"]
+        index = json.loads(_skopeo_raw(f"{repo}:{digest.replace(':', '-')}"))
+        assert index["mediaType"] == "application/vnd.oci.image.index.v1+json"
+        (entry,) = index["manifests"]
+        assert entry["digest"] == image["sbom"]
+        raw = _skopeo_raw(f"{repo}@{entry['digest']}")
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == entry["digest"]
+        artifact = json.loads(raw)
+        assert artifact["artifactType"] == "application/vnd.cyclonedx+json"
+        assert artifact["subject"]["digest"] == digest
+        subject = _skopeo_raw(f"{repo}@{digest}")
+        assert artifact["subject"]["size"] == len(subject)
+        (layer,) = artifact["layers"]
+        assert layer["mediaType"] == "application/vnd.cyclonedx+json"
+        url = f"http://{loopback_registry.host}/v2/fleet/mnist/blobs/{layer['digest']}"
+        status, blob = _http(url, timeout=60)
+        assert status == 200
+        assert blob == (Path(image["bundle"]) / "sbom.cdx.json").read_bytes()
+
+
 def test_push_of_one_bundle_is_its_image_and_two_of_one_platform_are_refused(
     loopback_registry: Registry, bundles: dict[str, dict[str, Any]]
 ) -> None:

@@ -43,8 +43,9 @@ pytestmark = [pytest.mark.integration]
 TFLM = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "tflm"
 
 # The worst values each form allows: every punctuation character it takes, at its longest.
-WORST_NAME = "0" + "._-" * 20 + "z"
-WORST_VERSION = "0" + "+._-" * 15 + "Z"
+# Every separator the OCI repository grammar allows ('.', '_', '__', runs of '-'), 62 characters.
+WORST_NAME = "0" + ".z_9__z---0" * 5 + ".z_9_z"
+WORST_VERSION = "_" + "._-" * 15 + "Z"
 WORST_TEXT = "0 .,()/+_- (a)/b+c,d.e_f-g  " * 7
 WORST_TOKEN = "0" + "._+/-" * 12 + "z"
 WORST_REPO = "https://[::1]:65535/~+-._/a/"

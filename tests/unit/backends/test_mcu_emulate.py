@@ -88,3 +88,47 @@ def test_tree_required(monkeypatch: pytest.MonkeyPatch) -> None:
         mcu_emulate.tflm_tree(None, "reference")
     with pytest.raises(UsageError, match="--kernels"):
         mcu_emulate.tflm_tree("/nonexistent", "other")
+
+
+def test_default_kernels_cmsis_nn_on_cortex_m() -> None:
+    """CMSIS-NN is the default kernel set on every Cortex-M core, reference elsewhere."""
+    for core in ("cortex-m4", "cortex-m7", "cortex-m33", "cortex-m0plus"):
+        assert mcu_emulate.default_kernels(core) == "cmsis-nn"
+    assert mcu_emulate.default_kernels("xtensa-lx7") == "reference"
+    assert set(mcu_emulate.KERNEL_SETS) == {"reference", "cmsis-nn"}
+
+
+def test_generated_cmake_defaults_to_cmsis_nn() -> None:
+    """The rendered CMake glue carries the core's default kernel set as a cache option that
+    can be switched to reference; the Xtensa target's glue defaults to reference."""
+    from packager.backends.base import BuildRequest
+    from packager.backends.mcu import McuBackend, _environment
+    from packager.models.tflite import inspect_tflite
+    from packager.targets import resolve_target
+
+    model = Path(__file__).resolve().parents[4] / "shared/testdata/tflm/hello_world_int8.tflite"
+    if not model.is_file():
+        pytest.skip(f"{model} missing")
+    backend = McuBackend()
+    for name, kernels in (("nrf52840-dk", "cmsis-nn"), ("stm32f746-disco", "cmsis-nn"),
+                          ("esp32-s3", "reference")):
+        target = resolve_target(name)
+        request = BuildRequest(model=model, target=name)
+        info = inspect_tflite(model)
+        plan = backend.plan(request, info, target, backend.fit(request, info, target))
+        assert plan.context_dict()["kernels"] == kernels
+        glue = _environment().get_template("mcu/CMakeLists.txt.jinja").render(plan.context_dict())
+        assert f'set(EDGEPACK_KERNELS "{kernels}" CACHE STRING' in glue
+        assert 'if(EDGEPACK_KERNELS STREQUAL "cmsis-nn")\n  target_compile_definitions(' \
+            'edgepack_model PUBLIC CMSIS_NN)' in glue
+
+
+def test_proof_note_per_core() -> None:
+    ok, note = mcu_emulate.proof_note("cortex-m4")
+    assert ok and "mps2-an386" in note and "cmsis-nn kernels by default" in note
+    ok, note = mcu_emulate.proof_note("xtensa-lx7")
+    assert not ok
+    assert "no ESP32-S3 (Xtensa LX7) toolchain or emulator is installable here" in note
+    assert note.endswith("the project is rendered unproven")
+    ok, note = mcu_emulate.proof_note("cortex-m33")
+    assert not ok and "no emulated board for cortex-m33" in note
