@@ -132,6 +132,12 @@ def fit_lines(fit: dict[str, Any]) -> list[str]:
     help="Sign the manifest and provenance with this Ed25519 private key (PEM, from 'edgepack "
     "keys generate'); install.sh and the OTA agent then check it. [$EDGEPACK_SIGN_KEY]",
 )
+@click.option(
+    "--no-emulate",
+    is_flag=True,
+    help="Skip the proof under emulation where the backend has one (MCU: compile, link and run "
+    "the firmware under qemu-system-arm); the same as --opt emulate=off.",
+)
 @click.option("--offline", is_flag=True, help="Use only the cache; never download.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def build_cmd(
@@ -156,6 +162,7 @@ def build_cmd(
     ota_channel: str,
     offline: bool,
     slim: bool,
+    no_emulate: bool,
     compression: Literal["gzip", "zstd"],
     sign_key: Path | None,
     as_json: bool,
@@ -182,7 +189,7 @@ def build_cmd(
         max_queue_delay_us=batch_delay_us,
         batch_axis=batch_axis,
         cache_mb=cache_mb,
-        options=tuple(_parse_opt(o) for o in opts),
+        options=tuple(_parse_opt(o) for o in opts) + ((("emulate", "off"),) if no_emulate else ()),
         compression=compression,
         slim=slim,
         sign_key=sign_key,

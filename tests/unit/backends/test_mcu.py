@@ -227,3 +227,22 @@ def test_update_on_writes_slot_a_image_and_no_model_array(tmp_path: Path) -> Non
     assert "g_model" not in source and "edgepack_model_from_slots" in source
     header = (tmp_path / "src" / "model_update.h").read_text()
     assert f"#define EP_UPDATE_DEFAULT_SLOT_A_ADDR {slots['slot_a_addr']}u" in header
+
+
+def test_no_emulate_flag_skips_the_proof_even_with_a_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`edgepack build --no-emulate` is `--opt emulate=off`: with a TFLM tree named (a bogus one,
+    which the proof would fail on) the build still writes the bundle and records the skip."""
+    import json
+
+    from packager.cli import main
+
+    monkeypatch.setenv("EDGEPACK_TFLM_TREE", str(tmp_path / "no-such-tree"))
+    out = tmp_path / "b"
+    with pytest.raises(SystemExit) as exited:
+        main(["build", str(TFLM / "hello_world_int8.tflite"), "--target", "nrf52840-dk",
+              "--out", str(out), "--opt", "update=off", "--no-emulate", "--json"])
+    assert exited.value.code == 0
+    proof = json.loads((out / "manifest.json").read_text())["mcu"]["proof"]
+    assert proof == {"emulated": False, "note": "skipped: --opt emulate=off"}
