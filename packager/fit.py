@@ -99,19 +99,8 @@ def linux_fit(model: ModelInfo, target: LoadedTarget) -> FitReport:
     # The image lives twice on the device: the loaded image in the engine's store and the
     # previous version kept for rollback; the bundle's image.tar comes on top while installing.
     image = LINUX_IMAGE_BASE_BYTES + model.size_bytes
-    storage_needed = (
-        ("image (installed)", image),
-        ("previous version", image),
-        ("image.tar", image),
-    )
-    available_storage, storage_note = storage_available(target)
-    storage = Resource(
-        name="storage",
-        needed_bytes=sum(v for _, v in storage_needed),
-        available_bytes=available_storage,
-        needed_parts=storage_needed,
-        available_note=storage_note,
-        estimate_source="base image + wheels (measured, rounded up) + model",
+    storage = storage_resource(
+        target, image, image, "base image + wheels (measured, rounded up) + model"
     )
     return FitReport(target=target.name, resources=(memory, storage))
 
@@ -129,25 +118,36 @@ def storage_available(target: LoadedTarget) -> tuple[int, str]:
     return available, note
 
 
+def storage_resource(
+    target: LoadedTarget, installed_bytes: int, archive_bytes: int, source: str
+) -> Resource:
+    """The storage a Linux bundle needs: the installed image twice (running version and the
+    previous one kept for rollback) plus the bundle's image.tar while installing, in bytes."""
+    available, note = storage_available(target)
+    parts = (
+        ("image (installed)", installed_bytes),
+        ("previous version", installed_bytes),
+        ("image.tar", archive_bytes),
+    )
+    return Resource(
+        name="storage",
+        needed_bytes=sum(v for _, v in parts),
+        available_bytes=available,
+        needed_parts=parts,
+        available_note=note,
+        estimate_source=source,
+    )
+
+
 def with_image_storage(
     report: FitReport, target: LoadedTarget, unpacked_bytes: int, archive_bytes: int
 ) -> FitReport:
     """``report`` with its storage estimate replaced by the built image's real sizes: every
     layer's uncompressed tar (a base archive's layers included), installed twice, plus the
     bundle's image.tar."""
-    available, note = storage_available(target)
-    parts = (
-        ("image (installed)", unpacked_bytes),
-        ("previous version", unpacked_bytes),
-        ("image.tar", archive_bytes),
-    )
-    storage = Resource(
-        name="storage",
-        needed_bytes=sum(v for _, v in parts),
-        available_bytes=available,
-        needed_parts=parts,
-        available_note=note,
-        estimate_source="the built image: uncompressed size of every layer, and the archive",
+    storage = storage_resource(
+        target, unpacked_bytes, archive_bytes,
+        "the built image: uncompressed size of every layer, and the archive",
     )
     resources = tuple(storage if r.name == "storage" else r for r in report.resources)
     return FitReport(target=report.target, resources=resources)
