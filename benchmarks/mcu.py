@@ -14,7 +14,7 @@ from pathlib import Path
 
 from packager.backends import mcu_emulate
 from packager.backends.base import BuildRequest
-from packager.backends.mcu import McuBackend
+from packager.backends.mcu.backend import McuBackend
 from packager.models.tflite import inspect_tflite
 from packager.targets import McuTarget, resolve_target
 from packager.tools import gcc_arm

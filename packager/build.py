@@ -88,7 +88,7 @@ def check_request(request: BuildRequest) -> tuple[str, str]:
     and version, and the OTA flags. Returns (name, version); UsageError/InputError otherwise."""
     name = bundle_name(request)
     version = check_version(request.version)
-    from packager.backends.linux import check_ota_flags
+    from packager.backends.linux.backend import check_ota_flags
 
     check_ota_flags(request)
     return name, version
@@ -261,7 +261,7 @@ def _digest_of(path: Path) -> str | None:
 
 def write_mcu_sbom(prepared: Prepared, staging: Path) -> None:
     """``sbom.cdx.json`` for an MCU bundle: its model, TFLite Micro and generated sources."""
-    from packager.backends.linux import created_epoch
+    from packager.backends.linux.backend import created_epoch
     from packager.bundle.sbom import SBOM_FILE, build_mcu_sbom
 
     files = {
@@ -292,7 +292,7 @@ def write_build_provenance(
     """``provenance.intoto.json`` (packager.bundle.provenance): subjects are the bundle's files
     (image.tar as its OCI image digest), inputs the model, target file, base, Debian packages
     and wheels (from the SBOM just written), parameters what the command line asked for."""
-    from packager.backends.linux import created_epoch
+    from packager.backends.linux.backend import created_epoch
     from packager.bundle.provenance import dependency, write_provenance
     from packager.bundle.sbom import SBOM_FILE
 
@@ -452,7 +452,7 @@ def _measure_on_target(
 ) -> dict[str, Any]:
     """The optimization report, its INT8 accuracy measured in the built image on the target's
     emulated CPU where that is another architecture (packager.optimize.on_target)."""
-    from packager.backends.linux import MODEL_DIR
+    from packager.backends.linux.backend import MODEL_DIR
     from packager.optimize.on_target import evaluate_in_image, wanted
 
     if not isinstance(image, dict) or request.eval_dir is None:
@@ -481,7 +481,7 @@ def _runtime_loadable(
     runtime = getattr(resolve_target(request.target).spec, "runtime", None)
     if getattr(runtime, "engine", None) != "onnxruntime" or path.suffix.lower() != ".onnx":
         return model_path
-    from packager.backends.linux import runtime_requirements
+    from packager.backends.linux.backend import runtime_requirements
     from packager.models.runtime_compat import make_loadable, support_for
 
     pins = [r.partition("==")[2] for r in runtime_requirements() if r.startswith("onnxruntime==")]

@@ -7,8 +7,8 @@ from packager.errors import UnsupportedError
 
 # device_class -> "module:Class"; imported lazily so a heavy backend costs nothing until used.
 REGISTRY: dict[str, str] = {
-    "linux-container": "packager.backends.linux:LinuxContainerBackend",
-    "mcu": "packager.backends.mcu:McuBackend",
+    "linux-container": "packager.backends.linux.backend:LinuxContainerBackend",
+    "mcu": "packager.backends.mcu.backend:McuBackend",
 }
 
 

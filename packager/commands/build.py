@@ -23,8 +23,8 @@ def _parse_opt(text: str) -> tuple[str, str]:
 
 def fit_lines(fit: dict[str, Any]) -> list[str]:
     """The summary's budget lines from the result's ``fit`` document: each resource's needed
-    parts against what the target has. After a Linux build its storage is the built image's real
-    sizes (packager.fit.with_image_storage, the manifest's figures), marked "built image"."""
+    parts against what the target has. After an image build its storage is the built image's
+    real sizes (the backend's fit, the manifest's figures), marked "built image"."""
     lines = []
     for resource in fit.get("resources", []):
         parts = " + ".join(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
+from packager.backends.linux.trial import RunRequest, run_bundle
 from packager.console import console
-from packager.trial import RunRequest, run_bundle
 
 
 @click.command("run")
@@ -73,7 +73,7 @@ def run_cmd(
 
 def _run_mcu(bundle: Path, input_file: Path | None, inputs_dir: Path | None, kernels: str | None,
              tree: str | None, as_json: bool) -> None:
-    from packager.backends.mcu_emulate import emulate_bundle, load_inputs
+    from packager.backends.mcu.emulate import emulate_bundle, load_inputs
     from packager.errors import UsageError
 
     if input_file and inputs_dir:

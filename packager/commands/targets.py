@@ -7,7 +7,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from packager.backends.mcu_emulate import proof_note
+from packager.backends.mcu.emulate import proof_note
 from packager.console import console
 from packager.targets import McuTarget, catalogue, resolve_target
 

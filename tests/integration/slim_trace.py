@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from packager.backends.linux.trial import plan_emulation
 from packager.image.debian import merged_usr_path
 from packager.image.slim import LayerPolicy, layer_policy
 from packager.tools.containers import Engine, find_engine
 from packager.tools.qemu import needs_emulation
-from packager.trial import plan_emulation
 
 SITE_PACKAGES = "/opt/edgepack/site-packages"
 IMAGE_PYTHONPATH = f"/opt/edgepack/runtime:{SITE_PACKAGES}"

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from packager.backends.linux import runtime_requirements
+from packager.backends.linux.backend import runtime_requirements
 from packager.tools.containers import PODMAN
 from tests.integration.conftest import build_json, edgepack
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from packager.backends.base import BuildRequest
-from packager.backends.mcu import UPDATE_STUB_BYTES, McuBackend, slot_image
+from packager.backends.mcu.backend import UPDATE_STUB_BYTES, McuBackend, slot_image
 from packager.bundle.manifest import check_files, read_manifest, write_manifest
 from packager.models.tflite import inspect_tflite
 from packager.targets import McuTarget, resolve_target

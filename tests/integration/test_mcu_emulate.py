@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from packager.backends import mcu_emulate
+from packager.backends.mcu import emulate as mcu_emulate
 from packager.errors import FitError, VerifyError
 from packager.models.tflite import analyze_tflite
 from packager.tools import gcc_arm, qemu

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.backends.mcu import update_slot_size
+from packager.backends.mcu.backend import update_slot_size
 from packager.bundle.manifest import check_files, read_manifest
 from packager.targets import McuTarget, resolve_target
 from packager.tools import cc, gcc_arm

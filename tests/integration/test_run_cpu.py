@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
+from packager.backends.linux.trial import plan_emulation
 from packager.build import _target_meta
 from packager.targets import resolve_target
 from packager.tools.qemu import QEMU_CPU_ENV
-from packager.trial import plan_emulation
 from tests.integration.conftest import REPO, build_json, free_port
 from tests.process_guard import Processes
 
@@ -201,9 +201,9 @@ def test_an_illegal_instruction_in_the_container_is_reported_not_waited_out(
     must read qemu's last words and say what happened instead of waiting for readiness."""
     import tarfile
 
+    from packager.backends.linux.trial import wait_ready
     from packager.errors import RuntimeCheckError
     from packager.tools.containers import find_engine
-    from packager.trial import wait_ready
 
     binary = tmp_path / "sdot"
     binary.write_bytes(arm64_elf([SDOT]))

@@ -29,9 +29,9 @@ from typing import Any
 import pytest
 
 from packager.backends.base import BuildRequest
-from packager.backends.linux import LinuxContainerBackend, template_context
-from packager.backends.mcu import McuBackend
-from packager.fit import linux_fit
+from packager.backends.linux.backend import LinuxContainerBackend, template_context
+from packager.backends.linux.fit import linux_fit
+from packager.backends.mcu.backend import McuBackend
 from packager.image.spec import ImageResult, ImageSpec
 from packager.models import inspect_model
 from packager.render import UnsafeValue, render

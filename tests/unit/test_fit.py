@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
+from packager.backends.linux.fit import linux_fit
 from packager.errors import ExitCode, FitError
-from packager.fit import enforce, linux_fit
+from packager.fit import enforce
 from packager.models.onnx import inspect_onnx
 from packager.targets import resolve_target
 from tests.model_factory import too_big_model
@@ -56,7 +57,7 @@ def test_activations_over_rpi_zero_2w_refused(tmp_path: Path, repo_root: Path) -
 def test_storage_from_the_built_image_replaces_the_estimate(
     onnx_dir: Path, repo_root: Path
 ) -> None:
-    from packager.fit import storage_available, with_image_storage
+    from packager.backends.linux.fit import storage_available, with_image_storage
 
     target = resolve_target("rpi-zero-2w")
     raw = _toml(repo_root, "rpi-zero-2w")["storage"]

@@ -13,8 +13,12 @@ import pytest
 
 from packager.agent import confinement
 from packager.backends.base import BuildRequest
-from packager.backends.linux import LinuxContainerBackend, template_context, write_confinement
-from packager.fit import linux_fit
+from packager.backends.linux.backend import (
+    LinuxContainerBackend,
+    template_context,
+    write_confinement,
+)
+from packager.backends.linux.fit import linux_fit
 from packager.image.spec import ImageResult
 from packager.models import inspect_model
 from packager.render import render

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.backends.linux import parse_base
+from packager.backends.linux.backend import parse_base
 from packager.errors import NetworkError, UsageError, VerifyError
 from packager.image.cache import ContentCache, canonical_json
 from packager.image.oci import MEDIA_CONFIG, MEDIA_MANIFEST

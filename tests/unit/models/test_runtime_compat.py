@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from packager.backends.linux import runtime_requirements
+from packager.backends.linux.backend import runtime_requirements
 from packager.errors import UnsupportedError
 from packager.models import onnx_save
 from packager.models.runtime_compat import (

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from packager.backends import mcu_emulate
-from packager.backends.mcu import emulate_files, rendered_files
+from packager.backends.mcu import emulate as mcu_emulate
+from packager.backends.mcu.backend import emulate_files, rendered_files
 from packager.errors import UsageError, VerifyError
 
 OUT = [(np.dtype(np.int8), (1, 2))]
@@ -102,11 +102,11 @@ def test_generated_cmake_defaults_to_cmsis_nn() -> None:
     """The rendered CMake glue carries the core's default kernel set as a cache option that
     can be switched to reference; the Xtensa target's glue defaults to reference."""
     from packager.backends.base import BuildRequest
-    from packager.backends.mcu import McuBackend, _environment
+    from packager.backends.mcu.backend import McuBackend, _environment
     from packager.models.tflite import inspect_tflite
     from packager.targets import resolve_target
 
-    model = Path(__file__).resolve().parents[4] / "shared/testdata/tflm/hello_world_int8.tflite"
+    model = Path(__file__).resolve().parents[5] / "shared/testdata/tflm/hello_world_int8.tflite"
     if not model.is_file():
         pytest.skip(f"{model} missing")
     backend = McuBackend()

@@ -452,7 +452,7 @@ def emulate_project(bundle: Path, listed: set[str], spec: McuTarget,
     staging directory) whose files ``listed`` (relative paths) are the ones to compile.
     ``before_run(flash_bytes, ram_bytes)`` sees the linked sizes before anything runs (the
     build's fit check raises from it)."""
-    from packager.backends.mcu import resolver_ops
+    from packager.backends.mcu.backend import resolver_ops
     from packager.models.tflite import analyze_tflite
 
     core = core_override or spec.mcu.core

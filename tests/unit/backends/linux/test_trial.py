@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
+from packager.backends.linux.trial import choose_cpu
 from packager.build import _target_meta
 from packager.errors import TargetError, UsageError, VerifyError
 from packager.image.emulation import cpuinfo_text
 from packager.targets import parse_target, resolve_target
 from packager.tools.qemu import QEMU_CPU_ENV, QEMU_DEFAULT_CPU, emulated_cpu
-from packager.trial import choose_cpu
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from packager.backends.base import BuildRequest
-from packager.backends.mcu import (
+from packager.backends.mcu.backend import (
     TFLM_CORE_BYTES,
     UPDATE_SECTOR,
     McuBackend,
@@ -26,7 +26,7 @@ from packager.fit import enforce
 from packager.models.tflite import inspect_tflite
 from packager.targets import parse_target, resolve_target
 
-TFLM = Path(__file__).resolve().parents[4] / "shared" / "testdata" / "tflm"
+TFLM = Path(__file__).resolve().parents[5] / "shared" / "testdata" / "tflm"
 
 
 def small_target(ram_kb: int, flash_kb: int) -> object:

@@ -39,7 +39,7 @@ from packager.tools.qemu import (
     qemu_cpu_models,
 )
 
-CPUINFO = Path(__file__).resolve().parent / "image" / "data"
+CPUINFO = Path(__file__).resolve().parents[2] / "image" / "data"
 _V2_DATATYPES = {
     "float32": "FP32",
     "float16": "FP16",

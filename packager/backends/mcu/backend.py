@@ -21,7 +21,7 @@ import jinja2
 
 from packager import __version__
 from packager.backends.base import BuildPlan, BuildRequest, ExecuteResult, RenderedFile
-from packager.backends.mcu_emulate import board_context, default_kernels
+from packager.backends.mcu.emulate import board_context, default_kernels
 from packager.console import capture_fd
 from packager.errors import FitError, InputError, UnsupportedError
 from packager.fit import FitReport, Resource, human_bytes
@@ -667,7 +667,7 @@ _SDK_FILES: dict[str, tuple[tuple[str, str], ...]] = {
 
 def emulate_files(board: str | None) -> tuple[tuple[str, str], ...]:
     """The emulator harness (``edgepack run``) of a core QEMU emulates: startup and linker
-    script of its board, and a main that runs N inferences (packager.backends.mcu_emulate)."""
+    script of its board, and a main that runs N inferences (packager.backends.mcu.emulate)."""
     if board is None:
         return ()
     return (
@@ -805,7 +805,7 @@ def prove_firmware(plan: BuildPlan, staging: Path, written: set[str],
     instruction counts under ``-icount`` repeat exactly."""
     import numpy as np
 
-    from packager.backends import mcu_emulate
+    from packager.backends.mcu import emulate as mcu_emulate
     from packager.tools import gcc_arm, qemu
 
     spec = _spec(plan.target)

@@ -11,14 +11,14 @@ import pytest
 from onnx import TensorProto, helper
 
 from packager.backends.base import BuildRequest
-from packager.backends.linux import LinuxContainerBackend
+from packager.backends.linux.backend import LinuxContainerBackend
+from packager.backends.linux.fit import linux_fit
 from packager.errors import ExitCode, UnsupportedError
-from packager.fit import linux_fit
 from packager.image.spec import ImageSpec
 from packager.models import inspect_model
 from packager.targets import resolve_target
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 
 
 def relu_model(path: Path, first: int | str | None, out_first: int | str | None = "same") -> Path:

@@ -21,15 +21,15 @@ from packager.backends.base import (
     ExecuteResult,
     RenderedFile,
 )
-from packager.console import console
-from packager.errors import InputError, UnsupportedError, UsageError
-from packager.fit import (
+from packager.backends.linux.fit import (
     INSTALLED_COPIES,
-    FitReport,
     linux_fit,
     storage_available,
     with_image_storage,
 )
+from packager.console import console
+from packager.errors import InputError, UnsupportedError, UsageError
+from packager.fit import FitReport
 from packager.image.registry import parse_pinned
 from packager.image.spec import (
     ArchiveBase,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from packager.backends.base import BuildRequest
-from packager.backends.linux import LinuxContainerBackend, parse_base, runtime_requirements
+from packager.backends.linux.backend import LinuxContainerBackend, parse_base, runtime_requirements
+from packager.backends.linux.fit import linux_fit
 from packager.errors import InputError
-from packager.fit import linux_fit
 from packager.image.spec import ArchiveBase, DebianBase, ImageSpec
 from packager.models import inspect_model
 from packager.targets import resolve_target
