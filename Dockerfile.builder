@@ -1,5 +1,5 @@
 # The edgepack builder: edgepack and every tool it drives (apt-get, dpkg-deb, gpgv, skopeo,
-# umoci, zstd, pip, podman, qemu-user, gcc/g++, the arm-none-eabi cross-compiler), on Debian
+# umoci, zstd, pip, podman, qemu-user, gcc/g++, the arm-none-eabi cross-compiler, ssh), on Debian
 # bookworm, so that a user on any OS builds the bundles a bookworm host builds, byte for byte.
 #
 #   docker build -f Dockerfile.builder -t edgepack-builder .
@@ -30,6 +30,7 @@ RUN apt-get update \
       python3 python3-venv ca-certificates debian-archive-keyring gpgv zstd \
       skopeo umoci podman runc qemu-user-static binfmt-support fuse-overlayfs uidmap \
       gcc-arm-none-eabi binutils-arm-none-eabi libnewlib-arm-none-eabi gcc g++ make \
+      openssh-client \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/edgepack

@@ -8,7 +8,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc g++ make curl ca-certificat
 	debian-archive-keyring podman skopeo umoci runc qemu-user-static binfmt-support uidmap \
 	fuse-overlayfs slirp4netns gcc-arm-none-eabi binutils-arm-none-eabi libnewlib-arm-none-eabi \
 	mmdebstrap arch-test libstdc++-arm-none-eabi-newlib qemu-system-arm cmake ninja-build \
-	bubblewrap
+	bubblewrap openssh-server openssh-client
 DEMO_TARGET ?= rpi4
 DEMO_OUT ?= demo-out/mnist-$(DEMO_TARGET)
 

@@ -185,15 +185,9 @@ class _Model:
 
 
 def _device_of(bundle: Path) -> str:
-    target = read_manifest(bundle).get("target")
-    name = target.get("name") if isinstance(target, dict) else None
-    if not isinstance(name, str):
-        raise VerifyError(
-            f"{bundle}/manifest.json: target.name is missing", hint="rebuild the bundle"
-        )
     return _check(
         NAME,
-        name,
+        read_manifest(bundle).target.name,
         f"{bundle}: target",
         "use a target whose name is lower-case "
         "letters, digits, '-' and '_' (a copy of its TOML under a new name)",
@@ -212,7 +206,7 @@ def plan_bake(
     versions: dict[str, tuple[str, Path]] = {}
     for bundle in bundles:
         manifest = read_manifest(bundle)
-        name, version = str(manifest.get("name")), str(manifest.get("version"))
+        name, version = manifest.name, manifest.version
         _check(
             NAME,
             name,

@@ -61,6 +61,7 @@ def __getattr__(name: str) -> object:
 def _register(group: click.Group) -> None:
     from packager.commands.bake import bake_cmd
     from packager.commands.build import build_cmd
+    from packager.commands.engine import engine_group
     from packager.commands.inspect import inspect_cmd
     from packager.commands.keys import keys_group
     from packager.commands.optimize import optimize_cmd
@@ -71,7 +72,7 @@ def _register(group: click.Group) -> None:
     from packager.commands.verify import verify_cmd
 
     commands = (build_cmd, inspect_cmd, optimize_cmd, targets_group, verify_cmd, run_cmd,
-                ota_group, push_cmd, bake_cmd, keys_group)
+                ota_group, push_cmd, bake_cmd, keys_group, engine_group)
     for command in commands:
         if command.name not in group.commands:
             group.add_command(command)

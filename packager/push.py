@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from packager.backends import get_backend
 from packager.bundle.manifest import read_manifest
 from packager.bundle.sbom import SBOM_FILE
 from packager.bundle.verify import verify_bundle
+from packager.digest import CHUNK
 from packager.errors import ToolFailedError, UsageError, VerifyError
 from packager.image.cache import canonical_json
 from packager.image.layer import hash_file
@@ -169,20 +172,20 @@ def stage_sbom_layout(
 
 
 def _read_bundle(bundle: Path) -> _Source:
-    problems = verify_bundle(bundle)
+    problems = verify_bundle(bundle, get_backend)
     if problems:
         raise VerifyError(f"{bundle}: {problems[0]}", hint="rebuild or copy it again")
     manifest = read_manifest(bundle)
-    image = manifest.get("image")
-    if not isinstance(image, dict):
-        device_class = (manifest.get("target") or {}).get("device_class", "this")
-        raise UsageError(f"{bundle}: a {device_class} bundle has no container image to push",
-                         hint="push Linux container bundles")
-    archive = str(image.get("archive", ""))
-    if not _ARCHIVE_NAME.fullmatch(archive):
-        raise VerifyError(f"{bundle}/manifest.json: image.archive {archive!r} is not a file name")
-    return _Source(bundle, bundle / archive, str(manifest.get("name")),
-                   str(manifest.get("version")), str(image["platform"]), str(image["digest"]))
+    image = manifest.image
+    if image is None:
+        raise UsageError(
+            f"{bundle}: a {manifest.target.device_class} bundle has no container image to push",
+            hint="push Linux container bundles")
+    if not _ARCHIVE_NAME.fullmatch(image.archive):
+        raise VerifyError(
+            f"{bundle}/manifest.json: image.archive {image.archive!r} is not a file name")
+    return _Source(bundle, bundle / image.archive, manifest.name, manifest.version,
+                   image.platform, image.digest)
 
 
 def plan_sources(bundles: tuple[Path, ...]) -> list[_Source]:
@@ -231,8 +234,7 @@ def _copy_blob(source: ImageSource, digest: str, layout: Path) -> None:
     if not source.exists(name):
         raise VerifyError(f"{source.label}: blob {name} is missing")
     with source.open(name) as src, target.open("wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
+        shutil.copyfileobj(src, dst, CHUNK)
     if hash_file(target)[0] != digest:
         raise VerifyError(f"{source.label}: blob {name} does not match its digest")
 

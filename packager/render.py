@@ -24,13 +24,13 @@ import os
 import re
 import shlex
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
-from packager.backends.base import RenderedFile
 from packager.resources import templates_dir
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -115,15 +115,25 @@ FILTERS = {
 }
 
 
+@dataclass(frozen=True)
+class RenderedFile:
+    """A bundle file produced from a Jinja2 template with the backend's context."""
+
+    path: str  # relative to the bundle root
+    template: str  # relative to templates/, e.g. "linux/service.jinja"
+    mode: int = 0o644
+
+
 @cache
-def environment(*, trim_blocks: bool = True) -> jinja2.Environment:
-    """The Jinja environment (Linux templates trim blocks; the MCU ones keep their layout)."""
+def environment() -> jinja2.Environment:
+    """The one Jinja environment for every template. Block tags take their line with them
+    (``trim_blocks``, ``lstrip_blocks``): a template writes each blank line it means to emit."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir())),
         undefined=jinja2.StrictUndefined,  # a missing context key is a bug, not an empty string
         keep_trailing_newline=True,
-        trim_blocks=trim_blocks,
-        lstrip_blocks=trim_blocks,
+        trim_blocks=True,
+        lstrip_blocks=True,
         autoescape=False,
     )
     env.filters.update(FILTERS)
@@ -142,7 +152,7 @@ def render_files(
     for item in files:
         dest = root / item.path
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(render(item.template, context), encoding="utf-8")
+        dest.write_text(render(item.template, context), encoding="utf-8", newline="\n")
         os.chmod(dest, item.mode)
         written.append(item.path)
     return tuple(written)

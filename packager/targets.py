@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from packager.errors import TargetError
@@ -247,20 +254,19 @@ class Accelerator(_Section):
     compute_capability: VersionNumber | None = None
 
 
-class LinuxRuntime(_Section):
-    """How the on-device runtime is packaged for a Linux (container) target."""
+class ServerSettings(_Section):
+    """The container and server settings every class that serves a model over HTTP in a
+    container shares (``[runtime]`` of Linux and Jetson targets); a Jetson target's Linux view
+    (packager.backends.jetson.backend.linux_view) copies exactly these fields."""
 
-    engine: Literal["onnxruntime"] = "onnxruntime"
-    # The apt sources of the image are built from the suite named here (packager.image.debian).
-    base: DebianBaseRef = "debian:bookworm"
-    python: Literal["3.11"] = "3.11"
     container_engine: Literal["docker", "podman"] = "docker"
     port: Annotated[int, Field(gt=0, lt=65536, strict=True)] = 8080
+    # onnxruntime's thread pools (on Jetson: the onnxruntime fallback's); 0: one per core.
     intra_op_threads: NonNegInt = 0
     inter_op_threads: NonNegInt = 0
-    # Resident memory of Python + onnxruntime before any model is loaded.
-    overhead_mb: PosInt = 96
-    preferred_precision: Precision = "fp32"
+    # Resident memory of the runtime before any model is loaded (each class sets its own).
+    overhead_mb: PosInt
+    preferred_precision: Precision
     # Dynamic batching (for models with a dynamic batch dimension); 0 turns it off.
     max_batch_size: NonNegInt = 0
     max_queue_delay_us: NonNegInt = 500
@@ -273,16 +279,103 @@ class LinuxRuntime(_Section):
     arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = "kNextPowerOfTwo"
 
 
-class JetsonRuntime(_Section):
+class LinuxRuntime(ServerSettings):
+    """How the on-device runtime is packaged for a Linux (container) target."""
+
+    engine: Literal["onnxruntime"] = "onnxruntime"
+    # The apt sources of the image are built from the suite named here (packager.image.debian).
+    base: DebianBaseRef = "debian:bookworm"
+    python: Literal["3.11"] = "3.11"
+    # Resident memory of Python + onnxruntime before any model is loaded.
+    overhead_mb: PosInt = 96
+    preferred_precision: Precision = "fp32"
+
+
+def version_tuple(value: str) -> tuple[int, ...]:
+    """``"r36.3.0"`` / ``"8.6.2"`` -> ``(36, 3, 0)`` / ``(8, 6, 2)`` (a :data:`VERSION_NUMBER_FORM`
+    value), for ordering releases numerically."""
+    return tuple(int(part) for part in value.removeprefix("r").split("."))
+
+
+# An L4T release as /etc/nv_tegra_release names it: "# R36 (release), REVISION: 3.0" is r36.3.0.
+# No leading zeros: the device's own reading (packager.runtime.jetson_preflight) has none.
+L4T_FORM = Form(
+    r"r[1-9][0-9]\.(0|[1-9][0-9]?)\.(0|[1-9][0-9]?)", "an L4T release rMM.N.P (e.g. r36.3.0)"
+)
+# TensorRT as the engine key and the on-device check compare it: major.minor.patch.
+TRT_FORM = Form(
+    r"[1-9][0-9]?\.(0|[1-9][0-9]?)\.(0|[1-9][0-9]?)", "a TensorRT version N.N.N (e.g. 8.6.2)"
+)
+L4tRelease = Annotated[str, Field(strict=True), _checked(L4T_FORM)]
+TrtVersion = Annotated[str, Field(strict=True), _checked(TRT_FORM)]
+# JetPack generations by L4T major release, and what their container must carry. Source: NVIDIA
+# "Jetson Containers" / nvidia-container-toolkit docs: on r32 the NVIDIA container runtime mounts
+# CUDA, cuDNN and TensorRT from the host (the files listed in /etc/nvidia-container-runtime/
+# host-files-for-container.d/*.csv) into an l4t-base container; from r35 the container carries
+# them itself (l4t-jetpack / l4t-tensorrt); only the L4T core driver libraries come from the host.
+JetsonGeneration = Literal["r32", "r35", "r36"]
+CONTAINER_CONTRACTS: dict[str, str] = {
+    "r32": "l4t-base + CSV mounts: the NVIDIA container runtime mounts CUDA/cuDNN/TensorRT "
+    "from the host",
+    "r35": "l4t-jetpack / l4t-tensorrt: the container carries CUDA/cuDNN/TensorRT",
+    "r36": "l4t-jetpack / l4t-tensorrt: the container carries CUDA/cuDNN/TensorRT",
+}
+
+
+class JetsonRuntime(ServerSettings):
+    """How the runtime is packaged for an NVIDIA Jetson: the JetPack container it runs on and the
+    TensorRT engine built on the device (packager.backends.jetson)."""
+
     engine: Literal["tensorrt"] = "tensorrt"
     jetpack: VersionNumber
-    l4t: VersionNumber
+    # The L4T release the bundle is built for, and the releases its preflight accepts on the
+    # device: l4t_min (inclusive) up to l4t_below (exclusive); default: the JetPack container
+    # compatibility rule of packager.runtime.jetson_preflight.supported_l4t_range.
+    l4t: L4tRelease
+    l4t_min: L4tRelease | None = None
+    l4t_below: L4tRelease | None = None
+    # The JetPack container (l4t-base for r32, l4t-jetpack / l4t-tensorrt for r35+). The build
+    # takes it only pinned by digest (``REPO[:TAG]@sha256:HEX``); an unpinned one is refused.
     base: ImageRef
-    tensorrt: VersionNumber
+    # The base's CPython (``/usr/bin/pythonX.Y``) and glibc (manylinux tags of the runtime's
+    # wheels): Ubuntu 18.04 / 20.04 / 22.04 under JetPack 4 / 5 / 6.
+    python: Literal["3.6", "3.8", "3.10", "3.11"]
+    glibc: Annotated[str, Field(strict=True), _checked(Form(r"2\.[0-9]{2}", "2.NN"))]
+    tensorrt: TrtVersion
     cuda: VersionNumber
-    port: Annotated[int, Field(gt=0, lt=65536, strict=True)] = 8080
+    # NVDLA cores on the module, and the one the engine is built for (None: the GPU).
+    dla_cores: Annotated[int, Field(ge=0, le=16, strict=True)] = 0
+    dla_core: Annotated[int, Field(ge=0, le=15, strict=True)] | None = None
+    # trtexec's workspace memory pool for tactics (MiB).
+    workspace_mib: Annotated[int, Field(gt=0, le=1024 * 1024, strict=True)] = 1024
+    # The CUDA/TensorRT container and its runtime before any model is loaded.
     overhead_mb: PosInt = 600
     preferred_precision: Precision = "fp16"
+
+    @property
+    def generation(self) -> JetsonGeneration:
+        major = self.l4t.split(".")[0]
+        return "r32" if major == "r32" else ("r35" if major == "r35" else "r36")
+
+    @property
+    def l4t_range(self) -> tuple[str, str]:
+        """(lowest release, first release above) the device may run: ``l4t_min`` inclusive,
+        ``l4t_below`` exclusive."""
+        from packager.runtime.jetson_preflight import supported_l4t_range
+
+        low, below = supported_l4t_range(self.l4t.removeprefix("r"))
+        default_low = "r" + ".".join(str(p) for p in low)
+        default_below = "r" + ".".join(str(p) for p in below)
+        return self.l4t_min or default_low, self.l4t_below or default_below
+
+    @property
+    def consistency_problem(self) -> str | None:
+        if self.dla_core is not None and self.dla_core >= self.dla_cores:
+            return f"dla_core {self.dla_core} but the module has {self.dla_cores} DLA core(s)"
+        low, below = self.l4t_range
+        if not version_tuple(low) <= version_tuple(self.l4t) < version_tuple(below):
+            return f"l4t {self.l4t} is outside l4t_min..l4t_below ({low} up to {below})"
+        return None
 
 
 class Service(_Section):
@@ -353,6 +446,28 @@ class JetsonTarget(_TargetBase):
     accelerator: Accelerator
     runtime: JetsonRuntime
     service: Service = Service()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JetsonTarget:
+        if self.accelerator.compute_capability is None:
+            raise PydanticCustomError(
+                "edgepack_jetson",
+                "accelerator.compute_capability: is required for a Jetson (e.g. 8.7)",
+            )
+        if not re.fullmatch(r"[1-9]\.[0-9]", self.accelerator.compute_capability):
+            raise PydanticCustomError(
+                "edgepack_jetson", "accelerator.compute_capability: must be MAJOR.MINOR (e.g. 8.7)"
+            )
+        problem = self.runtime.consistency_problem
+        if problem is not None:
+            raise PydanticCustomError("edgepack_jetson", "runtime: {problem}", {"problem": problem})
+        return self
+
+    @property
+    def sm(self) -> int:
+        """The GPU's SM number from ``accelerator.compute_capability`` ("8.7" -> 87)."""
+        assert self.accelerator.compute_capability is not None  # _consistent
+        return int(self.accelerator.compute_capability.replace(".", ""))
 
 
 class McuTarget(_TargetBase):
@@ -442,6 +557,9 @@ def _friendly(error: Any, root: type[BaseModel], raw: dict[str, Any]) -> tuple[s
         return path, "unknown key" + _suggest(str(loc[-1]), options)
     if kind == "missing":
         return path, "is required"
+    if kind == "edgepack_jetson":  # JetsonTarget's cross-field checks: "FIELD: problem"
+        field, _, problem = str(error["msg"]).partition(": ")
+        return field, problem
     if kind == "edgepack_form":
         return path, f"must match {ctx.get('form', 'its allowed form')}"
     if kind == "greater_than" and ctx.get("gt") == 0:

@@ -9,9 +9,12 @@ a few seconds of CRC and SHA-256, without inflating anything.
 from __future__ import annotations
 
 import hashlib
+import io
+import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from packager.image.cache import canonical_json
 from packager.image.oci import (
@@ -68,6 +71,16 @@ def gzip_bomb(path: Path, mib: int) -> Blob:
     return Blob(path, digest, size, "sha256:" + plain.hexdigest(), total)
 
 
+def one_file_tar(name: str, data: bytes) -> bytes:
+    """A PAX tar holding one regular file ``name`` (mode 0644, mtime 0, uid/gid 0) of ``data``."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return raw.getvalue()
+
+
 def plain_blob(path: Path, data: bytes, diff_id_of: bytes | None = None) -> Blob:
     """``data`` stored as is; its diff_id is that of ``diff_id_of`` (default: ``data``)."""
     path.write_bytes(data)
@@ -76,14 +89,23 @@ def plain_blob(path: Path, data: bytes, diff_id_of: bytes | None = None) -> Blob
 
 
 def base_archive(
-    out: Path, layers: list[tuple[Blob, str]], *, arch: str = "amd64", ref: str = "base:1"
+    out: Path,
+    layers: list[tuple[Blob, str]],
+    *,
+    arch: str = "amd64",
+    ref: str = "base:1",
+    run_config: dict[str, Any] | None = None,
+    history: list[str] | None = None,
 ) -> Path:
-    """An OCI archive whose manifest lists ``layers`` as (blob, media type), as labelled."""
+    """An OCI archive whose manifest lists ``layers`` as (blob, media type), as labelled.
+    ``run_config`` is the image config's ``config`` (Env, WorkingDir, Cmd...), ``history`` each
+    layer's ``created_by`` (default: ``layer 0``, ``layer 1``...)."""
     config = canonical_json({
         "architecture": arch, "os": "linux",
-        "config": {"Env": ["PATH=/usr/bin:/bin"], "WorkingDir": "/"},
+        "config": run_config or {"Env": ["PATH=/usr/bin:/bin"], "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": [b.diff_id for b, _ in layers]},
-        "history": [{"created_by": f"layer {i}"} for i in range(len(layers))],
+        "history": [{"created_by": line}
+                    for line in history or [f"layer {i}" for i in range(len(layers))]],
     })
     cdesc = Descriptor(MEDIA_CONFIG, sha256_of(config), len(config))
     ldescs = [Descriptor(media, b.digest, b.size) for b, media in layers]

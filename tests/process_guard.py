@@ -73,13 +73,19 @@ class Processes:
 
     def stop_all(self) -> None:
         for process in reversed(self.started):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(self.grace_s)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            terminate(process, self.grace_s)
+
+
+def terminate(process: subprocess.Popen[Any], grace_s: float) -> None:
+    """SIGTERM, ``grace_s`` to exit, then SIGKILL; always reaped (nothing to do for a process
+    that has already exited)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def new_token() -> str:

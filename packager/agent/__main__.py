@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--usb", type=Path, help="a directory written by 'edgepack ota export'")
     run.add_argument("--device-id")
     run.add_argument("--platform", help="linux/amd64 or linux/arm64 (default: this machine)")
+    run.add_argument("--device-class", help="the bundles' device class (default linux-container)")
+    run.add_argument(
+        "--sysroot",
+        type=Path,
+        help="read the device's facts for release requirements (/etc/nv_tegra_release, the"
+        " device tree) under this directory instead of / (tests)",
+    )
     run.add_argument("--channel")
     run.add_argument("--engine", help="docker or podman (or a path)")
     run.add_argument("--engine-arg", action="append", dest="engine_args", default=None)
@@ -71,6 +78,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
     for key in (
         "root", "repo", "usb", "device_id", "platform", "channel", "engine", "engine_args",
         "port", "report_url", "report_file", "ready_timeout_s", "trial_s", "poll_s",
+        "device_class", "sysroot",
     ):  # fmt: skip
         value = getattr(args, key)
         if value is not None:
@@ -97,6 +105,8 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
     values["engine_args"] = tuple(values.get("engine_args") or ())
     if values.get("bundle_key") is not None:
         values["bundle_key"] = Path(values["bundle_key"])
+    if values.get("sysroot") is not None:
+        values["sysroot"] = Path(values["sysroot"])
     return AgentConfig(
         root=Path(values.pop("root")), repo_url=repo, device_id=device_id, platform=plat, **values
     )

@@ -1,6 +1,6 @@
-"""The update state machine: check -> eligible -> download -> verify -> stage -> switch -> trial
--> commit | rollback, persisted in ``ROOT/state.json`` after every step so that a crash or power
-cut at any point resumes where it stopped.
+"""The update state machine: check -> eligible -> download -> verify -> stage -> prepare ->
+switch -> trial -> commit | rollback, persisted in ``ROOT/state.json`` after every step so that a
+crash or power cut at any point resumes where it stopped.
 
 Device root layout::
 
@@ -10,6 +10,13 @@ Device root layout::
     store/partial/<hex>   resumable downloads
     store/releases/N.json verified release documents
     releases/N/           staged releases (image.tar + bundle files + release.json)
+
+prepare: a bundle whose ``confinement.json`` declares a prepare step (packager.agent.confinement:
+allow-listed, e.g. a Jetson bundle's TensorRT engine build) has it run in the new image, while the
+installed version keeps serving, before the new version's container starts. It is idempotent
+(the engine build skips a plan whose key exists), so a crash re-runs it; it is tried at most
+MAX_PREPARE_ATTEMPTS times per release. A failed or timed-out step does not roll back: the release
+starts and serves on its explicit fallback, and its report says "prepare: failed (...)".
     current, previous     symlinks to releases/N, switched with rename(2)
     outbox/               outcome reports not yet delivered
     reports.jsonl         delivered reports when no URL is configured (USB pickup)
@@ -34,11 +41,13 @@ from typing import Any
 
 from tuf.api.exceptions import DownloadError, LengthOrHashMismatchError
 
-from .confinement import ConfinementError, detached_args
+from .confinement import ConfinementError, detached_args, prepare_argv
+from .confinement import read as read_confinement
+from .device import DeviceFacts, read_facts, unmet
 from .engine import Engine, EngineError, ready
 from .fetch import Transport, download_resumable
 from .paths import PathError, create_file, open_append
-from .protocol import RELEASE_SCHEMA, ReleaseInfo, check_release, in_cohort
+from .protocol import RELEASE_SCHEMA, REPORT_SCHEMA, ReleaseInfo, check_release, in_cohort
 from .signature import SignatureError, check_release_bundle, public_key_from_pem
 from .store import (
     fsync_dir,
@@ -58,7 +67,10 @@ STATE_SCHEMA = "edgepack.agent-state/v1"
 CRASH_ENV = "EDGEPACK_AGENT_CRASH_AT"
 # Phases in which the installed version's container is the one that should be running (the
 # switch, trial, commit and rollback phases replace or restore it themselves).
-_KEEP_INSTALLED_RUNNING = (None, "download", "verify", "stage")
+_KEEP_INSTALLED_RUNNING = (None, "download", "verify", "stage", "prepare")
+# Starts of one release's prepare step (a crash or power cut mid-step re-runs it): after this
+# many the step is given up as failed, so a step that kills the device cannot loop forever.
+MAX_PREPARE_ATTEMPTS = 3
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -94,6 +106,12 @@ class AgentConfig:
     # manifest.dsse.json verifies with it and the signed manifest.json matches what was staged
     # (signature.check_release_bundle), in addition to TUF. install.sh pins the key it checked.
     bundle_key: Path | None = None
+    # Where the device's own facts are read for a release's compat.requires (packager.agent.
+    # device: /etc/nv_tegra_release, the device tree): "/" on a device, a fixture tree in tests.
+    sysroot: Path = Path("/")
+    # The longest this device lets a release's prepare step run (seconds); the bundle's own
+    # timeout_s (at most confinement.MAX_PREPARE_TIMEOUT_S) applies when it is shorter.
+    prepare_max_s: float = 7200.0
 
 
 @dataclass
@@ -162,6 +180,7 @@ class Agent:
             window_s=config.window_s,
         )
         self._repo: Repo | None = None
+        self._facts: DeviceFacts | None = None
         self._accounted = 0
         self.timings: dict[str, float] = {}  # seconds per phase in this cycle (benchmarks)
         for sub in ("store/objects", "store/partial", "store/releases", "releases", "outbox"):
@@ -235,9 +254,20 @@ class Agent:
         ]
         if not mine:
             return CycleResult("idle", reason="no release for this device on the channel")
-        newest = max(mine, key=lambda r: r.sequence)
         installed = self.state.get("installed")
         installed_seq = installed["sequence"] if installed else 0
+        latest = max(mine, key=lambda r: r.sequence)
+        mine, unmet_by = self._meeting_requirements(mine, installed_seq)
+        if latest.sequence in unmet_by and (
+            not mine or max(r.sequence for r in mine) <= installed_seq
+        ):
+            # The newest release is not for this device, and nothing newer than what runs is.
+            return CycleResult(
+                "not-eligible",
+                latest.sequence,
+                f"release skipped here: {unmet_by[latest.sequence]}",
+            )
+        newest = max(mine, key=lambda r: r.sequence)
         seen = int(self.state.get("highest_seen", 0))
         if newest.sequence < installed_seq or newest.sequence < seen:
             return self._refuse(
@@ -274,6 +304,37 @@ class Agent:
         log.info("release %d (%s) is eligible", newest.sequence, newest.version)
         return None
 
+    def _unmet(self, release: ReleaseInfo) -> str:
+        """'' when this device meets the release's ``requires`` (packager.agent.device), else
+        why not; the device's files are read once per agent, and only when a release asks."""
+        if not release.requires:
+            return ""
+        if self._facts is None:
+            self._facts = read_facts(self.cfg.sysroot)
+        return unmet(release.requires, self._facts)
+
+    def _meeting_requirements(
+        self, releases: list[ReleaseInfo], installed_seq: int
+    ) -> tuple[list[ReleaseInfo], dict[int, str]]:
+        """The releases this device meets, and why each other one is not for it. A release newer
+        than the installed one that the device does not meet (or whose requirement it does not
+        know) is skipped: recorded and reported once, never installed."""
+        met: list[ReleaseInfo] = []
+        unmet_by: dict[int, str] = {}
+        for release in sorted(releases, key=lambda r: r.sequence):
+            reason = self._unmet(release)
+            if not reason:
+                met.append(release)
+                continue
+            unmet_by[release.sequence] = reason
+            skipped = self.state.setdefault("skipped", {})
+            if release.sequence > installed_seq and str(release.sequence) not in skipped:
+                log.warning("release %d is not for this device: %s", release.sequence, reason)
+                skipped[str(release.sequence)] = reason
+                self._queue_report("not-eligible", release.sequence, reason, 0)
+                self.save()
+        return met, unmet_by
+
     def _refuse(self, release: ReleaseInfo | None, reason: str) -> CycleResult:
         log.warning("refused: %s", reason)
         # Report a refusal once, not every cycle while the repository stays bad.
@@ -290,6 +351,7 @@ class Agent:
             "download": self._download,
             "verify": self._verify,
             "stage": self._stage,
+            "prepare": self._prepare,
             "switch": self._switch,
             "trial": self._trial,
             "commit": self._commit,
@@ -323,7 +385,12 @@ class Agent:
         except TrustError as exc:
             raise StepFailed(str(exc)) from exc
         release = releases.get(pending["target"])
-        if release is None or release.halted or not in_cohort(self.cfg.device_id, release.percent):
+        if (
+            release is None
+            or release.halted
+            or not in_cohort(self.cfg.device_id, release.percent)
+            or self._unmet(release)
+        ):
             # Halted (or withdrawn) while we were downloading: stop; what we fetched stays cached.
             self.state["pending"] = None
             self.save()
@@ -484,6 +551,47 @@ class Agent:
         except EngineError as exc:
             raise StepFailed(f"loading the image failed: {exc}") from exc
         checkpoint("stage-loaded")
+        self._set_phase(pending, "prepare")
+
+    def _prepare(self, pending: dict[str, Any]) -> None:
+        """Run the release's prepare step, if it declares one; then switch. A confinement.json
+        outside the allow-list is refused here, before anything of the release runs."""
+        target = f"releases/{pending['sequence']}"
+        try:
+            confinement = read_confinement(self.root / target)
+        except ConfinementError as exc:
+            pending["reason"] = f"runtime not started: {exc}"
+            self._set_phase(pending, "rollback")
+            return
+        step = confinement.prepare
+        if step is None or "prepare" in pending:
+            self._set_phase(pending, "switch")
+            return
+        attempts = int(pending.get("prepare_attempts", 0)) + 1
+        if attempts > MAX_PREPARE_ATTEMPTS:
+            pending["prepare"] = f"failed (interrupted {MAX_PREPARE_ATTEMPTS} times)"
+            log.warning("release %d: prepare: %s", pending["sequence"], pending["prepare"])
+            self._set_phase(pending, "switch")
+            return
+        pending["prepare_attempts"] = attempts
+        self.save()
+        name = f"{self._container(pending['name'])}-prepare"
+        ref = self._release_doc(pending["sequence"])["image"]["ref"]
+        timeout_s = min(float(step.timeout_s), self.cfg.prepare_max_s)
+        log.info("release %d: prepare: %s (at most %.0f s)", pending["sequence"], step.module,
+                 timeout_s)  # fmt: skip
+        checkpoint("prepare-start")
+        outcome = self.engine.run_foreground(
+            name, prepare_argv(name, ref, confinement.run_args, step), timeout_s
+        )
+        checkpoint("prepare-ran")
+        if outcome.ok:
+            pending["prepare"] = "ok"
+        else:
+            # Not a rollback: the new version serves on its explicit fallback (its health report
+            # says which), and the report says the step failed.
+            pending["prepare"] = f"failed ({outcome.line})"
+            log.warning("release %d: prepare: %s", pending["sequence"], pending["prepare"])
         self._set_phase(pending, "switch")
 
     def _container(self, name: str) -> str:
@@ -579,8 +687,11 @@ class Agent:
             "dir": f"releases/{pending['sequence']}",
         }
         old = self.state.get("installed")
+        # Committed, yet on the fallback: the report and the result say the prepare step failed.
+        prepared = str(pending.get("prepare", ""))
+        note = f"prepare: {prepared}" if prepared.startswith("failed") else ""
         self._queue_report(
-            "committed", pending["sequence"], "", pending.get("bytes_fetched", 0), pending
+            "committed", pending["sequence"], note, pending.get("bytes_fetched", 0), pending
         )
         checkpoint("commit-reported")
         if not old or old["sequence"] != pending["sequence"]:
@@ -590,12 +701,14 @@ class Agent:
         self.save()
         checkpoint("commit-saved")
         self._last_result = CycleResult(
-            "committed", pending["sequence"], "", pending.get("bytes_fetched", 0)
+            "committed", pending["sequence"], note, pending.get("bytes_fetched", 0)
         )
         self.collect_garbage()
 
     def _rollback(self, pending: dict[str, Any]) -> None:
         reason = pending.get("reason", "trial failed")
+        if str(pending.get("prepare", "")).startswith("failed"):
+            reason += f"; prepare: {pending['prepare']}"
         installed = self.state.get("installed")
         new_name = self._container(pending["name"])
         current = self.root / "current"
@@ -700,8 +813,8 @@ class Agent:
         pending: dict[str, Any] | None = None,
     ) -> None:
         installed = self.state.get("installed")
-        report = {
-            "schema": "edgepack.ota-report/v1",
+        report: dict[str, Any] = {
+            "schema": REPORT_SCHEMA,
             "id": f"{self.cfg.device_id}:{sequence}:{outcome}",
             "device_id": self.cfg.device_id,
             "channel": self.cfg.channel,
@@ -714,6 +827,8 @@ class Agent:
             "installed": installed["sequence"] if installed else None,
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+        if pending and "prepare" in pending:  # only for a release with a prepare step
+            report["prepare"] = pending["prepare"]
         name = f"{time.time_ns()}-{outcome}.json"
         write_json(self.root / "outbox" / name, report)
 

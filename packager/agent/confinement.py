@@ -10,7 +10,16 @@ under systemd is the unit's own ``Restart=always``. Standard library only (runs 
 
 Every flag is one ``--name=value`` token from a whole-string allow-list (:data:`FLAGS`): a
 document, even in a validly signed release, cannot add ``--privileged``, a volume, a device or
-a capability, and cannot drop the floor (:data:`REQUIRED`).
+a capability, and cannot drop the floor (:data:`REQUIRED`). The only device access a bundle may
+ask for is :data:`NVIDIA_JETSON`, each flag as one exact string (no other runtime, group or
+bind, and the bind read-only).
+
+A bundle may also declare a ``prepare`` step (:class:`Prepare`): one command the OTA agent runs in
+the release's image before it starts the release's serving container, e.g. a Jetson bundle's
+TensorRT engine build for the exact device. It is equally closed: an allow-listed module, its
+exact arguments, exactly the engines directory bound read-write, the image's interpreter by
+pattern and a bounded timeout (:func:`check_prepare`); the agent builds the command line itself
+(:func:`prepare_argv`), with the floor, the bundle's own GPU flags and no network.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +45,17 @@ REQUIRED: tuple[str, ...] = (
     "--cap-drop=ALL",
     "--security-opt=no-new-privileges",
 )
+# Where a Jetson's first-boot unit writes the TensorRT plans the runtime loads
+# (/work/brief/jetson.md; packager.backends.jetson.backend.ENGINES_DIR is this value).
+ENGINES_DIR = "/var/lib/edgepack/engines"
+# A Jetson runtime's GPU access: the NVIDIA container runtime (it mounts the GPU's devices and,
+# on JetPack 4, the host's CUDA/TensorRT), the video group that owns /dev/nvhost-* and /dev/nvmap,
+# and the engines directory READ-ONLY (the container loads plans, never writes them).
+NVIDIA_JETSON: tuple[str, ...] = (
+    "--runtime=nvidia",
+    "--group-add=video",
+    f"--volume={ENGINES_DIR}:{ENGINES_DIR}:ro",
+)
 FLAGS: tuple[re.Pattern[str], ...] = tuple(
     re.compile(pattern)
     for pattern in (
@@ -46,19 +67,143 @@ FLAGS: tuple[re.Pattern[str], ...] = tuple(
         r"--memory-swap=[1-9][0-9]{0,6}m",
         r"--cpus=[0-9]{1,3}\.[0-9]{2}",
         r"--pids-limit=[1-9][0-9]{0,5}",
+        *(re.escape(flag) for flag in NVIDIA_JETSON),
     )
 )
 RESTART = re.compile(r"no|always|unless-stopped|on-failure(:[1-9][0-9]{0,2})?")
+
+# --- the prepare step ---------------------------------------------------------------------------
+# The runtime's configuration in every edgepack image (packager.backends.linux.backend.MODEL_DIR).
+RUNTIME_CONFIG = "/opt/edgepack/model/runtime.json"
+# module -> the one argument list it may be given. edgepack_runtime.engine_build --from-config
+# reads the engine key and the model from the image's own runtime.json (packager/runtime/
+# engine_build.py): no value reaches the build from outside the image.
+PREPARE_MODULES: dict[str, tuple[str, ...]] = {
+    "edgepack_runtime.engine_build": ("--from-config", RUNTIME_CONFIG),
+}
+# The one bind a prepare step may (and must) ask for: the engines directory, read-WRITE (the
+# serving container binds it read-only).
+PREPARE_BINDS: tuple[str, ...] = (f"{ENGINES_DIR}:{ENGINES_DIR}:rw",)
+# The image's CPython (the JetPack containers' /usr/bin/python3.8, /usr/bin/python3.10; edgepack's
+# Debian base /usr/bin/python3.11).
+PREPARE_PYTHON = re.compile(r"/usr/bin/python3\.[0-9]{1,2}")
+# Seconds the agent waits for it: an engine build takes minutes (about 9.5 min on an Orin in one
+# NVIDIA/TensorRT report, longer on a Nano); the Jetson bundle asks for its build's own limit
+# (3600 s) + 900 s, as its first-boot unit's TimeoutStartSec. Two hours at most.
+MAX_PREPARE_TIMEOUT_S = 7200
+PREPARE_KEYS = ("args", "binds", "module", "python", "timeout_s")
+# The GPU access a prepare container gets: the bundle's own device flags minus their read-only
+# bind of the engines directory (PREPARE_BINDS replaces it).
+PREPARE_DEVICE_FLAGS = tuple(flag for flag in NVIDIA_JETSON if not flag.startswith("--volume="))
+# Root in the container (the image's user 10001 cannot write the root-owned engines directory),
+# with every capability dropped and no new privileges (the floor, REQUIRED).
+PREPARE_USER = "--user=0:0"
+_DOCUMENT_KEYS = ("prepare", "restart", "run_args", "schema")
 
 
 class ConfinementError(ValueError):
     """A confinement document or flag outside the allow-list; the message names it."""
 
 
+@dataclass(frozen=True)
+class Prepare:
+    """A bundle's prepare step, checked (:func:`check_prepare`): run ``python -m module *args`` in
+    the release's image with ``binds``, for at most ``timeout_s`` seconds."""
+
+    module: str
+    args: tuple[str, ...]
+    binds: tuple[str, ...]
+    python: str
+    timeout_s: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"args": list(self.args), "binds": list(self.binds), "module": self.module,
+                "python": self.python, "timeout_s": self.timeout_s}
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """A release's ``confinement.json``, checked: the detached start's flags (restart policy
+    last) and the prepare step, if any."""
+
+    run_args: tuple[str, ...]
+    prepare: Prepare | None
+
+
+def engine_build_step(python: str, timeout_s: int) -> Prepare:
+    """The TensorRT engine build as a prepare step (what the Jetson backend declares)."""
+    module = "edgepack_runtime.engine_build"
+    return check_prepare({"module": module, "args": list(PREPARE_MODULES[module]),
+                          "binds": list(PREPARE_BINDS), "python": python, "timeout_s": timeout_s})
+
+
+def check_prepare(value: object) -> Prepare:
+    """``value`` as a :class:`Prepare`, when it is exactly an allowed step: the keys
+    :data:`PREPARE_KEYS`, a module of :data:`PREPARE_MODULES` with exactly its arguments,
+    exactly :data:`PREPARE_BINDS`, an interpreter matching :data:`PREPARE_PYTHON`, a timeout of
+    1..:data:`MAX_PREPARE_TIMEOUT_S` s. ConfinementError naming the field otherwise."""
+    if not isinstance(value, dict):
+        raise ConfinementError("prepare: expected a JSON object")
+    keys = sorted(value)
+    if keys != sorted(PREPARE_KEYS):
+        extra = sorted(set(keys) - set(PREPARE_KEYS))
+        raise ConfinementError(
+            f"prepare: unknown key {extra[0]!r}" if extra
+            else f"prepare: missing key {sorted(set(PREPARE_KEYS) - set(keys))[0]!r}"
+        )
+    module = value["module"]
+    if not isinstance(module, str) or module not in PREPARE_MODULES:
+        raise ConfinementError(
+            f"prepare.module {module!r} is not one of {', '.join(sorted(PREPARE_MODULES))}"
+        )
+    args = value["args"]
+    if not isinstance(args, list) or tuple(args) != PREPARE_MODULES[module]:
+        raise ConfinementError(
+            f"prepare.args {args!r} are not {list(PREPARE_MODULES[module])!r} "
+            f"(the only arguments {module} takes here)"
+        )
+    binds = value["binds"]
+    if not isinstance(binds, list) or tuple(binds) != PREPARE_BINDS:
+        raise ConfinementError(f"prepare.binds {binds!r} are not {list(PREPARE_BINDS)!r}")
+    python = value["python"]
+    if not isinstance(python, str) or not PREPARE_PYTHON.fullmatch(python):
+        raise ConfinementError(f"prepare.python {python!r} is not /usr/bin/python3.N")
+    timeout = value["timeout_s"]
+    if (
+        not isinstance(timeout, int)
+        or isinstance(timeout, bool)
+        or not 1 <= timeout <= MAX_PREPARE_TIMEOUT_S
+    ):
+        raise ConfinementError(
+            f"prepare.timeout_s {timeout!r} is not a whole number of seconds from 1 to "
+            f"{MAX_PREPARE_TIMEOUT_S}"
+        )
+    return Prepare(module, tuple(args), tuple(binds), python, timeout)
+
+
+def prepare_argv(name: str, ref: str, run_args: Sequence[str], step: Prepare) -> tuple[str, ...]:
+    """The engine's arguments (after ``docker``/``podman``) that run ``step`` in ``ref`` as the
+    foreground container ``name``, removed when it ends: root without capabilities (the floor),
+    read-only root filesystem, the GPU flags found in the bundle's ``run_args``
+    (:data:`PREPARE_DEVICE_FLAGS`), no network, the step's binds, the image's interpreter."""
+    device = [flag for flag in PREPARE_DEVICE_FLAGS if flag in run_args]
+    volumes = [f"--volume={bind}" for bind in step.binds]
+    return (
+        "run", "--rm", "--name", name, PREPARE_USER, *REQUIRED, *device, "--network=none",
+        *volumes, f"--entrypoint={step.python}", ref, "-m", step.module, *step.args,
+    )  # fmt: skip
+
+
 def from_target(
-    memory_max_mb: int | None, cpu_quota_percent: int | None, *, pids_limit: int = PIDS_LIMIT
+    memory_max_mb: int | None,
+    cpu_quota_percent: int | None,
+    *,
+    pids_limit: int = PIDS_LIMIT,
+    device: Sequence[str] = (),
 ) -> tuple[str, ...]:
-    """The run flags for a target's ``[service]`` limits (MiB, percent of one CPU)."""
+    """The run flags for a target's ``[service]`` limits (MiB, percent of one CPU), then
+    ``device``: the device access the device class needs (:data:`NVIDIA_JETSON` or nothing).
+    ConfinementError for a flag outside the allow-list."""
     args = list(REQUIRED)
     if memory_max_mb:
         # Swap equal to memory: the limit is on RAM+swap, so the runtime cannot swap past it.
@@ -66,6 +211,7 @@ def from_target(
     if cpu_quota_percent:
         args.append(f"--cpus={cpu_quota_percent / 100:.2f}")
     args.append(f"--pids-limit={pids_limit}")
+    args += device
     return check_args(args)
 
 
@@ -82,13 +228,25 @@ def check_args(args: Sequence[object]) -> tuple[str, ...]:
     return tuple(checked)
 
 
-def document(args: Sequence[str], restart: str = RESTART_POLICY) -> dict[str, Any]:
-    return {"schema": SCHEMA, "run_args": list(check_args(args)), "restart": _restart(restart)}
+def document(
+    args: Sequence[str], restart: str = RESTART_POLICY, prepare: Prepare | None = None
+) -> dict[str, Any]:
+    """The document; ``prepare`` only when there is one (a bundle without it is unchanged)."""
+    doc: dict[str, Any] = {
+        "schema": SCHEMA, "run_args": list(check_args(args)), "restart": _restart(restart)
+    }
+    if prepare is not None:
+        doc["prepare"] = check_prepare(prepare.to_json()).to_json()
+    return doc
 
 
-def to_bytes(args: Sequence[str], restart: str = RESTART_POLICY) -> bytes:
+def to_bytes(
+    args: Sequence[str], restart: str = RESTART_POLICY, prepare: Prepare | None = None
+) -> bytes:
     """``confinement.json`` as the build writes it (byte-identical for the same flags)."""
-    return (json.dumps(document(args, restart), indent=2, sort_keys=True) + "\n").encode()
+    return (
+        json.dumps(document(args, restart, prepare), indent=2, sort_keys=True) + "\n"
+    ).encode()
 
 
 def _restart(value: object) -> str:
@@ -99,12 +257,13 @@ def _restart(value: object) -> str:
     return value
 
 
-def detached_args(release_dir: Path) -> tuple[str, ...]:
-    """The flags for a detached start of the release staged in ``release_dir``: its
-    ``confinement.json`` (checked), or the floor when the bundle predates the file."""
+def read(release_dir: Path) -> Confinement:
+    """The ``confinement.json`` of the release (or bundle) in ``release_dir``, every part
+    checked; the floor and no prepare step when the bundle predates the file.
+    ConfinementError naming the file and the first problem."""
     path = release_dir / FILE
     if not path.exists():
-        return (*from_target(None, None), f"--restart={RESTART_POLICY}")
+        return Confinement((*from_target(None, None), f"--restart={RESTART_POLICY}"), None)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -112,7 +271,18 @@ def detached_args(release_dir: Path) -> tuple[str, ...]:
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise ConfinementError(f"{path}: schema: expected {SCHEMA!r}")
     try:
+        unknown = sorted(set(doc) - set(_DOCUMENT_KEYS))
+        if unknown:
+            raise ConfinementError(f"unknown key {unknown[0]!r}")
         args = check_args(doc.get("run_args") or [])
-        return (*args, f"--restart={_restart(doc.get('restart'))}")
+        prepare = check_prepare(doc["prepare"]) if "prepare" in doc else None
+        return Confinement((*args, f"--restart={_restart(doc.get('restart'))}"), prepare)
     except ConfinementError as exc:
         raise ConfinementError(f"{path}: {exc}") from exc
+
+
+def detached_args(release_dir: Path) -> tuple[str, ...]:
+    """The flags for a detached start of the release staged in ``release_dir``: its
+    ``confinement.json`` (checked whole, prepare step included, :func:`read`), or the floor
+    when the bundle predates the file."""
+    return read(release_dir).run_args

@@ -8,12 +8,35 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("edgepack.agent")
+# A prepare container's output: each line is read at most MAX_LINE bytes at a time and logged
+# cut to LOG_LINE characters; after MAX_LOGGED lines the rest is read and dropped (an engine
+# build relays trtexec, which can flood with --verbose). Bounded memory whatever it prints.
+MAX_LINE = 4096
+LOG_LINE = 300
+MAX_LOGGED = 400
+# Seconds to wait for the engine's client after it is killed, and for the output reader.
+REAP_S = 10.0
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a foreground container ended: ``ok``, and one line saying why not (or its last line)."""
+
+    ok: bool
+    line: str
+
+
+def _one_line(raw: bytes) -> str:
+    text = raw.decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else " " for c in text).strip()[:LOG_LINE]
 
 
 class EngineError(Exception):
@@ -65,6 +88,57 @@ class Engine:
         publish = f"{port}:{container_port}"
         argv = ["run", "-d", "--name", name, "-p", publish, *confinement, *self.run_args]
         self._run([*argv, "--", ref])
+
+    def run_foreground(self, name: str, args: Sequence[str], timeout_s: float) -> RunOutcome:
+        """Run ``args`` (a ``run --rm --name NAME ...`` command line: :func:`.confinement.
+        prepare_argv`) to its end, at most ``timeout_s`` seconds, logging its output (bounded).
+        A container of that name left by an earlier, interrupted run is removed first; on
+        timeout the client is killed and the container removed by name (a docker client's death
+        does not stop its container). Never raises for the container's own failure."""
+        self._run(["rm", "-f", name], check=False)
+        argv = [self.executable, *args]
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        except OSError as exc:
+            return RunOutcome(False, f"{argv[0]} did not start: {exc}")
+        last = [""]
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            logged = 0
+            while True:
+                raw = proc.stdout.readline(MAX_LINE)
+                if not raw:
+                    return
+                line = _one_line(raw)
+                if not line:
+                    continue
+                last[0] = line
+                if logged < MAX_LOGGED:
+                    log.info("%s: %s", name, line)
+                    logged += 1
+                    if logged == MAX_LOGGED:
+                        log.info("%s: (further output not logged)", name)
+
+        reader = threading.Thread(target=pump, name=f"{name}-output", daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            self._run(["rm", "-f", name], check=False)
+            try:
+                proc.wait(timeout=REAP_S)
+            except subprocess.TimeoutExpired:
+                log.error("%s: the engine's client did not exit after SIGKILL", name)
+            reader.join(timeout=REAP_S)
+            return RunOutcome(False, f"timed out after {timeout_s:.0f} s and was removed")
+        reader.join(timeout=REAP_S)
+        if code != 0:
+            return RunOutcome(False, f"exit {code}: {last[0]}" if last[0] else f"exit {code}")
+        return RunOutcome(True, last[0])
 
     def running(self, name: str) -> bool:
         """True while the container runs and has not been restarted by its restart policy (a

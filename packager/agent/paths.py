@@ -155,6 +155,20 @@ def _open_dir(root: Path, parts: list[str], *, create: bool) -> int:
     return fd
 
 
+def _open_leaf(root: Path, path: str, flags: int, mode: int, refusal: str) -> int:
+    """``os.open`` of ``path``'s last component relative to its directory (opened, created as
+    needed, without following a link by :func:`_open_dir`); PathError naming ``refusal`` when
+    the open fails (an existing entry under O_EXCL, a link under O_NOFOLLOW, ...)."""
+    *dirs, leaf = path.split("/")
+    dir_fd = _open_dir(root, dirs, create=True)
+    try:
+        return os.open(leaf, flags, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        raise PathError(f"{path!r} under {root}: {refusal} ({exc.strerror})") from exc
+    finally:
+        os.close(dir_fd)
+
+
 def create_file(root: Path, path: str, mode: int) -> int:
     """A new file ``root/path`` opened for writing with ``O_CREAT|O_EXCL|O_NOFOLLOW``: its
     directories are created as needed without following a link, an existing entry (file or
@@ -162,16 +176,8 @@ def create_file(root: Path, path: str, mode: int) -> int:
     the umask cannot widen or narrow it. Returns the descriptor (the caller closes it)."""
     check_relpath(path)
     check_mode(mode)
-    *dirs, leaf = path.split("/")
-    dir_fd = _open_dir(root, dirs, create=True)
-    try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(leaf, flags, mode, dir_fd=dir_fd)
-        except FileExistsError as exc:
-            raise PathError(f"{path!r}: already exists under {root}") from exc
-    finally:
-        os.close(dir_fd)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = _open_leaf(root, path, flags, mode, "already exists")
     os.fchmod(fd, mode)
     return fd
 
@@ -181,18 +187,8 @@ def open_append(root: Path, path: str) -> int:
     component below ``root``, a hard-linked file and anything but a regular file (a FIFO would
     block: the open does not wait for a reader). Returns the descriptor."""
     check_relpath(path)
-    *dirs, leaf = path.split("/")
-    dir_fd = _open_dir(root, dirs, create=True)
-    try:
-        flags = (
-            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        )
-        try:
-            fd = os.open(leaf, flags, FILE_MODE, dir_fd=dir_fd)
-        except OSError as exc:
-            raise PathError(f"{path!r} under {root}: not a plain file ({exc})") from exc
-    finally:
-        os.close(dir_fd)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = _open_leaf(root, path, flags, FILE_MODE, "not a plain file")
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
         os.close(fd)

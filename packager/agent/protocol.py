@@ -1,14 +1,16 @@
-"""The repository layout and release format the publisher (packager.ota) writes.
+"""The OTA release contract: the repository layout, the release document's path policy and the
+signed release facts, for both sides.
 
-Kept here as plain constants because the agent cannot import the publisher; a unit test checks
-that both sides agree.
+The agent (on the device) imports nothing from the rest of packager, so the contract lives here
+and the publisher (``packager.ota``) imports it: one definition, no copy to drift.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .paths import PathError, check_mode, check_relpath
@@ -19,9 +21,11 @@ RELEASE_PREFIX = "releases/"
 BLOB_PREFIX = "blobs/sha256/"
 FILE_PREFIX = "files/sha256/"
 RELEASE_SCHEMA = "edgepack.release/v1"
+REPORT_SCHEMA = "edgepack.ota-report/v1"
 CUSTOM_KEY = "edgepack"
 USB_SUBDIR = "edgepack-ota"
-# One bucket per 0.01 %: a percentage with two decimals selects an exact set of buckets.
+# One bucket per 0.01 %: every whole percentage selects an exact set of buckets. Changing the
+# count would move devices between cohorts.
 BUCKETS = 10000
 
 
@@ -32,6 +36,25 @@ IMAGE_REF = re.compile(r"[a-z0-9][a-z0-9._/-]{0,254}(:[A-Za-z0-9_][A-Za-z0-9_.-]
 OBJECT_TARGET = re.compile(r"(blobs|files)/sha256/[0-9a-f]{64}")
 # Files the agent writes itself in a staged release: a release may not name them.
 RESERVED_FILES = frozenset({"image.tar", "release.json"})
+
+# A release's device requirements beyond platform and device class (``compat.requires``): what a
+# backend's ``release_compatibility`` returns, checked by the agent against the device itself
+# (packager/agent/device.py). Keys and values are whole strings; the publisher signs only known
+# keys with valid values, and an agent that meets a key it does not know skips the release (never
+# installs it on a guess). l4t_min / l4t_below: the L4T releases the bundle runs on, lowest
+# (inclusive) and first one above (exclusive), as in ``/etc/nv_tegra_release``; sm: the GPU's
+# CUDA compute capability as NN (8.7 -> "87").
+L4T_RELEASE = re.compile(r"r(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})")
+REQUIREMENTS: dict[str, re.Pattern[str]] = {
+    "l4t_min": L4T_RELEASE,
+    "l4t_below": L4T_RELEASE,
+    "sm": re.compile(r"[1-9][0-9]{1,2}"),
+}
+# The shape any agent accepts before judging the keys (a newer publisher may sign keys this
+# agent does not know: those releases are skipped with a reason, not dropped in silence).
+MAX_REQUIREMENTS = 16
+_REQUIREMENT_KEY = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_REQUIREMENT_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def check_release(doc: Any) -> None:
@@ -82,6 +105,56 @@ def check_release(doc: Any) -> None:
                     raise PathError(f"{field}: {path!r} is inside another listed file")
 
 
+def parse_requires(value: object) -> dict[str, str]:
+    """``compat.requires`` as signed: absent (None) -> {}; else at most
+    :data:`MAX_REQUIREMENTS` entries of a short lower-case key and a short plain value (both
+    whole strings). ValueError naming the entry otherwise. Keys are not judged here: see
+    :func:`check_requires`."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"requires: expected an object, not {type(value).__name__}")
+    if len(value) > MAX_REQUIREMENTS:
+        raise ValueError(f"requires: {len(value)} entries (at most {MAX_REQUIREMENTS})")
+    parsed: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not _REQUIREMENT_KEY.fullmatch(key):
+            raise ValueError(f"requires: key {str(key)[:40]!r} is not a plain lower-case name")
+        if not isinstance(item, str) or not _REQUIREMENT_VALUE.fullmatch(item):
+            raise ValueError(f"requires.{key}: value {str(item)[:70]!r} is not a plain value")
+        parsed[key] = item
+    return dict(sorted(parsed.items()))
+
+
+def check_requires(value: object) -> dict[str, str]:
+    """:func:`parse_requires`, then every key one of :data:`REQUIREMENTS` with a value its
+    pattern matches whole, and l4t_min below l4t_below when both are given. ValueError naming
+    the key and the value otherwise (the publisher refuses to sign it; the agent skips it)."""
+    parsed = parse_requires(value)
+    for key, item in parsed.items():
+        pattern = REQUIREMENTS.get(key)
+        if pattern is None:
+            known = ", ".join(sorted(REQUIREMENTS))
+            raise ValueError(f"requires.{key}: unknown requirement (this agent knows {known})")
+        if not pattern.fullmatch(item):
+            raise ValueError(f"requires.{key}: {item!r} is not a valid value")
+    if "l4t_min" in parsed and "l4t_below" in parsed:
+        if l4t_tuple(parsed["l4t_min"]) >= l4t_tuple(parsed["l4t_below"]):
+            raise ValueError(
+                f"requires: l4t_min {parsed['l4t_min']} is not below l4t_below"
+                f" {parsed['l4t_below']}"
+            )
+    return parsed
+
+
+def l4t_tuple(release: str) -> tuple[int, int, int]:
+    """``"r36.3.0"`` -> (36, 3, 0); ValueError unless :data:`L4T_RELEASE` matches it whole."""
+    match = L4T_RELEASE.fullmatch(release)
+    if match is None:
+        raise ValueError(f"{release!r} is not an L4T release like r36.3.0")
+    return int(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
 def release_target(channel: str, sequence: int) -> str:
     return f"{RELEASE_PREFIX}{channel}/{sequence:012d}.json"
 
@@ -96,8 +169,20 @@ def cohort_bucket(device_id: str) -> int:
     return int.from_bytes(digest[:8], "big") % BUCKETS
 
 
-def in_cohort(device_id: str, percent: float) -> bool:
-    return cohort_bucket(device_id) < round(percent * BUCKETS / 100)
+def in_cohort(device_id: str, percent: int) -> bool:
+    """Whether the device is in a rollout to ``percent`` (0-100) of devices."""
+    return cohort_bucket(device_id) < percent * BUCKETS // 100
+
+
+def check_percent(value: object) -> int:
+    """A rollout percentage as signed: a whole number 0-100 (TUF's canonical JSON has no floats).
+    ValueError otherwise."""
+    problem = ValueError(f"percent {value!r}: not a whole number from 0 to 100")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise problem
+    if not 0 <= value <= 100 or value != int(value):  # NaN and infinities fail the range
+        raise problem
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -111,8 +196,13 @@ class ReleaseInfo:
     version: str
     platform: str
     device_class: str
-    percent: float
+    percent: int  # 0-100, whole: see check_percent
     halted: bool
+    # compat.requires (parse_requires: bounded, plain; keys judged by the agent): {} = none.
+    requires: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
     @classmethod
     def from_custom(cls, target: str, custom: Any) -> ReleaseInfo | None:
@@ -132,8 +222,9 @@ class ReleaseInfo:
                 version=str(data["version"]),
                 platform=str(compat["platform"]),
                 device_class=str(compat["device_class"]),
-                percent=float(data["percent"]),
+                percent=check_percent(data["percent"]),
                 halted=bool(data["halted"]),
+                requires=parse_requires(compat.get("requires")),
             )
-        except (KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             return None

@@ -9,6 +9,7 @@ from packager.errors import UnsupportedError
 REGISTRY: dict[str, str] = {
     "linux-container": "packager.backends.linux.backend:LinuxContainerBackend",
     "mcu": "packager.backends.mcu.backend:McuBackend",
+    "jetson": "packager.backends.jetson.backend:JetsonBackend",
 }
 
 

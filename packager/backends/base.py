@@ -1,20 +1,33 @@
-"""The small Protocol every device-class backend implements.
+"""The Protocol every device-class backend implements, and the typed values it trades.
 
-A backend turns (ModelInfo, Target, BuildRequest) into a frozen :class:`BuildPlan` with a pure
-function, and a separate ``execute`` writes that plan into a staging directory. The core build
-(``packager.build``) owns everything around it: inspection, the fit check, the temporary
-directory, the manifest and the final atomic move.
+A device class (Linux containers, microcontrollers, ...) is one package under
+``packager/backends/`` registered by one line in :data:`packager.backends.REGISTRY`. The core
+(``packager.plan``, ``packager.build``, ``packager.commands``, ``packager.bundle``,
+``packager.ota``) reaches it only through :class:`Backend`, and never names a class:
+tests/unit/test_device_class_names.py greps for it.
+
+The backend decides, the core runs: :meth:`Backend.source_steps` says how the user's model becomes
+the one the device runs (frozen :data:`SourceStep` values the core executes), :meth:`Backend.fit`
+and :meth:`Backend.plan` are pure, :meth:`Backend.execute` writes a :class:`PackagePlan` into a
+staging directory. The core owns inspection, the fit refusal, the temporary directory, the manifest
+and the final atomic move.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
+from packager.bundle.manifest import ImageSection, TargetInfo
+from packager.bundle.manifest import Manifest as Manifest  # backends name it here
+from packager.errors import UsageError
 from packager.fit import FitReport
 from packager.models.info import ModelInfo
-from packager.targets import LoadedTarget
+from packager.render import RenderedFile as RenderedFile  # backends name it here
+from packager.targets import NAME_FORM, LoadedTarget
 
 
 @dataclass(frozen=True)
@@ -56,15 +69,6 @@ class BuildRequest:
 
 
 @dataclass(frozen=True)
-class RenderedFile:
-    """A bundle file produced from a Jinja2 template with the backend's context."""
-
-    path: str  # relative to the bundle root
-    template: str  # relative to templates/, e.g. "linux/service.jinja"
-    mode: int = 0o644
-
-
-@dataclass(frozen=True)
 class CopiedFile:
     path: str
     source: Path
@@ -72,7 +76,7 @@ class CopiedFile:
 
 
 @dataclass(frozen=True)
-class BuildPlan:
+class PackagePlan:
     """What a backend will write, computed without side effects."""
 
     backend: str
@@ -88,28 +92,273 @@ class BuildPlan:
     context: tuple[tuple[str, Any], ...] = field(default=())  # template context, sorted keys
     offline: bool = False  # never touch the network: everything must come from the cache
 
+    @classmethod
+    def for_request(
+        cls,
+        backend: str,
+        request: BuildRequest,
+        name: str,
+        checked: tuple[LoadedTarget, ModelInfo, FitReport],
+        *,
+        rendered: tuple[RenderedFile, ...] = (),
+        copied: tuple[CopiedFile, ...] = (),
+        payload: Any = None,
+        context: tuple[tuple[str, Any], ...] = (),
+    ) -> PackagePlan:
+        """The plan of ``backend`` (its device class) for ``request``: named ``name``
+        (:func:`bundle_name` of the request), the request's version and ``--offline``, for the
+        ``checked`` (target, model, fit report) the plan was made from; the rest is the class's."""
+        target, model, fit = checked
+        return cls(
+            backend=backend,
+            bundle_name=name,
+            version=request.version,
+            target=target,
+            model=model,
+            fit=fit,
+            rendered=rendered,
+            copied=copied,
+            payload=payload,
+            context=context,
+            offline=request.offline,
+        )
+
     def context_dict(self) -> dict[str, Any]:
         return dict(self.context)
 
 
 @dataclass(frozen=True)
 class ExecuteResult:
-    """What executing a plan produced, for the manifest and ``--json``."""
+    """What executing a plan produced, for the manifest, ``--json`` and the build summary."""
 
     files: tuple[str, ...]  # bundle-relative paths written
-    manifest_extra: tuple[tuple[str, Any], ...] = ()
-    json_extra: tuple[tuple[str, Any], ...] = ()
+    image: ImageSection | None = None  # the manifest's `image`, for a class that builds one
+    fit: FitReport | None = None  # the fit measured while executing; None: the plan's estimate
+    # The manifest's `device` section: this class's own JSON (its backend types it to read it).
+    device: dict[str, Any] | None = None
+    json_extra: tuple[tuple[str, Any], ...] = ()  # added to `edgepack build --json`
+    # Lines `edgepack build` prints after its own (the MCU firmware proof, where to flash).
+    summary: tuple[str, ...] = ()
+
+
+# --- the source model and the steps that turn it into the deployed one ------------------------
+
+ModelFormat = Literal["onnx", "tflite", "keras", "pytorch"]
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """The user's model before any step: its path and its format by name
+    (:func:`packager.models.model_format`; nothing is loaded)."""
+
+    path: Path
+    format: ModelFormat
+
+
+@dataclass(frozen=True)
+class ConvertStep:
+    """Source -> fully int8 TFLite, calibrated on ``--calibration``. ``route`` is the source
+    format the converter reads (packager.models.keras / torch_tflite / onnx_tflite)."""
+
+    route: Literal["onnx", "keras", "pytorch"]
+
+
+@dataclass(frozen=True)
+class RuntimeCompatStep:
+    """Make an ONNX model loadable by ``engine`` ``version`` (the one the bundle ships), converting
+    it down where onnx can (packager.models.runtime_compat); UnsupportedError (exit 10) otherwise,
+    a warning under ``--force``. Other formats pass through."""
+
+    engine: Literal["onnxruntime"]
+    version: str
+
+
+@dataclass(frozen=True)
+class OptimizeStep:
+    """packager.optimize.optimize_for_build to ``quantize``; ``reason`` is printed when the
+    choice was not the user's (the target's preferred precision)."""
+
+    quantize: str  # "fp16" | "int8-dynamic" | "int8-static"
+    reason: str = ""
+
+
+SourceStep = ConvertStep | RuntimeCompatStep | OptimizeStep
+
+
+def preferred_quantize(
+    request: BuildRequest, source: SourceModel, preferred: str
+) -> OptimizeStep | None:
+    """The optimization a build gets: ``--quantize`` (``fp32`` opts out), else for an ONNX model
+    the target's preferred precision (``fp16``; ``int8`` -> ``int8-static`` with
+    ``--calibration``, ``int8-dynamic`` without), else none. One rule for every device class."""
+    if request.quantize is not None:
+        return None if request.quantize == "fp32" else OptimizeStep(request.quantize)
+    if source.format != "onnx" or preferred == "fp32":
+        return None
+    if preferred == "fp16":
+        choice = "fp16"
+    else:
+        choice = "int8-static" if request.calibration else "int8-dynamic"
+    return OptimizeStep(
+        choice,
+        reason=f"the target prefers {preferred}: optimizing to {choice} "
+        "(--quantize fp32 keeps fp32)",
+    )
+
+
+# --- naming -----------------------------------------------------------------------------------
+
+
+def default_name(model: Path) -> str:
+    """The served model's name derived from the model file's name (``resnet50-v1.7.onnx`` ->
+    ``resnet50-v1``), normalised into :data:`NAME_FORM`: lower case, other characters and any
+    separator run that the OCI grammar refuses (``..``, ``._``, ``___``) become one ``-``,
+    separators trimmed from both ends, cut to 63 characters; ``model`` when nothing is left."""
+    name = model.name.split(".")[0].lower()
+    name = re.sub(r"[^a-z0-9._-]+", "-", name)
+    name = re.sub(
+        r"[._-]{2,}", lambda m: m.group() if NAME_FORM.matches(f"a{m.group()}a") else "-", name
+    )
+    name = name.strip("-._")[:63].rstrip("-._")
+    return name if NAME_FORM.matches(name) else "model"
+
+
+def bundle_name(request: BuildRequest) -> str:
+    """The bundle's (served model's) name, the one way every class names it: ``--name`` or
+    :func:`default_name`; UsageError (exit 2) when ``--name`` is outside :data:`NAME_FORM`."""
+    if request.name is None:
+        return default_name(request.model)
+    # Whole-string match: the name lands in the image reference, install.sh, the unit,
+    # supervise.py and C sources.
+    if not NAME_FORM.matches(request.name):
+        raise UsageError(
+            f"--name: {request.name!r} must match {NAME_FORM.description}",
+            hint="it is the image's repository name, which podman and docker check",
+        )
+    return request.name
+
+
+def created_epoch() -> int:
+    """``SOURCE_DATE_EPOCH`` when set (reproducible-builds.org), else the Unix epoch."""
+    value = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    return int(value) if value.isdigit() else 0
+
+
+# --- after the build: try, verify, publish, describe ----------------------------------------
+
+
+@dataclass(frozen=True)
+class OnTargetEval:
+    """Input of :meth:`Backend.evaluate_on_target`: the optimization just done and where."""
+
+    quantize: str
+    baseline: Path  # the model before optimization (fp32)
+    eval_dir: Path  # --eval
+    report: dict[str, Any]  # the optimization report so far (packager.optimize)
+    bundle: Path  # the staging directory execute wrote
+    work: Path  # scratch space, removed with the build's work directory
+
+
+@dataclass(frozen=True)
+class TryRequest:
+    """``edgepack run``'s flags; each backend uses those that apply to its bundles."""
+
+    bundle: Path
+    port: int = 8080  # 127.0.0.1 port of a served bundle
+    engine: str | None = None  # container engine ("podman" | "docker"), None: auto
+    smoke_test: bool = False  # start, check ready and one inference, stop
+    timeout_s: float = 300.0  # how long to wait for ready
+    cpu: str | None = None  # qemu CPU model to emulate instead of the target's (--cpu)
+    inputs: tuple[Path, ...] = ()  # .npy files, one inference each (none: zeros)
+    kernels: str | None = None  # kernel set to build firmware with (None: the core's default)
+    toolchain_tree: str | None = None  # source tree/archive the firmware builds against
+
+
+@dataclass(frozen=True)
+class TryResult:
+    """What ``edgepack run`` reports: its ``--json`` document and its human lines."""
+
+    document: dict[str, Any]
+    lines: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TargetNote:
+    """One extra entry of ``edgepack targets show``: its ``--json`` key and value, and the line
+    printed for people."""
+
+    key: str
+    value: dict[str, Any]
+    line: str
 
 
 class Backend(Protocol):
+    """One device class. Every method is called by the core with a target (or a bundle) of this
+    class; see /work/brief/protocol.md for the flow."""
+
     device_class: ClassVar[str]
 
+    def check_request(self, request: BuildRequest) -> None:
+        """This class's flags, checked before any work (nothing read beyond the flags' own
+        files, nothing written): UsageError (exit 2) / InputError (exit 3)."""
+        ...
+
+    def source_steps(
+        self, request: BuildRequest, source: SourceModel, target: LoadedTarget
+    ) -> tuple[SourceStep, ...]:
+        """How ``source`` becomes the model this class deploys, decided once and purely;
+        UnsupportedError (exit 10) for a format the class cannot deploy."""
+        ...
+
     def fit(self, request: BuildRequest, model: ModelInfo, target: LoadedTarget) -> FitReport:
-        """Estimate what the model needs on the device (memory/storage or RAM/flash)."""
+        """Estimate what the (post-steps) model needs on the device (memory/storage or
+        RAM/flash)."""
         ...
 
     def plan(
         self, request: BuildRequest, model: ModelInfo, target: LoadedTarget, fit: FitReport
-    ) -> BuildPlan: ...
+    ) -> PackagePlan:
+        """What :meth:`execute` will write, without side effects."""
+        ...
 
-    def execute(self, plan: BuildPlan, staging: Path, cache_dir: Path) -> ExecuteResult: ...
+    def execute(self, plan: PackagePlan, staging: Path, cache_dir: Path) -> ExecuteResult:
+        """Write ``plan`` into ``staging`` (this class's SBOM included)."""
+        ...
+
+    def evaluate_on_target(
+        self, plan: PackagePlan, result: ExecuteResult, job: OnTargetEval
+    ) -> dict[str, Any]:
+        """After an optimization: its report with what this class can measure on the target
+        (Linux: INT8 accuracy inside the built image under qemu); ``job.report`` otherwise."""
+        ...
+
+    def target_meta(self, target: LoadedTarget) -> TargetInfo:
+        """The manifest's ``target`` section: ``name``, ``device_class`` and this class's keys."""
+        ...
+
+    def target_notes(self, target: LoadedTarget) -> tuple[TargetNote, ...]:
+        """Extra ``edgepack targets show`` entries; () when there are none."""
+        ...
+
+    def try_bundle(self, request: TryRequest, manifest: Manifest) -> TryResult:
+        """``edgepack run``: try a bundle the core has verified, here (emulated when foreign)."""
+        ...
+
+    def verify_bundle(self, root: Path, manifest: Manifest) -> tuple[str, ...]:
+        """``edgepack verify`` beyond the checksums: problems, one line each naming the file."""
+        ...
+
+    def check_publishable(self, root: Path, manifest: Manifest) -> None:
+        """Raise UnsupportedError (exit 10) naming ``manifest.json`` when ``edgepack ota``
+        may not publish this bundle."""
+        ...
+
+    def release_compatibility(self, root: Path, manifest: Manifest) -> dict[str, str]:
+        """What a device must be, beyond platform and device class, to install this bundle as
+        an OTA release: the release's ``compat.requires`` (keys and values from
+        packager.agent.protocol.REQUIREMENTS, e.g. Jetson ``{"l4t_min": "r36.0.0",
+        "l4t_below": "r36.4.0", "sm": "87"}``), which the agent checks against the device
+        before accepting it; {} when there is nothing more (Linux). Called after
+        check_publishable. VerifyError (exit 8) naming ``manifest.json`` when the manifest's
+        own section cannot say."""
+        ...

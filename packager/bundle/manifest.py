@@ -1,19 +1,29 @@
 """``manifest.json``: every bundle file's sha256 and size, plus what was built, for what.
 
 The manifest is written last, over the finished staging directory, and is byte-identical for the
-same inputs: keys sorted, files sorted, no timestamps.
+same inputs: keys sorted, files sorted, no timestamps. Its shape is :class:`Manifest`: frozen,
+typed sections (target, model, fit, image, optimization, builder, files) with unknown keys
+refused, like the target files (:mod:`packager.targets`), so every reader and writer goes through
+one definition. The device class's own section (``device``) is free-form here and typed by its
+backend (:meth:`Manifest.device_as`): core code never names a device class.
+
+A bundle is untrusted input (``edgepack verify``, ``ota publish``, a USB stick): its documents are
+bounded (:func:`check_document_sizes`, :func:`check_shape`) before the model parse, and every
+problem is one :class:`~packager.errors.VerifyError` (exit 8) naming the file and field.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from packager import __version__
 from packager.agent.paths import (
@@ -31,23 +41,278 @@ MANIFEST = "manifest.json"
 # The same checksums in coreutils' format, so a field tech can run `sha256sum -c SHA256SUMS`
 # on a device that has no edgepack.
 SUMS = "SHA256SUMS"
-SCHEMA = "edgepack.bundle/v1"
+# v2 (issue 11): the typed manifest. v1 had a top-level edgepack_version (now builder.edgepack),
+# wrote null for absent values and kept the device class's section under its class's name (now
+# ``device``). Bundles of any other schema are refused: rebuild them.
+SchemaVersion = Literal["edgepack.bundle/v2"]
+SCHEMA: SchemaVersion = "edgepack.bundle/v2"
 # The DSSE envelope over manifest.json (packager.agent.signature), beside it, unlisted.
 SIGNATURE = SIGNATURE_FILE
+MAX_FILE_SIZE = 2**63 - 1  # off_t: no file can be larger
+
+JsonObject = dict[str, JsonValue]
+Str = Annotated[str, Field(strict=True, max_length=4096)]
+Count = Annotated[int, Field(strict=True, ge=0, le=MAX_FILE_SIZE)]
+Flag = Annotated[bool, Field(strict=True)]
+Sha256 = Annotated[str, Field(strict=True, pattern=r"^[0-9a-f]{64}$")]
+Digest = Annotated[str, Field(strict=True, pattern=r"^sha256:[0-9a-f]{64}$")]
+# The bundle name and version: what edgepack build accepts (NAME_FORM, VERSION_FORM in
+# packager.targets) and the names backends derive from a model's file name, at most 128.
+Label = Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")]
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
+Dim = Annotated[int, Field(strict=True)] | Str | None
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceSection(_Section):
+    """Base of a backend's ``device`` section model (:meth:`Manifest.device_as`)."""
+
+    def to_json(self) -> JsonObject:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class Builder(_Section):
+    edgepack: Str = __version__
+
+
+class CpuInfo(_Section):
+    """The target's CPU; ``qemu``: the qemu-user model ``edgepack run`` emulates (absent: qemu
+    models no such core)."""
+
+    model: Str
+    cores: Count
+    qemu: Str | None = None
+
+
+class TargetInfo(_Section):
+    name: Str
+    device_class: Str
+    platform: Str | None = None  # the OCI platform, e.g. linux/arm64, where the class has one
+    cpu: CpuInfo | None = None
+
+
+class Tensor(_Section):
+    name: Str
+    dtype: Str
+    shape: tuple[Dim, ...]
+
+
+class ModelSection(_Section):
+    source: Str  # the model file's name as given to edgepack build
+    format: Str
+    digest: Digest
+    size_bytes: Count
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    runtime_compatibility: tuple[Str, ...] | None = None
+    conversion: JsonObject | None = None
+
+
+class Resource(_Section):
+    """One budget line of :class:`packager.fit.Resource`, in bytes."""
+
+    name: Str
+    needed_bytes: Count
+    available_bytes: Count
+    needed_parts: dict[str, Count]
+    available_note: Str
+    estimate_source: Str
+    fits: Flag
+
+
+class FitSection(_Section):
+    target: Str
+    fits: Flag
+    resources: tuple[Resource, ...]
+
+    @classmethod
+    def from_report(cls, report: Any) -> FitSection:
+        """From a :class:`packager.fit.FitReport` (its ``to_json``)."""
+        return cls.model_validate(report.to_json())
+
+
+class Layer(_Section):
+    name: Str
+    digest: Digest
+    diff_id: Digest
+    size: Count
+    uncompressed_size: Count
+
+
+class ImageSection(_Section):
+    """The OCI image the bundle carries: its archive (bundle-relative), manifest and config
+    digests, reference, platform, archive size and the port its server listens on."""
+
+    archive: Str
+    digest: Digest
+    config_digest: Digest
+    ref: Str
+    platform: Str
+    size_bytes: Count
+    port: Port
+    layers: tuple[Layer, ...]
+
+
+class Optimization(_Section):
+    """The optimize report (:meth:`packager.optimize.report.OptimizeReport.to_json`, with the
+    on-target measurement of :mod:`packager.optimize.on_target`) without what was timed on the
+    building host (:func:`packager.optimize.report.without_host_timing`): same inputs, same
+    manifest bytes."""
+
+    source: Str
+    source_kind: Str
+    quantize: Str
+    settings: JsonObject
+    steps: tuple[Str, ...]
+    model: Str
+    variants: tuple[JsonObject, ...]
+    notes: tuple[Str, ...]
+    prune: JsonObject | None = None
+    evaluation: JsonObject | None = None
+    measured_on: JsonObject | None = None
+    on_target: JsonObject | None = None
+
+
+class FileRecord(_Section):
+    path: Str
+    sha256: Sha256
+    size: Count
+
+
+class BundleMeta(_Section):
+    """What a writer says about a bundle: everything in manifest.json but its files."""
+
+    name: Label
+    version: Label
+    target: TargetInfo
+    model: ModelSection
+    fit: FitSection
+    builder: Builder = Builder()
+    image: ImageSection | None = None
+    optimization: Optimization | None = None
+    # The device class's own section, typed by its backend (Manifest.device_as).
+    device: JsonObject | None = None
+
+
+D = TypeVar("D", bound=DeviceSection)
+
+
+class Manifest(BundleMeta):
+    """``manifest.json`` as written: :class:`BundleMeta`, the schema and every file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    schema_: SchemaVersion = Field(alias="schema")
+    files: tuple[FileRecord, ...]
+
+    @classmethod
+    def from_json(cls, document: object, source: str = MANIFEST) -> Manifest:
+        """The typed manifest; VerifyError (exit 8) naming ``source`` and the first bad field
+        (``source: image.prot: unknown key (did you mean 'port'?)``)."""
+        if isinstance(document, dict) and document.get("schema") != SCHEMA:
+            raise VerifyError(_schema_problem(source, document.get("schema")))
+        return _validate(cls, document, source, "")
+
+    def to_json(self) -> dict[str, Any]:
+        """The document :func:`write_manifest` writes (absent values left out)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def meta(self) -> BundleMeta:
+        """What its writer said (everything but the schema and files), to write it again."""
+        return BundleMeta.model_validate(self.model_dump(exclude={"schema_", "files"}))
+
+    def device_as(self, model: type[D], source: str = MANIFEST) -> D:
+        """The ``device`` section parsed by its backend's ``model``; VerifyError naming
+        ``source`` and ``device.FIELD`` when it is missing or malformed."""
+        if self.device is None:
+            raise VerifyError(f"{source}: device: is required for a {self.target.device_class}"
+                              " bundle", hint="rebuild the bundle with 'edgepack build'")
+        return _validate(model, self.device, source, "device")
+
+
+M = TypeVar("M", bound=BaseModel)
+# How pydantic names a union's branch in an error's location (a model's class name, a type):
+# not a key of the document, so not part of the field path shown.
+_UNION_TAG = re.compile(r"[A-Z][A-Za-z0-9]*|int|str|none|bool|float|(constrained|function)-.*")
+
+
+def _schema_problem(source: str, given: object) -> str:
+    shown = repr(given)[:80] if given is not None else "missing"
+    return (f"{source}: schema: {shown} is not supported (this edgepack reads '{SCHEMA}'; "
+            "rebuild the bundle with 'edgepack build')")
+
+
+def _owner(root: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The model that holds the field at ``loc`` (tuple indexes skipped), for suggestions."""
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = {f.alias or n: f for n, f in model.model_fields.items()} if model else {}
+        if part not in fields:
+            return None
+        pending: list[Any] = [fields[part].annotation]
+        model = None
+        while pending:
+            kind = pending.pop()
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                model = kind
+                break
+            pending.extend(getattr(kind, "__args__", ()))
+    return model
+
+
+_PROBLEMS = {
+    "missing": "is required",
+    "int_type": "must be an integer",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "dict_type": "must be an object",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "string_pattern_mismatch": "must match {pattern}",
+    "string_too_long": "is too long",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+    "literal_error": "must be {expected}",
+}
+
+
+def _validate(model: type[M], document: object, source: str, prefix: str) -> M:
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        # A misspelt key also shows up as a missing one: the unknown key is the real fault.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        first = errors[0]
+        loc = [p for p in first["loc"] if isinstance(p, str | int)]
+        # A union (str | None, Model | None) reports each branch under its type's name.
+        loc = [p for p in loc if not (isinstance(p, str) and _UNION_TAG.fullmatch(p))]
+        path = prefix
+        for part in loc:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        kind = first["type"]
+        if kind == "extra_forbidden":
+            owner = _owner(model, loc[:-1])
+            names = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
+            match = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+            problem = "unknown key" + (f" (did you mean '{match[0]}'?)" if match else "")
+        elif kind in _PROBLEMS:
+            problem = _PROBLEMS[kind].format(**(first.get("ctx") or {}))
+        else:
+            problem = " ".join(str(first["msg"]).split()).rstrip(".").lower()
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise VerifyError(f"{source}: {path or '(top level)'}: {problem}{more}",
+                          hint="rebuild the bundle with 'edgepack build'") from exc
 
 
 def sha256_file(path: Path) -> str:
     return sha256_path(path)[0]
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    path: str
-    sha256: str
-    size: int
-
-    def to_json(self) -> dict[str, object]:
-        return {"path": self.path, "sha256": self.sha256, "size": self.size}
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -73,7 +338,8 @@ def record_files(root: Path) -> list[FileRecord]:
     if problems:
         raise VerifyError(f"{root}: {problems[0]}", details=tuple(problems[1:]))
     return [
-        FileRecord(p.relative_to(root).as_posix(), sha256_file(p), p.stat().st_size)
+        FileRecord(path=p.relative_to(root).as_posix(), sha256=sha256_file(p),
+                   size=p.stat().st_size)
         for p in _walk(root)
     ]
 
@@ -98,8 +364,9 @@ def _mask_modes(root: Path) -> None:
                     os.close(fd)
 
 
-def write_manifest(root: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Hash every file under ``root`` and write ``SHA256SUMS`` and ``manifest.json``.
+def write_manifest(root: Path, meta: BundleMeta) -> Manifest:
+    """Hash every file under ``root`` and write ``SHA256SUMS`` and ``manifest.json`` (``meta``,
+    the schema and every file's record); returns what was written.
 
     File modes are masked to 0644/0755 first; a symlink, special file or a name the path policy
     refuses raises VerifyError naming it."""
@@ -107,16 +374,17 @@ def write_manifest(root: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
     records = [r for r in record_files(root) if r.path != SUMS]
     write_sums(root, records)
     sums = root / SUMS
-    records.append(FileRecord(SUMS, sha256_file(sums), sums.stat().st_size))
-    document: dict[str, Any] = {
-        "schema": SCHEMA,
-        "edgepack_version": __version__,
-        **meta,
-        "files": [r.to_json() for r in sorted(records, key=lambda r: r.path)],
-    }
-    text = json.dumps(document, indent=2, sort_keys=True) + "\n"
+    records.append(FileRecord(path=SUMS, sha256=sha256_file(sums), size=sums.stat().st_size))
+    manifest = Manifest.model_validate(
+        {
+            **meta.model_dump(exclude_none=True),
+            "schema": SCHEMA,
+            "files": sorted(records, key=lambda r: r.path),
+        }
+    )
+    text = json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n"
     (root / MANIFEST).write_text(text, encoding="utf-8")
-    return document
+    return manifest
 
 
 # The largest JSON (or checksum list) a bundle may carry, and the most files its manifest may
@@ -130,8 +398,6 @@ MAX_FILES = 65_536
 MAX_DEPTH = 32
 # Files a bundle carries that edgepack itself reads as documents: each bounded before reading.
 BOUNDED_FILES = (MANIFEST, SUMS, SIGNATURE, "confinement.json")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-MAX_FILE_SIZE = 2**63 - 1  # off_t: no file can be larger
 
 
 def check_document_sizes(root: Path) -> None:
@@ -169,13 +435,14 @@ def _depth(document: Any) -> int:
 
 
 def check_shape(path: Path, document: Any) -> dict[str, Any]:
-    """``document`` when it has a manifest's shape, else VerifyError naming the field: a dict of
-    schema :data:`SCHEMA`, at most :data:`MAX_DEPTH` deep, ``files`` a list of at most
-    :data:`MAX_FILES` entries each ``{"path": str, "sha256": 64 lower-case hex, "size": int in
-    0..2**63-1}``, ``image`` (when present) an object whose ``archive``/``digest``/``ref`` are
-    strings."""
-    if not isinstance(document, dict) or document.get("schema") != SCHEMA:
-        raise VerifyError(f"{path}: schema: expected '{SCHEMA}'")
+    """``document`` when it has a manifest's outline, else VerifyError naming the field: a dict
+    of schema :data:`SCHEMA`, at most :data:`MAX_DEPTH` deep, ``files`` a list of at most
+    :data:`MAX_FILES` entries. Runs before the model parse (:meth:`Manifest.from_json`), which
+    checks every field."""
+    if not isinstance(document, dict):
+        raise VerifyError(f"{path}: expected a JSON object")
+    if document.get("schema") != SCHEMA:
+        raise VerifyError(_schema_problem(str(path), document.get("schema")))
     if _depth(document) > MAX_DEPTH:
         raise VerifyError(f"{path}: nested deeper than {MAX_DEPTH} levels")
     files = document.get("files")
@@ -183,31 +450,14 @@ def check_shape(path: Path, document: Any) -> dict[str, Any]:
         raise VerifyError(f"{path}: files: expected a list")
     if len(files) > MAX_FILES:
         raise VerifyError(f"{path}: files: {len(files)} entries, at most {MAX_FILES} allowed")
-    for i, entry in enumerate(files):
-        where = f"{path}: files[{i}]"
-        if not isinstance(entry, dict) or set(entry) != {"path", "sha256", "size"}:
-            raise VerifyError(f"{where}: expected exactly path, sha256 and size")
-        if not isinstance(entry["path"], str):
-            raise VerifyError(f"{where}.path: expected a string")
-        if not isinstance(entry["sha256"], str) or not _HEX64.fullmatch(entry["sha256"]):
-            raise VerifyError(f"{where}.sha256: expected 64 lower-case hex digits")
-        size = entry["size"]
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_FILE_SIZE:
-            raise VerifyError(f"{where}.size: expected a whole number of bytes")
-    image = document.get("image")
-    if image is not None:
-        if not isinstance(image, dict):
-            raise VerifyError(f"{path}: image: expected an object")
-        for key in ("archive", "digest", "ref"):
-            if key in image and not isinstance(image[key], str):
-                raise VerifyError(f"{path}: image.{key}: expected a string")
     return document
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """``root``'s manifest.json, its size, nesting and shape checked (:func:`check_shape`),
-    after every bundle document's size (:func:`check_document_sizes`). InputError when ``root``
-    is not a directory; VerifyError (exit 8), one line naming the file and field, otherwise."""
+def read_manifest(root: Path) -> Manifest:
+    """``root``'s manifest.json, typed (:class:`Manifest`): after every bundle document's size
+    (:func:`check_document_sizes`) and the document's size, nesting and outline
+    (:func:`check_shape`). InputError when ``root`` is not a directory; VerifyError (exit 8),
+    one line naming the file and field (an unknown key with a close match), otherwise."""
     path = root / MANIFEST
     if not root.is_dir():
         raise InputError(f"{root}: not a bundle directory", hint="pass the directory build wrote")
@@ -227,25 +477,19 @@ def read_manifest(root: Path) -> dict[str, Any]:
                           ) from exc
     except RecursionError as exc:
         raise VerifyError(f"{path}: nested deeper than {MAX_DEPTH} levels") from exc
-    return check_shape(path, document)
+    return Manifest.from_json(check_shape(path, document), str(path))
 
 
-def path_problems(root: Path, document: Mapping[str, Any]) -> list[str]:
+def path_problems(root: Path, manifest: Manifest) -> list[str]:
     """What the path policy (:mod:`packager.agent.paths`) refuses in a bundle, one line each
     naming the path: a listed path that is absolute, not normalised, holds ``..`` or crosses a
     symlink, a path listed twice, and any symlink, special file or setuid/world-writable file
     in the tree. Empty when the bundle's names are all plain files inside it."""
     problems: list[str] = list(tree_problems(root))
     listed: set[str] = set()
-    files = document.get("files", [])
-    if not isinstance(files, list):
-        return [*problems, f"{MANIFEST}: files: expected a list"]
-    for entry in files:
-        if not isinstance(entry, Mapping) or "path" not in entry:
-            problems.append(f"{MANIFEST}: files: every entry needs a path, sha256 and size")
-            continue
+    for entry in manifest.files:
         try:
-            rel = check_relpath(entry["path"])
+            rel = check_relpath(entry.path)
             check_inside(root, rel)
         except PathError as exc:
             problems.append(f"{MANIFEST}: files: {exc}")
@@ -256,32 +500,28 @@ def path_problems(root: Path, document: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def check_files(root: Path, document: Mapping[str, Any]) -> list[str]:
+def check_files(root: Path, manifest: Manifest) -> list[str]:
     """Problems with the listed files, one line each, naming the file; empty when all is well.
 
     The path policy comes first and alone (:func:`path_problems`): nothing is read through a
     path it refuses."""
-    problems = path_problems(root, document)
+    problems = path_problems(root, manifest)
     if problems:
         return problems
-    listed: set[str] = set()
-    checked: list[tuple[str, Mapping[str, Any]]] = []
-    for entry in document["files"]:
-        listed.add(str(entry["path"]))
-        checked.append((str(entry["path"]), entry))
-    for rel, entry in checked:
-        path = root / rel
+    listed = {entry.path for entry in manifest.files}
+    for entry in manifest.files:
+        path = root / entry.path
         if not path.is_file():
-            problems.append(f"{rel}: missing")
+            problems.append(f"{entry.path}: missing")
             continue
         size = path.stat().st_size
-        if size != entry["size"]:
-            problems.append(f"{rel}: size {size} bytes, manifest says {entry['size']}")
+        if size != entry.size:
+            problems.append(f"{entry.path}: size {size} bytes, manifest says {entry.size}")
             continue
         actual = sha256_file(path)
-        if actual != entry["sha256"]:
+        if actual != entry.sha256:
             problems.append(
-                f"{rel}: sha256 {actual[:16]}..., manifest says {entry['sha256'][:16]}..."
+                f"{entry.path}: sha256 {actual[:16]}..., manifest says {entry.sha256[:16]}..."
             )
     for path in _walk(root):
         rel = path.relative_to(root).as_posix()

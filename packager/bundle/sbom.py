@@ -39,7 +39,7 @@ PROP_KIND = "edgepack:kind"  # debian-package | wheel | model | runtime
 PROP_SOURCE = "edgepack:debian:source"
 PROP_PATH = "edgepack:source-path"
 PROP_COPYRIGHT = "edgepack:debian:copyright"
-_NAMESPACE = uuid.UUID("6f1f3b5e-3c55-4a0e-9a55-0e6d2b1e7c15")  # edgepack's UUIDv5 namespace
+NAMESPACE = uuid.UUID("6f1f3b5e-3c55-4a0e-9a55-0e6d2b1e7c15")  # edgepack's UUIDv5 namespace
 _LICENCE_RECORD_VERSION = 2
 
 
@@ -288,7 +288,7 @@ def build_sbom(
     )
     bom = Bom(
         components=components,
-        serial_number=uuid.uuid5(_NAMESPACE, seed),
+        serial_number=uuid.uuid5(NAMESPACE, seed),
         metadata=BomMetaData(
             component=subject, timestamp=datetime.fromtimestamp(epoch, UTC), tools=[]
         ),
@@ -339,80 +339,3 @@ def sbom_summary(root: Path) -> dict[str, Any] | None:
         "wheels": kinds.get("wheel", 0),
         "models": kinds.get("model", 0),
     }
-
-
-def tflite_micro_version() -> str | None:
-    """The tflite-micro Python package's version (the interpreter that measured the arena)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tflite-micro")
-    except PackageNotFoundError:
-        return None
-
-
-def build_mcu_sbom(
-    *, name: str, version: str, files: dict[str, str], model_file: str, sdk: str, epoch: int
-) -> str:
-    """The CycloneDX 1.6 JSON text for an MCU bundle: the TFLite model
-    (``machine-learning-model``), TensorFlow Lite Micro (the interpreter version that measured
-    the arena; the firmware links the TFLM its SDK supplies) and every generated source
-    (``file``, sha256). ``files``: bundle path -> sha256 hex."""
-    from cyclonedx.model import HashAlgorithm, HashType, Property
-    from cyclonedx.model.bom import Bom, BomMetaData
-    from cyclonedx.model.component import Component, ComponentType
-    from cyclonedx.output.json import JsonV1Dot6
-    from packageurl import PackageURL
-
-    components: list[Any] = []
-    for path, digest in sorted(files.items()):
-        is_model = path == model_file
-        components.append(
-            Component(
-                name=path,
-                type=ComponentType.MACHINE_LEARNING_MODEL if is_model else ComponentType.FILE,
-                bom_ref=f"file:{path}",
-                hashes=[HashType(alg=HashAlgorithm.SHA_256, content=digest)],
-                properties=[
-                    Property(name=PROP_KIND, value="model" if is_model else "source"),
-                    Property(name=PROP_PATH, value=path),
-                ],
-            )
-        )
-    tflm = tflite_micro_version()
-    if tflm is not None:
-        purl = PackageURL("pypi", None, "tflite-micro", tflm)
-        components.append(
-            Component(
-                name="tflite-micro",
-                version=tflm,
-                type=ComponentType.FRAMEWORK,
-                bom_ref=str(purl.to_string()),
-                purl=purl,
-                properties=[
-                    Property(name=PROP_KIND, value="tflite-micro"),
-                    Property(
-                        name="edgepack:tflm:role",
-                        value=f"arena measured with this interpreter; the {sdk} project links "
-                        "the TensorFlow Lite Micro its SDK supplies",
-                    ),
-                ],
-            )
-        )
-    subject = Component(
-        name=name, version=version, type=ComponentType.FIRMWARE, bom_ref=f"firmware:{name}"
-    )
-    bom = Bom(
-        components=components,
-        serial_number=uuid.uuid5(_NAMESPACE, json.dumps([name, version, sorted(files.items())])),
-        metadata=BomMetaData(
-            component=subject, timestamp=datetime.fromtimestamp(epoch, UTC), tools=[]
-        ),
-    )
-    bom.register_dependency(subject, components)
-    text = str(JsonV1Dot6(bom).output_as_string(indent=2))
-    text = json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
-    problem = validate(text)
-    if problem:
-        raise VerifyError(f"{SBOM_FILE}: the CycloneDX 1.6 schema refuses it: {problem}")
-    return text

@@ -1,56 +1,61 @@
-"""``edgepack verify``: re-check every checksum of a bundle and, for images, every digest."""
+"""``edgepack verify``: re-check every checksum of a bundle and what its device class adds.
+
+The device class's checks (an image's digests, ...) belong to its backend; this layer cannot
+import backends, so callers pass the lookup (``packager.backends.get_backend``) in.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from securesystemslib.signer import SSlibKey  # type: ignore[attr-defined]
 
 from packager.agent.confinement import ConfinementError, detached_args
-from packager.agent.paths import PathError, check_inside
-from packager.bundle.manifest import MANIFEST, check_files, path_problems, read_manifest
+from packager.bundle.manifest import (
+    MANIFEST,
+    Manifest,
+    check_files,
+    path_problems,
+    read_manifest,
+)
 from packager.bundle.signing import verify_signature
+from packager.errors import UnsupportedError, VerifyError
 
 
-def verify_bundle(root: Path) -> list[str]:
+class DeviceChecks(Protocol):
+    """The part of a backend verify needs (``packager.backends.base.Backend.verify_bundle``)."""
+
+    def verify_bundle(self, root: Path, manifest: Manifest) -> Sequence[str]: ...
+
+
+def verify_bundle(root: Path, device: Callable[[str], DeviceChecks] | None = None) -> list[str]:
     """Every problem found, one line each naming the file; empty when the bundle is intact.
 
-    The path policy (:mod:`packager.agent.paths`) is checked first and alone: a bundle that
-    lists a path outside itself or holds a symlink is refused before anything reads through it."""
-    document = read_manifest(root)
-    problems = path_problems(root, document)
+    ``manifest.json`` is read and typed first (VerifyError, exit 8, for an unknown or missing
+    field). The path policy (:mod:`packager.agent.paths`) is checked next and alone: a bundle
+    that lists a path outside itself or holds a symlink is refused before anything reads
+    through it. ``device`` (device class -> backend) adds the class's own checks; None checks
+    checksums and confinement only."""
+    manifest = read_manifest(root)
+    problems = path_problems(root, manifest)
     if problems:
         return problems
-    problems = check_files(root, document)
+    problems = check_files(root, manifest)
     try:
         detached_args(root)  # the container flags devices will use: allow-listed, floor kept
     except ConfinementError as exc:
         problems.append(str(exc))
-    image = document.get("image")
-    if isinstance(image, dict):
-        problems += _check_image(root, image)
-    return problems
-
-
-def _check_image(root: Path, image: dict[str, Any]) -> list[str]:
-    from packager.image.builder import inspect_image_archive, verify_image_archive
-
-    try:
-        archive = check_inside(root, str(image.get("archive", "image.tar")))
-    except PathError as exc:
-        return [f"{MANIFEST}: image.archive: {exc}"]
-    if not archive.is_file():
-        return []  # already reported as missing by the file check
-    problems = [f"{archive.name}: {p}" for p in verify_image_archive(archive)]
-    if problems:
-        return problems
-    info = inspect_image_archive(archive)
-    if info["manifest_digest"] != image.get("digest"):
-        problems.append(
-            f"{archive.name}: image digest {info['manifest_digest']}, "
-            f"manifest.json says {image.get('digest')}"
-        )
+    if device is not None:
+        try:
+            checks = device(manifest.target.device_class)
+        except UnsupportedError as exc:  # a class this edgepack has no backend for
+            raise VerifyError(
+                f"{root / MANIFEST}: target.device_class: {exc.one_line()}",
+                hint="verify it with the edgepack release that built it",
+            ) from exc
+        problems += checks.verify_bundle(root, manifest)
     return problems
 
 

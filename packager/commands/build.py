@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import click
 
 from packager.backends.base import BuildRequest
 from packager.build import build
+from packager.bundle.manifest import FitSection, Manifest
 from packager.console import console
 from packager.errors import UsageError
 from packager.fit import human_bytes
@@ -21,22 +23,58 @@ def _parse_opt(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def fit_lines(fit: dict[str, Any]) -> list[str]:
-    """The summary's budget lines from the result's ``fit`` document: each resource's needed
-    parts against what the target has. After an image build its storage is the built image's
-    real sizes (the backend's fit, the manifest's figures), marked "built image"."""
+# The runtime settings `build` may override (runtime.json; the target's value otherwise): each a
+# whole number >= 0, in the order --help lists them.
+_RUNTIME_OPTIONS: tuple[tuple[str, str], ...] = (
+    ("--max-batch-size",
+     "Runtime: merge concurrent requests up to this batch (0 = off) [target's]."),
+    ("--batch-delay-us",
+     "Runtime: longest wait for a batch to fill, in microseconds [target's]."),
+    ("--batch-axis",
+     "Runtime: declare that the model's first axis (0) is its batch axis, for batching a model "
+     "whose first dimension is not named batch/N/batch_size [from the model's dimension names]."),
+    ("--cache-mb", "Runtime: response cache size in MiB (0 = off) [target's]."),
+)
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+
+def _runtime_options(command: _Command) -> _Command:
+    """Add the :data:`_RUNTIME_OPTIONS` to ``command`` (innermost decorator last: click lists
+    options in decorator order, so they are applied in reverse)."""
+    for flag, text in reversed(_RUNTIME_OPTIONS):
+        command = click.option(flag, type=click.IntRange(min=0), help=text)(command)
+    return command
+
+
+def fit_lines(fit: FitSection) -> list[str]:
+    """The summary's budget lines from the manifest's ``fit``: each resource's needed parts
+    against what the target has. After an image build its storage is the built image's real
+    sizes (the backend's fit, the manifest's figures), marked "built image"."""
     lines = []
-    for resource in fit.get("resources", []):
-        parts = " + ".join(
-            f"{k} {human_bytes(int(v))}" for k, v in dict(resource["needed_parts"]).items() if v
-        )
-        measured = str(resource.get("estimate_source", "")).startswith("the built image")
+    for resource in fit.resources:
+        parts = " + ".join(f"{k} {human_bytes(v)}" for k, v in resource.needed_parts.items() if v)
+        measured = resource.estimate_source.startswith("the built image")
         lines.append(
-            f"{resource['name'] + ':':<9} {human_bytes(int(resource['needed_bytes']))} of "
-            f"{human_bytes(int(resource['available_bytes']))} ({parts})"
+            f"{resource.name + ':':<9} {human_bytes(resource.needed_bytes)} of "
+            f"{human_bytes(resource.available_bytes)} ({parts})"
             + (" [built image]" if measured else "")
         )
     return lines
+
+
+def summary_lines(bundle: Path, manifest: Manifest, backend_lines: tuple[str, ...]) -> list[str]:
+    """What ``edgepack build`` prints: from the manifest it wrote, then the backend's own
+    lines (``ExecuteResult.summary``)."""
+    target = manifest.target
+    lines = [
+        f"bundle:   {bundle}",
+        f"target:   {target.name} ({target.platform or target.device_class})",
+        f"model:    {manifest.name} {manifest.version} ({manifest.model.digest})",
+    ]
+    if manifest.image is not None:
+        image = manifest.image
+        lines.append(f"image:    {image.ref} {image.digest} ({image.size_bytes} bytes)")
+    return [*lines, *fit_lines(manifest.fit), *backend_lines]
 
 
 @click.command("build")
@@ -68,33 +106,14 @@ def fit_lines(fit: dict[str, Any]) -> list[str]:
 @click.option(
     "--eval", "eval_dir", type=click.Path(path_type=Path), help="Evaluation data directory."
 )
-@click.option(
-    "--max-batch-size",
-    type=click.IntRange(min=0),
-    help="Runtime: merge concurrent requests up to this batch (0 = off) [target's].",
-)
-@click.option(
-    "--batch-delay-us",
-    type=click.IntRange(min=0),
-    help="Runtime: longest wait for a batch to fill, in microseconds [target's].",
-)
-@click.option(
-    "--batch-axis",
-    type=click.IntRange(min=0),
-    help="Runtime: declare that the model's first axis (0) is its batch axis, for batching a model "
-    "whose first dimension is not named batch/N/batch_size [from the model's dimension names].",
-)
-@click.option(
-    "--cache-mb",
-    type=click.IntRange(min=0),
-    help="Runtime: response cache size in MiB (0 = off) [target's].",
-)
+@_runtime_options
 @click.option(
     "--opt",
     "opts",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Backend option, repeatable (MCU: update=on|off).",
+    help="Backend option, repeatable; the target's device class defines the keys "
+    "(e.g. update=on|off).",
 )
 @click.option(
     "--cache-dir",
@@ -135,8 +154,8 @@ def fit_lines(fit: dict[str, Any]) -> list[str]:
 @click.option(
     "--no-emulate",
     is_flag=True,
-    help="Skip the proof under emulation where the backend has one (MCU: compile, link and run "
-    "the firmware under qemu-system-arm); the same as --opt emulate=off.",
+    help="Skip the proof under emulation where the backend has one (firmware: compile, link "
+    "and run it under qemu-system-arm); the same as --opt emulate=off.",
 )
 @click.option("--offline", is_flag=True, help="Use only the cache; never download.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
@@ -198,29 +217,5 @@ def build_cmd(
     if as_json:
         console.json(result.to_json())
         return
-    doc = result.to_json()
-    console.result(f"bundle:   {doc['bundle']}")
-    console.result(f"target:   {doc['target']} ({doc.get('platform', doc['device_class'])})")
-    console.result(f"model:    {doc['model_name']} {doc['version']} ({doc['model']['digest']})")
-    image = doc.get("image")
-    if isinstance(image, dict):
-        console.result(f"image:    {image['ref']} {image['digest']} ({image['size_bytes']} bytes)")
-    for line in fit_lines(doc["fit"]):
+    for line in summary_lines(result.bundle, result.manifest, result.summary):
         console.result(line)
-    mcu = doc.get("mcu")
-    proof = mcu.get("proof") if isinstance(mcu, dict) else None
-    if isinstance(proof, dict):
-        console.result(f"proof:    {_proof_line(proof)}")
-    slots = mcu.get("update_slots") if isinstance(mcu, dict) else None
-    if isinstance(slots, dict):
-        console.result(f"slot A:   flash {slots['slot_a_image']} at {slots['slot_a_addr']}")
-
-
-def _proof_line(proof: dict[str, Any]) -> str:
-    """The build summary's line on an MCU firmware's proof before flash (manifest mcu.proof)."""
-    if not proof.get("emulated"):
-        return f"not proven: {proof.get('note', 'no emulation')}"
-    linked = proof.get("linked", {})
-    return (f"firmware run on {proof.get('board')} ({proof.get('kernels')} kernels), outputs "
-            f"equal the interpreter's; linked flash {linked.get('flash_bytes', 0):,} B, RAM "
-            f"{linked.get('ram_bytes', 0):,} B")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from packager.calibration import ImagePreprocessing
 from packager.console import console
 from packager.errors import UsageError
 from packager.models.torch_export import InputSpec
@@ -17,7 +18,6 @@ from packager.optimize.request import (
     FORMAT_CHOICES,
     METHOD_CHOICES,
     QUANTIZE_CHOICES,
-    ImagePreprocessing,
     PruneOptions,
 )
 

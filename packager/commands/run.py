@@ -6,8 +6,12 @@ from pathlib import Path
 
 import click
 
-from packager.backends.linux.trial import RunRequest, run_bundle
+from packager.backends import get_backend
+from packager.backends.base import TryRequest
+from packager.bundle.manifest import read_manifest
+from packager.bundle.verify import verify_bundle
 from packager.console import console
+from packager.errors import UsageError, VerifyError
 
 
 @click.command("run")
@@ -27,13 +31,13 @@ from packager.console import console
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--input", "input_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="MCU bundles: one inference on this .npy array [zeros].")
+              help="Firmware bundles: one inference on this .npy array [zeros].")
 @click.option("--inputs", "inputs_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="MCU bundles: one inference per .npy file in DIR (sorted by name).")
+              help="Firmware bundles: one inference per .npy file in DIR (sorted by name).")
 @click.option("--kernels", type=click.Choice(["reference", "cmsis-nn"]),
-              help="MCU bundles: the TFLM kernel set to build with [cmsis-nn on Cortex-M].")
+              help="Firmware bundles: the TFLM kernel set to build with [cmsis-nn on Cortex-M].")
 @click.option("--tflm-tree", metavar="DIR|ARCHIVE",
-              help="MCU bundles: TFLM source tree [$EDGEPACK_TFLM_TREE].")
+              help="Firmware bundles: TFLM source tree [$EDGEPACK_TFLM_TREE].")
 def run_cmd(
     bundle: Path,
     port: int,
@@ -47,52 +51,26 @@ def run_cmd(
     kernels: str | None = None,
     tflm_tree: str | None = None,
 ) -> None:
-    """Run BUNDLE here: a Linux bundle's image (arm64 under qemu-user, on the device's CPU
-    model) serving its API until stopped; an MCU bundle's firmware, built and run on the
-    emulated Cortex-M board of its core (qemu-system-arm), printing outputs and measurements."""
+    """Run BUNDLE here, after checking it as `edgepack verify` does, the way its device class
+    tries bundles: a container image (foreign ones under qemu-user, on the device's CPU model)
+    serving its API until stopped, or a firmware built and run on the emulated board of its
+    core, printing outputs and measurements."""
     console.configure(quiet=as_json)
-    if (bundle / "manifest.json").is_file() and (bundle / "emulate").is_dir():
-        _run_mcu(bundle, input_file, inputs_dir, kernels, tflm_tree, as_json)
-        return
-    result = run_bundle(
-        RunRequest(
-            bundle=bundle,
-            port=port,
-            engine=engine,
-            smoke_test=smoke_test,
-            timeout_s=timeout,
-            cpu=cpu,
-        )
-    )
-    if as_json:
-        console.json(result.to_json())
-    elif result.smoke:
-        where = f" on an emulated {result.cpu}" if result.cpu else ""
-        console.result(f"{bundle}: ready in {result.ready_after_s:.1f}s{where}, inference OK")
-
-
-def _run_mcu(bundle: Path, input_file: Path | None, inputs_dir: Path | None, kernels: str | None,
-             tree: str | None, as_json: bool) -> None:
-    from packager.backends.mcu.emulate import emulate_bundle, load_inputs
-    from packager.errors import UsageError
-
     if input_file and inputs_dir:
         raise UsageError("--input and --inputs: give one of them")
     files = [input_file] if input_file else sorted(inputs_dir.glob("*.npy")) if inputs_dir else []
     if inputs_dir and not files:
         raise UsageError(f"{inputs_dir}: no .npy files")
-    inputs = load_inputs(bundle, files) if files else None
-    console.status(f"building and emulating {bundle} ({kernels or 'default'} kernels)")
-    result = emulate_bundle(bundle, inputs, tree=tree, kernels=kernels)
-    doc = result.to_json()
+    manifest = read_manifest(bundle)
+    problems = verify_bundle(bundle, get_backend)
+    if problems:
+        raise VerifyError(f"{bundle}: {problems[0]}", hint="rebuild or copy it again")
+    request = TryRequest(bundle=bundle, port=port, engine=engine, smoke_test=smoke_test,
+                         timeout_s=timeout, cpu=cpu, inputs=tuple(files), kernels=kernels,
+                         toolchain_tree=tflm_tree)
+    result = get_backend(manifest.target.device_class).try_bundle(request, manifest)
     if as_json:
-        console.json(doc)
+        console.json(result.document)
         return
-    for n, outs in enumerate(doc["outputs"]):
-        console.result(f"inference {n}: outputs {outs}, {doc['instructions'][n]:,} instructions")
-    linked = doc["linked"]
-    console.result(
-        f"{doc['board']}: arena {doc['arena_used_bytes']:,} of {doc['arena_bytes']:,} B used; "
-        f"linked flash {linked['flash_bytes']:,} B, RAM {linked['ram_bytes']:,} B (static); "
-        f"latency ~{doc['latency_estimate_ms']} ms ({doc['latency_estimate_basis']}); "
-        f"instructions +-{doc['instructions_resolution']} ({doc['instructions_source']})")
+    for line in result.lines:
+        console.result(line)

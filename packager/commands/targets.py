@@ -7,9 +7,9 @@ from typing import Any
 import click
 from rich.table import Table
 
-from packager.backends.mcu.emulate import proof_note
+from packager.backends import get_backend
 from packager.console import console
-from packager.targets import McuTarget, catalogue, resolve_target
+from packager.targets import catalogue, resolve_target
 
 
 @click.group("targets")
@@ -43,18 +43,13 @@ def show_cmd(name: str, as_json: bool) -> None:
     """Show one target (a name or a TOML file), validated."""
     target = resolve_target(name)
     document: dict[str, Any] = {"source": target.source, **target.spec.model_dump(mode="json")}
-    if isinstance(target.spec, McuTarget):
-        provable, note = proof_note(target.spec.mcu.core)
-        document["proof"] = {"emulated": provable, "note": note}
+    notes = get_backend(target.device_class).target_notes(target)
     if as_json:
-        console.json(document)
+        console.json({**document, **{note.key: note.value for note in notes}})
         return
     console.result(f"{target.name}: {target.spec.description}  [{target.source}]")
-    proof = document.get("proof")
-    if isinstance(proof, dict):
-        what = "proof before flash" if proof["emulated"] else "not proven"
-        console.result(f"  {what}: {proof['note']}")
-        document = {k: v for k, v in document.items() if k != "proof"}
+    for note in notes:
+        console.result(f"  {note.line}")
     for key, value in document.items():
         if isinstance(value, dict):
             console.result(f"  [{key}]")

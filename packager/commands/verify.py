@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from packager.backends import get_backend
 from packager.bundle.manifest import read_manifest
 from packager.bundle.signing import load_public_key
 from packager.bundle.verify import verify_attestations, verify_bundle
@@ -31,13 +32,15 @@ def verify_cmd(bundle: Path, key: Path | None, require_signature: bool, as_json:
     """Re-check every checksum of BUNDLE and its image's digests; with --key, its signature."""
     console.configure(quiet=as_json)
     public = load_public_key(key) if key is not None else None
-    read_manifest(bundle)  # not a bundle at all: exit 3, before any signature talk
+    # Not a bundle at all (exit 3), or a manifest with an unknown or missing field (exit 8):
+    # before any signature talk.
+    read_manifest(bundle)
     attestations: dict[str, Any] | None = None
     if public is not None or require_signature:
         # The signature first: a bundle whose files, SHA256SUMS and manifest.json were
         # regenerated together passes every checksum, and only the signature can tell.
         attestations = verify_attestations(bundle, public, require=require_signature)
-    problems = verify_bundle(bundle)
+    problems = verify_bundle(bundle, get_backend)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise VerifyError(f"{bundle}: {problems[0]}{more}", details=tuple(problems[1:]))

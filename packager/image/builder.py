@@ -8,6 +8,7 @@ so a warm build only writes the small documents and copies blobs into the archiv
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from packager.agent.paths import LayerWalk, PathError
 from packager.console import console
+from packager.digest import CHUNK
 from packager.errors import FitError, InputError
 from packager.image.cache import ContentCache, cached_layer, canonical_json, key_of, store_layer
 from packager.image.debian import build_base_layer
@@ -60,6 +62,7 @@ from packager.image.spec import (
     PackageRecord,
     RegistryBase,
     StorageBudget,
+    WheelSet,
 )
 from packager.image.wheels import build_wheel_layer
 
@@ -76,6 +79,17 @@ class _Built:
     path: Path
     media_type: str
     created_by: str
+
+
+def python_release(packages: list[PackageRecord], wheels: WheelSet) -> str | None:
+    """The CPython release ("3.11.2") of the image's Debian ``pythonX.Y-minimal`` package (its
+    version ``3.11.2-6+deb12u6`` without the Debian revision), None when the base is not
+    edgepack's Debian base."""
+    name = f"python{wheels.python_version}-minimal"
+    for package in packages:
+        if package.kind == "deb" and package.name == name:
+            return package.version.split(":")[-1].split("-")[0].split("+")[0]
+    return None
 
 
 def _result(name: str, blob: LayerBlob, cached: bool) -> LayerResult:
@@ -243,8 +257,7 @@ def _archive_base(
                     raise InputError(f"{label}: layer blob {name} is missing")
                 with cache.staging_file() as staged, source.open(name) as src:
                     with staged.open("wb") as dst:
-                        while chunk := src.read(1 << 20):
-                            dst.write(chunk)
+                        shutil.copyfileobj(src, dst, CHUNK)
                     actual, actual_size = hash_file(staged)
                     if actual != digest or actual_size != size:
                         raise InputError(f"{label}: layer blob {name} does not match its digest")
@@ -328,7 +341,8 @@ def build_image(
     if spec.wheels is not None:
         wheels = build_wheel_layer(spec.wheels, spec.arch, spec.created_epoch, cache,
                                    refresh=refresh, offline=offline,
-                                   compression=spec.compression)
+                                   compression=spec.compression,
+                                   python_release=python_release(packages, spec.wheels))
         built.append(_Built(_result("wheels", wheels.blob, wheels.cached), wheels.blob.path,
                             _LAYER_MEDIA[spec.compression], f"edgepack: {wheels.description}"))
         extra_env.append(("PYTHONPATH", spec.wheels.site_packages))

@@ -21,15 +21,8 @@ from urllib.parse import unquote
 
 from packager.console import console
 from packager.errors import NetworkError, TargetError, VerifyError
+from packager.image import layer
 from packager.image.cache import ContentCache, cached_layer, key_of, store_layer
-from packager.image.layer import (
-    Compression,
-    LayerBlob,
-    TarEntry,
-    hash_file,
-    normalize_path,
-    with_parents,
-)
 from packager.image.slim import LayerPolicy, layer_policy, no_policy
 from packager.image.spec import DebianBase
 from packager.tools import apt, dpkg
@@ -94,7 +87,7 @@ class DebianLock:
 
 @dataclass(frozen=True)
 class BaseLayer:
-    blob: LayerBlob
+    blob: layer.LayerBlob
     lock: DebianLock
     cached: bool
     description: str
@@ -105,7 +98,7 @@ class BaseLayer:
 
 def merged_usr_path(path: str, arch: str) -> str:
     """Where a package path lands on a merged-/usr system: ``bin/ls`` -> ``usr/bin/ls``."""
-    path = normalize_path(path)
+    path = layer.normalize_path(path)
     head, _, _ = path.partition("/")
     if head in MERGED_USR_DIRS[arch]:
         return "usr/" + path
@@ -117,7 +110,7 @@ def is_excluded(path: str, exclude: tuple[str, ...]) -> bool:
     if _KEEP_ALWAYS.match(path):
         return False
     for pattern in exclude:
-        prefix = normalize_path(pattern)
+        prefix = layer.normalize_path(pattern)
         if prefix and (path == prefix or path.startswith(prefix + "/")):
             return True
     return False
@@ -344,7 +337,7 @@ def fetch_debs(
                         hint="refresh the package lock",
                     )
                 deb = candidates[0]
-            digest, size = hash_file(deb)
+            digest, size = layer.hash_file(deb)
             if digest != "sha256:" + pkg.sha256 or size != pkg.size:
                 raise VerifyError(
                     f"{pkg.filename}: sha256/size differ from the package lock",
@@ -369,7 +362,7 @@ def _member_opener(tf: tarfile.TarFile, member: tarfile.TarInfo) -> Callable[[],
 
 def merge_package_tar(
     tf: tarfile.TarFile,
-    entries: dict[str, TarEntry],
+    entries: dict[str, layer.TarEntry],
     *,
     arch: str,
     exclude: tuple[str, ...],
@@ -382,48 +375,38 @@ def merge_package_tar(
         existing = entries.get(path)
         if member.isdir():
             if existing is None or existing.kind != "dir":
-                entries[path] = TarEntry(path, "dir", member.mode, member.uid, member.gid)
+                entries[path] = layer.TarEntry(path, "dir", member.mode, member.uid, member.gid)
             continue
         if existing is not None and existing.kind == "dir":
             continue  # a file never replaces a directory another package populated
         if member.issym():
-            entries[path] = TarEntry(
+            entries[path] = layer.TarEntry(
                 path, "symlink", 0o777, member.uid, member.gid, linkname=member.linkname
             )
-        elif member.islnk():
+        elif member.islnk() or member.isreg():
             # Hard links become copies: sorted output could put the link before its target.
-            target = tf.getmember(member.linkname)
-            entries[path] = TarEntry(
+            file = tf.getmember(member.linkname) if member.islnk() else member
+            entries[path] = layer.TarEntry(
                 path,
                 "file",
-                target.mode,
-                target.uid,
-                target.gid,
-                size=target.size,
-                data=_member_opener(tf, member),
-            )
-        elif member.isreg():
-            entries[path] = TarEntry(
-                path,
-                "file",
-                member.mode,
-                member.uid,
-                member.gid,
-                size=member.size,
+                file.mode,
+                file.uid,
+                file.gid,
+                size=file.size,
                 data=_member_opener(tf, member),
             )
         # Device nodes and fifos have no place in an image layer; engines provide /dev.
 
 
 def skeleton_entries(
-    arch: str, suite: str, users: tuple[tuple[str, int], ...], entries: dict[str, TarEntry]
-) -> list[TarEntry]:
+    arch: str, suite: str, users: tuple[tuple[str, int], ...], entries: dict[str, layer.TarEntry]
+) -> list[layer.TarEntry]:
     """What debootstrap and base-files would add: merged-/usr links, users, /tmp, os-release."""
-    extra: list[TarEntry] = []
+    extra: list[layer.TarEntry] = []
     for name in MERGED_USR_DIRS[arch]:
-        extra.append(TarEntry(name, "symlink", 0o777, linkname=f"usr/{name}"))
+        extra.append(layer.TarEntry(name, "symlink", 0o777, linkname=f"usr/{name}"))
         if f"usr/{name}" not in entries:
-            extra.append(TarEntry(f"usr/{name}", "dir", 0o755))
+            extra.append(layer.TarEntry(f"usr/{name}", "dir", 0o755))
     for path, mode in (
         ("tmp", 0o1777),
         ("var/tmp", 0o1777),
@@ -432,18 +415,19 @@ def skeleton_entries(
         ("sys", 0o555),
         ("dev", 0o755),
     ):
-        extra.append(TarEntry(path, "dir", mode))
+        extra.append(layer.TarEntry(path, "dir", mode))
 
-    def text(path: str, content: str) -> TarEntry:
+    def text(path: str, content: str) -> layer.TarEntry:
         data = content.encode()
-        return TarEntry(path, "file", 0o644, size=len(data), data=data)
+        return layer.TarEntry(path, "file", 0o644, size=len(data), data=data)
 
     extra += [text("etc/passwd", passwd_text(users)), text("etc/group", group_text(users))]
     if "etc/os-release" not in entries and "usr/lib/os-release" not in entries:
         extra.append(text("usr/lib/os-release", os_release_text(suite)))
-        extra.append(TarEntry("etc/os-release", "symlink", 0o777, linkname="../usr/lib/os-release"))
+        extra.append(layer.TarEntry("etc/os-release", "symlink", 0o777,
+                                    linkname="../usr/lib/os-release"))
     if "usr/bin/python3" not in entries and "usr/bin/python3.11" in entries:
-        extra.append(TarEntry("usr/bin/python3", "symlink", 0o777, linkname="python3.11"))
+        extra.append(layer.TarEntry("usr/bin/python3", "symlink", 0o777, linkname="python3.11"))
     return extra
 
 
@@ -457,7 +441,7 @@ def base_layer_key(
     lock: DebianLock,
     users: tuple[tuple[str, int], ...],
     epoch: int,
-    compression: Compression = "gzip",
+    compression: layer.Compression = "gzip",
 ) -> str:
     return key_of(
         {
@@ -484,7 +468,7 @@ def build_base_layer(
     *,
     refresh: bool = False,
     offline: bool = False,
-    compression: Compression = "gzip",
+    compression: layer.Compression = "gzip",
 ) -> BaseLayer:
     """The Debian base layer blob, from the cache when the same lock built it before."""
     lock, _ = load_or_resolve_lock(base, arch, cache, refresh=refresh, offline=offline)
@@ -498,7 +482,7 @@ def build_base_layer(
     debs = fetch_debs(lock, base, cache, offline=offline)
     console.status(f"assembling the Debian base from {len(debs)} packages")
     with cache.staging_dir("rootfs-") as staging, ExitStack() as stack:
-        entries: dict[str, TarEntry] = {}
+        entries: dict[str, layer.TarEntry] = {}
         status_parts: list[str] = []
         for index, pkg in enumerate(lock.packages):
             data_tar = staging / f"{index:03d}-{pkg.package}.tar"
@@ -509,7 +493,7 @@ def build_base_layer(
         status = "\n".join(status_parts).encode()
         for entry in skeleton_entries(arch, lock.suite, users, entries):
             entries[entry.path] = entry
-        entries["var/lib/dpkg/status"] = TarEntry(
+        entries["var/lib/dpkg/status"] = layer.TarEntry(
             "var/lib/dpkg/status", "file", 0o644, size=len(status), data=status
         )
         # The status file keeps every package: scanners still see what the files came from.
@@ -518,7 +502,7 @@ def build_base_layer(
             cache,
             "debian-layer",
             key,
-            with_parents(kept),
+            layer.with_parents(kept),
             mtime=epoch,
             label=f"base ({arch})",
             compression=compression,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from packager.agent.paths import LayerWalk, PathError
-from packager.digest import sha256_stream
+from packager.digest import CHUNK, sha256_stream
 from packager.errors import InputError, VerifyError
 from packager.image.cache import canonical_json
 from packager.image.layer import TarEntry, normalize_path, write_tar
@@ -61,7 +61,6 @@ TAR_BLOCK = 512
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NS = 1_000_000_000
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -351,7 +350,7 @@ class _Counted(io.RawIOBase):
         return True
 
     def read(self, size: int = -1) -> bytes:
-        chunk: bytes = self._stream.read(_CHUNK if size is None or size < 0 else size)
+        chunk: bytes = self._stream.read(CHUNK if size is None or size < 0 else size)
         if len(self.first) < TAR_BLOCK:
             self.first += chunk[: TAR_BLOCK - len(self.first)]
         self.size += len(chunk)
@@ -414,7 +413,7 @@ def layer_diff_id(raw: IO[bytes], compression: str, *, limit: int | None = None,
                     raise ValueError(f"the {compression} stream does not hold a tar archive"
                                      ) from exc
                 raise
-        while counted.read(_CHUNK):
+        while counted.read(CHUNK):
             pass  # the rest (end-of-archive blocks, padding) is hashed too
     if compression != "tar" and not is_tar_block(counted.first):
         raise ValueError(f"the {compression} stream does not hold a tar archive")

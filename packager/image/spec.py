@@ -87,6 +87,9 @@ class WheelSet:
     interpreter: str = "/usr/bin/python3.11"  # shebang for console scripts
     # Resolve dependencies (pip's resolver) or take exactly the listed wheels.
     with_deps: bool = False
+    # The image's glibc (major, minor): the manylinux tags pip may take (Debian 12: 2.36; a
+    # user's base such as Ubuntu 22.04 under JetPack 6: 2.35).
+    glibc: tuple[int, int] = (2, 36)
     # Leave out what packager/image/data/slim-policy.toml lists for wheels (packager.image.slim).
     slim: bool = True
 

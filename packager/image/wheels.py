@@ -7,9 +7,7 @@ the wheel hashes, so a warm build calls pip for nothing.
 
 from __future__ import annotations
 
-import compileall
 import os
-import py_compile
 import sys
 import warnings
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from packager.image.layer import (
 from packager.image.slim import LayerPolicy, layer_policy, no_policy
 from packager.image.spec import WheelSet
 from packager.tools import pip
+from packager.tools import python as host_python
 
 _LOCK_VERSION = 1
 _LAYER_VERSION = 1
@@ -60,7 +59,7 @@ def lock_key(wheels: WheelSet, arch: str) -> str:
         {
             "version": _LOCK_VERSION,
             "arch": arch,
-            "platforms": pip.platform_tags(arch),
+            "platforms": pip.platform_tags(arch, wheels.glibc),
             "python": wheels.python_version,
             "requirements": sorted(wheels.requirements),
             "with_deps": wheels.with_deps,
@@ -68,11 +67,23 @@ def lock_key(wheels: WheelSet, arch: str) -> str:
     )
 
 
-def compiles_bytecode(wheels: WheelSet) -> bool:
-    """Pre-compile only when the host's CPython writes the same .pyc format as the target's."""
-    return sys.implementation.name == "cpython" and (
+def bytecode_compiler(wheels: WheelSet, release: str | None = None) -> str | None:
+    """The host CPython that writes the layer's ``.pyc``, or None for a layer without them.
+
+    ``release`` is the exact CPython release the image ships ("3.11.2", from the Debian lock of
+    its ``python3.X-minimal``): then only an interpreter of that release compiles (Debian 12's
+    ``/usr/bin/python3.11`` on a host whose own Python is another patch release), so every host
+    writes the same bytes (packager.tools.python). Unknown (a user's base image): the building
+    interpreter when its minor version is the image's, as the image would compile itself."""
+    if release is not None:
+        if ".".join(release.split(".")[:2]) != wheels.python_version:
+            return None
+        return host_python.interpreter_for(release)
+    if sys.implementation.name == "cpython" and (
         f"{sys.version_info.major}.{sys.version_info.minor}" == wheels.python_version
-    )
+    ):
+        return sys.executable
+    return None
 
 
 def wheel_policy(wheels: WheelSet) -> LayerPolicy:
@@ -87,7 +98,10 @@ def layer_key(
     locked: tuple[LockedWheel, ...],
     epoch: int,
     compression: Compression = "gzip",
+    compiler: str | None = None,
 ) -> str:
+    """The wheel layer's cache key; ``compiler`` is the CPython release that writes its ``.pyc``
+    (None: none are written)."""
     return key_of(
         {
             "version": _LAYER_VERSION,
@@ -95,11 +109,11 @@ def layer_key(
             "site_packages": wheels.site_packages,
             "interpreter": wheels.interpreter,
             "python": wheels.python_version,
-            "bytecode": compiles_bytecode(wheels),
+            "bytecode": compiler is not None,
             # CPython's compiler output changes between patch releases (3.11.2 and 3.11.7
             # compile numpy's pad() differently, issue 13): a layer of another interpreter's
             # .pyc is not this build's.
-            "compiler": sys.version.split()[0] if compiles_bytecode(wheels) else None,
+            "compiler": compiler,
             "epoch": epoch,
             # A policy edit must never reuse a layer built under the old one.
             "slim": wheel_policy(wheels).key(),
@@ -136,6 +150,7 @@ def download_wheels(wheels: WheelSet, arch: str, cache: ContentCache) -> tuple[L
                 arch=arch,
                 python_version=wheels.python_version,
                 with_deps=wheels.with_deps,
+                glibc=wheels.glibc,
             )
             bar.advance(1)
         locked = []
@@ -201,16 +216,11 @@ def install_wheels(paths: list[Path], wheels: WheelSet, root: Path) -> None:
             ) from exc
 
 
-def compile_bytecode(root: Path, wheels: WheelSet) -> None:
-    """Unchecked-hash .pyc files: byte-stable, and emulated start-up skips compiling."""
+def compile_bytecode(root: Path, wheels: WheelSet, interpreter: str) -> None:
+    """Unchecked-hash .pyc files, written by ``interpreter`` with a fixed hash seed: byte-stable,
+    and emulated start-up skips compiling."""
     site = root / normalize_path(wheels.site_packages)
-    compileall.compile_dir(
-        site,
-        ddir=wheels.site_packages,
-        quiet=2,
-        workers=1,
-        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
-    )
+    host_python.compile_tree(interpreter, site, wheels.site_packages)
 
 
 def build_wheel_layer(
@@ -222,11 +232,22 @@ def build_wheel_layer(
     refresh: bool = False,
     offline: bool = False,
     compression: Compression = "gzip",
+    python_release: str | None = None,
 ) -> WheelLayer:
+    """The wheel layer; ``python_release`` is the exact CPython release the image ships, when
+    known (see :func:`bytecode_compiler`)."""
     locked = locked_wheels(wheels, arch, cache, refresh=refresh, offline=offline)
     description = "wheels: " + " ".join(w.filename for w in locked)
-    compiled = compiles_bytecode(wheels)
-    key = layer_key(wheels, locked, epoch, compression)
+    interpreter = bytecode_compiler(wheels, python_release)
+    compiled = interpreter is not None
+    if interpreter is None and python_release is not None:
+        console.warn(
+            f"no CPython {python_release} (the image's) on this host: the wheel layer ships no "
+            f".pyc, so its start-up compiles them (install python{wheels.python_version} "
+            f"{python_release} for byte-identical .pyc across hosts)"
+        )
+    compiler = host_python.release_of(interpreter) if interpreter is not None else None
+    key = layer_key(wheels, locked, epoch, compression, compiler)
     hit = cached_layer(cache, "wheel-layer", key)
     if hit is not None:
         return WheelLayer(hit, locked, True, compiled, description)
@@ -256,8 +277,8 @@ def build_wheel_layer(
         root.mkdir()
         console.status(f"installing {len(named)} wheels into {wheels.site_packages}")
         install_wheels(named, wheels, root)
-        if compiled:
-            compile_bytecode(root, wheels)
+        if interpreter is not None:
+            compile_bytecode(root, wheels, interpreter)
         kept, _ = wheel_policy(wheels).split(tree_entries(root))
         layer = store_layer(
             cache,

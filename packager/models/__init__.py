@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import cast
 
 from packager.errors import UnsupportedError
-from packager.models.info import ModelInfo
+from packager.models.info import ModelFormat, ModelInfo
+from packager.models.torch_export import TORCH_SUFFIXES
 
 
 def _lazy(module: str, function: str) -> Callable[[Path], ModelInfo]:
@@ -31,10 +32,37 @@ INSPECTORS: dict[str, Callable[[Path], ModelInfo]] = {
     # Formats `build` converts (TensorFlow, the mcu-convert extra, loads them).
     ".keras": _lazy("packager.models.keras", "inspect_keras"),
     ".h5": _lazy("packager.models.keras", "inspect_keras"),
-    ".pt": _lazy("packager.models.torch_info", "inspect_torch"),
-    ".pth": _lazy("packager.models.torch_info", "inspect_torch"),
-    ".pt2": _lazy("packager.models.torch_info", "inspect_torch"),
+    **dict.fromkeys(sorted(TORCH_SUFFIXES), _lazy("packager.models.torch_info", "inspect_torch")),
 }
+
+
+# Suffix -> the format its inspector reads (one row per INSPECTORS row).
+FORMATS: dict[str, ModelFormat] = {
+    ".onnx": "onnx",
+    ".tflite": "tflite",
+    ".keras": "keras",
+    ".h5": "keras",
+    **dict.fromkeys(sorted(TORCH_SUFFIXES), "pytorch"),
+}
+
+
+def _unsupported(path: Path) -> UnsupportedError:
+    supported = ", ".join(sorted(INSPECTORS))
+    return UnsupportedError(
+        f"{path}: unsupported model format '{path.suffix or '(no suffix)'}'; "
+        f"edgepack reads {supported}"
+    )
+
+
+def model_format(path: Path) -> ModelFormat:
+    """The format :func:`inspect_model` will read ``path`` as, from its name alone (nothing is
+    loaded; a SavedModel is its directory): UnsupportedError (exit 10) for an unknown suffix."""
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        return "keras"
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise _unsupported(path)
+    return fmt
 
 
 def inspect_model(path: Path) -> ModelInfo:
@@ -43,9 +71,5 @@ def inspect_model(path: Path) -> ModelInfo:
         return _lazy("packager.models.keras", "inspect_keras")(path)
     inspector = INSPECTORS.get(path.suffix.lower())
     if inspector is None:
-        supported = ", ".join(sorted(INSPECTORS))
-        raise UnsupportedError(
-            f"{path}: unsupported model format '{path.suffix or '(no suffix)'}'; "
-            f"edgepack reads {supported}"
-        )
+        raise _unsupported(path)
     return inspector(path)

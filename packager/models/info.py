@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from packager.digest import sha256_path
 
 ModelFormat = Literal["onnx", "tflite", "keras", "pytorch"]
 Dim = int | str | None  # a fixed size, a symbolic name ("batch"), or unknown
@@ -64,3 +67,51 @@ class ModelInfo:
             "producer": self.producer,
             "notes": list(self.notes),
         }
+
+
+def by_frequency(counts: Mapping[str, int]) -> dict[str, int]:
+    """An operator histogram as ``ModelInfo.op_histogram`` holds it: most frequent first, ties
+    by name (so the same model always lists the same order)."""
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def loaded_info(
+    path: Path,
+    format: ModelFormat,
+    digest: tuple[str, int],
+    tensors: tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]],
+    histogram: Mapping[str, int],
+    weights: Iterable[tuple[int, int]],
+    *,
+    producer: str,
+    notes: tuple[str, ...],
+    opsets: Mapping[str, int] | None = None,
+    activation_bytes: int = 0,
+) -> ModelInfo:
+    """The :class:`ModelInfo` of a model read through its framework (Keras, SavedModel, PyTorch)
+    rather than parsed: ``digest`` is ``("sha256:<hex>", size in bytes)`` (:func:`file_digest`),
+    ``tensors`` is ``(inputs, outputs)``, ``weights`` one ``(element count, bytes)`` per weight
+    tensor (summed into ``param_count`` and ``weights_bytes``), ``histogram`` is ordered by
+    :func:`by_frequency`; an unknown activation peak is 0."""
+    counts = list(weights)
+    return ModelInfo(
+        path=path,
+        format=format,
+        digest=digest[0],
+        size_bytes=digest[1],
+        inputs=tensors[0],
+        outputs=tensors[1],
+        opsets=dict(opsets or {}),
+        op_histogram=by_frequency(histogram),
+        param_count=sum(count for count, _ in counts),
+        weights_bytes=sum(size for _, size in counts),
+        activation_bytes=activation_bytes,
+        producer=producer,
+        notes=notes,
+    )
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """``("sha256:<hex>", size in bytes)`` of one model file, read in chunks."""
+    hexdigest, size = sha256_path(path)
+    return f"sha256:{hexdigest}", size

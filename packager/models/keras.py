@@ -2,7 +2,7 @@
 
 TensorFlow is large, so it is imported only here and only when such a model is built; it lives
 in an optional extra. Calibration data uses the same directory formats as ``edgepack optimize``
-(``packager.optimize.data``).
+(``packager.calibration``).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from packager.calibration import representative_rows, require_calibration
 from packager.console import capture_fd
 from packager.errors import InputError, UnsupportedError
 from packager.extras import require
-from packager.models.info import ModelInfo, TensorInfo
+from packager.models.info import ModelInfo, TensorInfo, file_digest, loaded_info
 
-# Fewer samples give int8 ranges that clip real inputs (the TFLite converter's own guidance is
-# "around 100-500"; 16 is the floor below which edgepack refuses).
-MIN_CALIBRATION_SAMPLES = 16
+# What inspect says of every Keras model: it is not deployable as it is.
+_NOTES = ("MCU targets convert it to int8 TFLite with --calibration DIR",)
 
 
 def _tensorflow() -> Any:
@@ -49,14 +49,8 @@ def convert_to_int8_tflite(path: Path, calibration: Path | None) -> bytes:
 
 
 def _convert(path: Path, calibration: Path | None) -> bytes:
-    if calibration is None:
-        raise InputError(
-            f"{path}: a fully int8 model needs representative inputs",
-            hint="pass --calibration DIR with .npy/.npz samples of real inputs",
-        )
+    calibration = require_calibration(path, calibration)
     tf = _tensorflow()
-    from packager.optimize.data import iter_rows, load_samples, require_min_samples
-
     try:
         if path.is_dir():
             converter = tf.lite.TFLiteConverter.from_saved_model(str(path))
@@ -73,14 +67,11 @@ def _convert(path: Path, calibration: Path | None) -> bytes:
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from exc
 
-    samples = load_samples(calibration, inputs, purpose="calibration")
-    require_min_samples(samples, MIN_CALIBRATION_SAMPLES)
-    names = [t.name for t in inputs]
+    rows = representative_rows(calibration, inputs)
 
     def representative() -> Iterator[list[Any]]:
-        for feed in samples.feeds:
-            for row in iter_rows(feed):
-                yield [row[n].astype(np.float32) for n in names]
+        for row in rows:
+            yield list(row)
 
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
@@ -140,21 +131,10 @@ def _inspect_saved_model(tf: Any, path: Path) -> ModelInfo:
         op.type for op in signature.graph.get_operations() if op.type not in skip
     )
     variables = [np.asarray(v) for v in getattr(loaded, "variables", ())]
-    digest, size = _directory_digest(path)
-    return ModelInfo(
-        path=path,
-        format="keras",
-        digest=digest,
-        size_bytes=size,
-        inputs=inputs,
-        outputs=outputs,
-        opsets={},
-        op_histogram=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
-        param_count=int(sum(v.size for v in variables)),
-        weights_bytes=int(sum(v.nbytes for v in variables)),
-        activation_bytes=0,
-        producer=f"tensorflow {tf.__version__} SavedModel",
-        notes=("MCU targets convert it to int8 TFLite with --calibration DIR",),
+    return loaded_info(
+        path, "keras", _directory_digest(path), (inputs, outputs), histogram,
+        ((int(v.size), int(v.nbytes)) for v in variables),
+        producer=f"tensorflow {tf.__version__} SavedModel", notes=_NOTES,
     )
 
 
@@ -186,19 +166,10 @@ def _inspect_keras(path: Path) -> ModelInfo:
             shape = getattr(tensor, "shape", None)
             if shape is not None:
                 peak = max(peak, 4 * int(np.prod([1 if d is None else int(d) for d in shape])))
-    data = path.read_bytes()
-    return ModelInfo(
-        path=path,
-        format="keras",
-        digest=f"sha256:{hashlib.sha256(data).hexdigest()}",
-        size_bytes=len(data),
-        inputs=inputs,
-        outputs=outputs,
+    return loaded_info(
+        path, "keras", file_digest(path), (inputs, outputs), histogram,
+        ((int(w.size), int(w.nbytes)) for w in weights),
+        producer=f"keras {getattr(tf.keras, '__version__', '?')}", notes=_NOTES,
         opsets={"keras": int(str(getattr(tf.keras, "__version__", "3")).split(".")[0])},
-        op_histogram=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
-        param_count=int(sum(w.size for w in weights)),
-        weights_bytes=int(sum(w.nbytes for w in weights)),
         activation_bytes=peak,
-        producer=f"keras {getattr(tf.keras, '__version__', '?')}",
-        notes=("MCU targets convert it to int8 TFLite with --calibration DIR",),
     )

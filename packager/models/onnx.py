@@ -24,10 +24,10 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto,
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from packager.agent.paths import PathError, check_inside, check_relpath
+from packager.digest import CHUNK
 from packager.errors import InputError
-from packager.models.info import Dim, ModelInfo, TensorInfo
+from packager.models.info import Dim, ModelInfo, TensorInfo, by_frequency
 
-_CHUNK = 1 << 20
 # Sub-byte types pack two elements per byte; numpy (ml_dtypes) reports an itemsize of 1 for them.
 _FOUR_BIT = frozenset(
     getattr(TensorProto, name)
@@ -189,9 +189,13 @@ def _all_graphs(graph: GraphProto) -> Iterator[GraphProto]:
             yield from _all_graphs(sub)
 
 
-def _all_nodes(graph: GraphProto) -> Iterator[NodeProto]:
-    for g in _all_graphs(graph):
-        yield from g.node
+def all_nodes(graph: GraphProto) -> Iterator[NodeProto]:
+    """Every node of ``graph`` and of the If/Loop/Scan bodies inside it, in graph order: each
+    node, then the nodes of its subgraphs (depth first)."""
+    for node in graph.node:
+        yield node
+        for sub in _subgraphs(node):
+            yield from all_nodes(sub)
 
 
 def _opsets(model: ModelProto) -> dict[str, int]:
@@ -206,9 +210,9 @@ def _op_histogram(graph: GraphProto) -> dict[str, int]:
     """Operator counts including If/Loop/Scan bodies; custom-domain ops as ``domain.Op``."""
     counts = Counter(
         n.op_type if n.domain in _DEFAULT_DOMAINS else f"{n.domain}.{n.op_type}"
-        for n in _all_nodes(graph)
+        for n in all_nodes(graph)
     )
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return by_frequency(counts)
 
 
 # --- weights and external data ------------------------------------------------------------------
@@ -365,7 +369,7 @@ def _digest(model_bytes: bytes, external: list[Path]) -> tuple[str, int]:
                 f"{file}: cannot open the external data file ({exc.strerror})"
             ) from exc
         with open(fd, "rb") as f:
-            while chunk := f.read(_CHUNK):
+            while chunk := f.read(CHUNK):
                 h.update(chunk)
                 size += len(chunk)
     return f"sha256:{h.hexdigest()}", size

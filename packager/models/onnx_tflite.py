@@ -29,14 +29,14 @@ import onnx
 import onnx.version_converter
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
+from packager.calibration import representative_rows, require_calibration
 from packager.console import capture_fd
 from packager.errors import AccuracyError, InputError, UnsupportedError
 from packager.extras import require
 from packager.models.info import TensorInfo
-from packager.models.keras import MIN_CALIBRATION_SAMPLES
 
 # The converted model's agreement with the ONNX model on the calibration rows. 90 % top-1 is
-# the bar the Keras path's tests hold int8 conversions to (tests/integration/test_mcu_keras.py);
+# the bar the Keras path's tests hold int8 conversions to (tests/integration/test_mcu_sources.py);
 # cosine 0.98 is the direction int8 rounding alone keeps on a sound model (mnist.onnx: 0.9994,
 # the Iris MLP Network.onnx: 1.0000), while a broken output falls far below it.
 MIN_COSINE = 0.98
@@ -123,13 +123,8 @@ def convert_onnx_to_int8_tflite(path: Path, calibration: Path | None) -> OnnxCon
 
 
 def _convert(path: Path, calibration: Path | None) -> OnnxConversion:
-    if calibration is None:
-        raise InputError(
-            f"{path}: a fully int8 model needs representative inputs",
-            hint="pass --calibration DIR with .npy/.npz samples of real inputs",
-        )
+    calibration = require_calibration(path, calibration)
     from packager.models.onnx import check_external_data
-    from packager.optimize.data import iter_rows, load_samples, require_min_samples
 
     check_external_data(path)
     try:
@@ -137,14 +132,8 @@ def _convert(path: Path, calibration: Path | None) -> OnnxConversion:
     except Exception as exc:  # onnx raises DecodeError, OSError, ValueError for bad files
         raise InputError(f"{path}: cannot load the ONNX model ({_first_line(exc)})") from exc
     inputs = graph_inputs(model)
-    samples = load_samples(calibration, inputs, purpose="calibration")
-    require_min_samples(samples, MIN_CALIBRATION_SAMPLES)
     names = [t.name for t in inputs]
-    rows = [
-        tuple(np.ascontiguousarray(row[n], dtype=np.float32) for n in names)
-        for feed in samples.feeds
-        for row in iter_rows(feed)
-    ]
+    rows = representative_rows(calibration, inputs)
     prepared = normalize(model, {n: a.shape for n, a in zip(names, rows[0], strict=True)})
     module = to_torch(prepared, path, rows[0])
     from packager.models.torch_tflite import module_to_int8_tflite

@@ -56,6 +56,31 @@ class RuntimeSupport:
         return f"IR <= {self.max_ir_version}, {opsets}, ai.onnx opset >= {self.min_opset}"
 
 
+def _measured(version: str, *, ir_version: int, opset: int) -> RuntimeSupport:
+    """One release's row as measured from its wheel: the default domain and onnxruntime's
+    internal NHWC domain (which follows it) at ``opset``; the ML, training and contrib domains
+    at the opsets every measured release (1.19.2 to 1.32.0) registers."""
+    return RuntimeSupport(
+        version=version,
+        max_ir_version=ir_version,
+        max_opsets=(
+            ("", opset),
+            ("ai.onnx.ml", 5),
+            ("ai.onnx.training", 1),
+            ("ai.onnx.preview.training", 1),
+            ("com.microsoft", 1),
+            ("com.microsoft.experimental", 1),
+            ("com.microsoft.nchwc", 1),
+            ("com.ms.internal.nhwc", opset),
+            ("org.pytorch.aten", 1),
+        ),
+        source=(
+            f"onnxruntime {version} wheel: model.cc IR check and ValidateOpsetForDomain, "
+            "measured; https://onnxruntime.ai/docs/reference/compatibility.html"
+        ),
+    )
+
+
 # Per onnxruntime release shipped in images (packager/runtime/requirements.txt pins the one in
 # use; a test fails when the pin has no entry here). Source for each row: onnxruntime's own
 # load-time checks, read from the released wheel (onnxruntime/core/graph/model.cc rejects an
@@ -66,25 +91,12 @@ class RuntimeSupport:
 # https://onnxruntime.ai/docs/reference/compatibility.html. tests/unit/models/
 # test_runtime_compat.py re-measures the row of the host's onnxruntime whenever it is the same.
 ONNXRUNTIME_SUPPORT: dict[str, RuntimeSupport] = {
-    "1.32.0": RuntimeSupport(
-        version="1.32.0",
-        max_ir_version=14,
-        max_opsets=(
-            ("", 28),
-            ("ai.onnx.ml", 5),
-            ("ai.onnx.training", 1),
-            ("ai.onnx.preview.training", 1),
-            ("com.microsoft", 1),
-            ("com.microsoft.experimental", 1),
-            ("com.microsoft.nchwc", 1),
-            ("com.ms.internal.nhwc", 28),
-            ("org.pytorch.aten", 1),
-        ),
-        source=(
-            "onnxruntime 1.32.0 wheel: model.cc IR check and ValidateOpsetForDomain, measured; "
-            "https://onnxruntime.ai/docs/reference/compatibility.html"
-        ),
-    ),
+    # The Jetson images' pins (packager/backends/jetson/container.py WHEEL_PINS): JetPack 5's
+    # CPython 3.8 and JetPack 6's 3.10. Measured the same way with the cp311 wheels of the same
+    # releases (tests/integration/test_jetson_runtime_pins.py re-measures them).
+    "1.19.2": _measured("1.19.2", ir_version=10, opset=21),
+    "1.23.2": _measured("1.23.2", ir_version=11, opset=23),
+    "1.32.0": _measured("1.32.0", ir_version=14, opset=28),
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import tflite  # type: ignore[import-untyped]
 
 from packager.errors import InputError
-from packager.models.info import ModelInfo, TensorInfo
+from packager.models.info import ModelInfo, TensorInfo, by_frequency
 
 # TFLite's file identifier, stored at bytes 4..8 of every model.
 FILE_IDENTIFIER = b"TFL3"
@@ -339,7 +339,7 @@ def to_model_info(path: Path, analysis: TfliteModel) -> ModelInfo:
         inputs=tuple(TensorInfo(t.name, t.dtype, t.shape) for t in analysis.inputs),
         outputs=tuple(TensorInfo(t.name, t.dtype, t.shape) for t in analysis.outputs),
         opsets={"tflite_schema": analysis.schema_version},
-        op_histogram=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
+        op_histogram=by_frequency(histogram),
         param_count=analysis.param_count,
         weights_bytes=analysis.weights_bytes,
         activation_bytes=analysis.activation_bytes,

@@ -20,6 +20,10 @@ from packager.errors import InputError, UnsupportedError
 from packager.extras import require
 
 TorchKind = Literal["torch-pickle", "torchscript", "exported-program"]
+# File names PyTorch sources go by (lower case): torch.save pickles (.pt, .pth), TorchScript
+# archives (torch.jit.save: .pt, .ts, .jit, .torchscript) and exported programs (torch.export.save:
+# .pt2). The kind comes from the contents (detect_kind), not from the suffix.
+TORCH_SUFFIXES = frozenset({".pt", ".pth", ".pt2", ".ts", ".jit", ".torchscript"})
 
 # ONNX files must stay under protobuf's 2 GiB limit to hold their weights inline.
 _INLINE_LIMIT = 2 * 1024**3 - 1

@@ -4,12 +4,11 @@ input shapes come from the calibration data), operators, parameters. Heavy: impo
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from packager.models.info import ModelInfo, TensorInfo
+from packager.models.info import ModelInfo, TensorInfo, file_digest, loaded_info
 from packager.models.torch_export import detect_kind, load_torch_model
 
 
@@ -22,26 +21,19 @@ def _tensor(name: str, value: Any) -> TensorInfo | None:
     return TensorInfo(name=name, dtype=str(dtype).removeprefix("torch."), shape=dims)
 
 
-def _unloaded(path: Path) -> ModelInfo:
-    data = path.read_bytes()
-    return ModelInfo(
-        path=path,
-        format="pytorch",
-        digest=f"sha256:{hashlib.sha256(data).hexdigest()}",
-        size_bytes=len(data),
-        inputs=(),
-        outputs=(),
-        opsets={},
-        op_histogram={},
-        param_count=0,
-        weights_bytes=0,
-        activation_bytes=0,
-        producer="pytorch",
-        notes=(
-            "PyTorch torch.save pickle: not unpickled here (that runs code from the file); "
-            "build loads it, with a warning, to convert it",
-            "torch.export.save (.pt2) records tensors and operators that inspect can show",
-        ),
+def _info(
+    path: Path,
+    notes: tuple[str, ...],
+    *,
+    inputs: tuple[TensorInfo, ...] = (),
+    outputs: tuple[TensorInfo, ...] = (),
+    histogram: Counter[str] | None = None,
+    params: tuple[Any, ...] = (),
+) -> ModelInfo:
+    return loaded_info(
+        path, "pytorch", file_digest(path), (inputs, outputs), histogram or Counter(),
+        ((int(p.numel()), int(p.numel() * p.element_size())) for p in params),
+        producer="pytorch", notes=notes,
     )
 
 
@@ -51,7 +43,11 @@ def inspect_torch(path: Path) -> ModelInfo:
     pickle is not loaded: unpickling runs code from the file, and inspecting must not."""
     kind = detect_kind(path)
     if kind == "torch-pickle":
-        return _unloaded(path)
+        return _info(path, (
+            "PyTorch torch.save pickle: not unpickled here (that runs code from the file); "
+            "build loads it, with a warning, to convert it",
+            "torch.export.save (.pt2) records tensors and operators that inspect can show",
+        ))
     loaded = load_torch_model(path, kind)
     inputs: list[TensorInfo] = []
     outputs: list[TensorInfo] = []
@@ -78,20 +74,6 @@ def inspect_torch(path: Path) -> ModelInfo:
             if not any(True for _ in sub.children()):
                 histogram[getattr(sub, "original_name", type(sub).__name__)] += 1
         notes.append("input shapes are not stored in this file: --calibration samples give them")
-    params = list(module.parameters()) + list(module.buffers())
-    data = path.read_bytes()
-    return ModelInfo(
-        path=path,
-        format="pytorch",
-        digest=f"sha256:{hashlib.sha256(data).hexdigest()}",
-        size_bytes=len(data),
-        inputs=tuple(inputs),
-        outputs=tuple(outputs),
-        opsets={},
-        op_histogram=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
-        param_count=int(sum(p.numel() for p in params)),
-        weights_bytes=int(sum(p.numel() * p.element_size() for p in params)),
-        activation_bytes=0,
-        producer="pytorch",
-        notes=tuple(notes),
-    )
+    params = (*module.parameters(), *module.buffers())
+    return _info(path, tuple(notes), inputs=tuple(inputs), outputs=tuple(outputs),
+                 histogram=histogram, params=params)

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
+from packager.calibration import representative_rows, require_calibration
 from packager.console import capture_fd
 from packager.errors import InputError, UnsupportedError
 from packager.extras import require
 from packager.models.info import TensorInfo
-from packager.models.keras import MIN_CALIBRATION_SAMPLES
 from packager.models.torch_export import detect_kind, load_torch_model, require_torch
-
-TORCH_SUFFIXES = (".pt", ".pth", ".pt2")
 
 
 def _litert_torch() -> Any:
@@ -32,9 +31,7 @@ def convert_torch_to_int8_tflite(path: Path, calibration: Path | None) -> bytes:
         return _convert(path, calibration)
 
 
-def _calibration_rows(calibration: Path) -> list[np.ndarray[Any, Any]]:
-    from packager.optimize.data import iter_rows, load_samples, require_min_samples
-
+def _calibration_rows(calibration: Path) -> list[tuple[NDArray[np.float32], ...]]:
     first = next(iter(sorted(calibration.glob("*.npy"))), None) if calibration.is_dir() else None
     if first is None:
         raise InputError(
@@ -43,17 +40,11 @@ def _calibration_rows(calibration: Path) -> list[np.ndarray[Any, Any]]:
         )
     shape = np.load(first, mmap_mode="r").shape
     signature = [TensorInfo(name="input", dtype="float32", shape=(1, *shape[1:]))]
-    samples = load_samples(calibration, signature, purpose="calibration")
-    require_min_samples(samples, MIN_CALIBRATION_SAMPLES)
-    return [row["input"] for feed in samples.feeds for row in iter_rows(feed)]
+    return representative_rows(calibration, signature)
 
 
 def _convert(path: Path, calibration: Path | None) -> bytes:
-    if calibration is None:
-        raise InputError(
-            f"{path}: a fully int8 model needs representative inputs",
-            hint="pass --calibration DIR with .npy samples of real inputs",
-        )
+    calibration = require_calibration(path, calibration, files=".npy")
     _litert_torch()  # the missing extra is named before the model is loaded
     kind = detect_kind(path)
     if kind == "torchscript":
@@ -63,7 +54,7 @@ def _convert(path: Path, calibration: Path | None) -> bytes:
         )
     loaded = load_torch_model(path, kind)
     module = loaded.module() if kind == "exported-program" else loaded
-    rows = [(row,) for row in _calibration_rows(calibration)]
+    rows = _calibration_rows(calibration)
     return module_to_int8_tflite(module, rows, f"{path}: PyTorch -> int8 TFLite conversion")
 
 

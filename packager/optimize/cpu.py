@@ -31,6 +31,10 @@ from typing import Literal
 
 ActivationType = Literal["QInt8", "QUInt8"]
 CpuSource = Literal["target", "host"]
+# Whose int8 kernels a model is quantized for: onnxruntime's CPU kernels (by the CPU's ISA), or
+# TensorRT's explicit-quantization importer (a target whose runtime engine is "tensorrt").
+Int8Profile = Literal["cpu", "tensorrt"]
+INT8_PROFILES: tuple[Int8Profile, ...] = ("cpu", "tensorrt")
 
 # Spellings of the VNNI extensions in target files (avx512-vnni, avx-vnni) and /proc/cpuinfo
 # (avx512_vnni, avx_vnni, avx_vnni_int8), compared with '-' and '_' removed.
@@ -108,14 +112,65 @@ class Int8Settings:
     weight_type: Literal["QInt8"]
     reduce_range: bool
     reason: str
+    # onnxruntime quantize_static ``extra_options`` as sorted (name, value) pairs; () for the
+    # CPU profiles (onnxruntime's defaults), set by :func:`tensorrt_int8_settings`.
+    extra_options: tuple[tuple[str, bool], ...] = ()
+    profile: Int8Profile = "cpu"
 
     def to_json(self) -> dict[str, object]:
-        return {
+        document: dict[str, object] = {
             "activation_type": self.activation_type,
             "weight_type": self.weight_type,
             "reduce_range": self.reduce_range,
             "reason": self.reason,
         }
+        if self.profile != "cpu":
+            document["profile"] = self.profile
+            document["extra_options"] = dict(self.extra_options)
+        return document
+
+
+# onnxruntime quantizer options for TensorRT (see tensorrt_int8_settings), name -> value.
+TENSORRT_EXTRA_OPTIONS: tuple[tuple[str, bool], ...] = (
+    ("ActivationSymmetric", True),  # zero point 0 on activations: TensorRT is symmetric only
+    ("AddQDQPairToWeight", True),  # float weight -> Q -> DQ, the form TensorRT 8.x imports
+    ("DedicatedQDQPair", True),  # one Q/DQ pair per consumer: no Q/DQ shared across layers
+    # onnxruntime 1.20+ (microsoft/onnxruntime#22020) widens a weight's scale when the int32
+    # bias scale would be too small; that step fails on [1, N] Gemm biases even with QuantizeBias
+    # off (onnxruntime#24815; measured on 1.32 with mnist.onnx). Older versions ignore the key.
+    ("QDQDisableWeightAdjustForInt32Bias", True),
+    ("QuantizeBias", False),  # float bias: TensorRT has no int32 DequantizeLinear
+    ("WeightSymmetric", True),  # zero point 0 on weights
+)
+
+
+def tensorrt_int8_settings() -> Int8Settings:
+    """The quantizer settings whose output TensorRT's ONNX parser imports as explicit Q/DQ.
+
+    TensorRT quantizes symmetrically to signed int8, zero point 0, per-tensor activations and
+    per-output-channel weights, opset >= 13, no int32 (bias) DequantizeLinear, no QLinear*
+    operators (onnx-tensorrt docs/operators.md, QuantizeLinear/DequantizeLinear: "zero point
+    must be 0", INT8 only; its QuantDequantLinearHelper: "Activations-quantization does not
+    support per-axis quantization"). onnxruntime's defaults break the bias, symmetric and
+    weight-form rules (measured, issue 12), so: static QDQ, S8S8, per-channel, and
+    :data:`TENSORRT_EXTRA_OPTIONS`. No ``reduce_range``: TensorRT's int8 tensor-core kernels do
+    not saturate like x86's VPMADDUBSW, so 7-bit weights would only cost accuracy.
+    ``packager.backends.jetson.qdq_lint`` checks the result against each TensorRT version."""
+    reason = (
+        "TensorRT explicit quantization: symmetric int8 (zero point 0) activations and "
+        "weights, per-channel weights on the output-channel axis, float bias, a dedicated "
+        "Q/DQ pair per consumer; accuracy measured with onnxruntime's CPU kernels on the same "
+        "Q/DQ graph (a stand-in for TensorRT's int8 kernels)"
+    )
+    return Int8Settings("QInt8", "QInt8", False, reason, TENSORRT_EXTRA_OPTIONS, "tensorrt")
+
+
+def engine_int8_profile(target: object) -> Int8Profile:
+    """The INT8 profile a target's runtime engine needs (``LoadedTarget``: ``runtime.engine``):
+    ``tensorrt`` for a TensorRT engine, else ``cpu``."""
+    spec = getattr(target, "spec", target)
+    engine = getattr(getattr(spec, "runtime", None), "engine", None)
+    return "tensorrt" if engine == "tensorrt" else "cpu"
 
 
 def int8_settings(cpu: CpuProfile, *, static: bool, quant_format: str) -> Int8Settings:

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from packager.calibration import SampleSet
 from packager.errors import ToolFailedError, UnsupportedError
-from packager.optimize.data import SampleSet
 from packager.tools.qemu import host_arch, qemu_user_tool
 
 RUNNER = Path(__file__).resolve().parent / "emulated_run.py"

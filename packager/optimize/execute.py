@@ -8,26 +8,27 @@ directory, so ``--out`` either holds a complete result or is untouched.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import GraphProto, NodeProto
 
+from packager.calibration import Feed, SampleSet, load_samples, require_min_samples
 from packager.console import console
 from packager.errors import InputError, UsageError
-from packager.models.onnx import inspect_onnx
+from packager.models.onnx import all_nodes, inspect_onnx
 from packager.models.onnx_save import copy_onnx, total_size
-from packager.models.torch_export import detect_kind, export_onnx, load_torch_model
+from packager.models.torch_export import (
+    TORCH_SUFFIXES,
+    detect_kind,
+    export_onnx,
+    load_torch_model,
+)
 from packager.optimize import graph
 from packager.optimize.cpu import host_cpu
-from packager.optimize.data import Feed, SampleSet, load_samples, require_min_samples
 from packager.optimize.emulated import run_emulated
 from packager.optimize.evaluate import (
     AccuracyMetrics,
@@ -63,12 +64,11 @@ from packager.optimize.report import (
     render_markdown,
 )
 from packager.optimize.request import OptimizeRequest
-from packager.staging import make_staging_dir
+from packager.staging import staged_dir
 
 REPORT_JSON = "optimize-report.json"
 REPORT_MD = "optimize-report.md"
 REPORT_PNG = "optimize-report.png"
-TORCH_SUFFIXES = frozenset({".pt", ".pth", ".pt2", ".ts", ".jit", ".torchscript"})
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def inspect_source(path: Path) -> SourceInfo:
     foreign = sorted(
         {
             f"{node.domain}::{node.op_type}"
-            for node in _nodes(model.graph)
+            for node in all_nodes(model.graph)
             if node.domain not in RUNNABLE_DOMAINS
         }
     )
@@ -157,20 +157,13 @@ class _State:
 
 def execute(plan: OptimizePlan) -> OptimizeResult:
     out = plan.request.out
-    out.parent.mkdir(parents=True, exist_ok=True)
     # .OUT.PID.RANDOM: a later run to the same --out removes it if this one is SIGKILLed.
-    staging = make_staging_dir(out)
-    # mkdtemp creates 0700; the result is an ordinary output directory.
-    staging.chmod(0o755)
-    try:
+    with staged_dir(out) as staging:
         with tempfile.TemporaryDirectory(prefix="edgepack-optimize-") as work:
             state = _State(plan=plan, work=Path(work), staging=staging)
             for step in plan.steps:
                 _run(step, state)
-        _move_into_place(staging, out, force=plan.request.force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        check_out(out, force=plan.request.force)  # it may have filled up while we worked
     if state.report is None:  # pragma: no cover - the plan always ends with Report
         raise AssertionError("no report written")
     return OptimizeResult(out=out, model=out / plan.model_name, report=state.report)
@@ -253,6 +246,7 @@ def _quantize(step: QuantizeInt8, state: _State) -> None:
             method=step.method,
             activation_type=step.settings.activation_type if step.settings else None,
             reduce_range=step.settings.reduce_range if step.settings else False,
+            extra_options=dict(step.settings.extra_options) if step.settings else None,
         )
     else:
         console.status("quantizing dynamic INT8")
@@ -365,8 +359,9 @@ def _report(runs: int, state: _State) -> None:
         latency = median_latency_ms(graph.open_session(path, name), feed, runs)
         variants.append(VariantResult(name, kept, size, packed, latency, state.metrics.get(name)))
     fp32, final = variants[0], variants[-1]
+    timing_notes = []
     if final.latency_ms > fp32.latency_ms:
-        state.notes.append(
+        timing_notes.append(
             f"{final_name} ran slower than fp32 on this host ({final.latency_ms:.3f} ms vs "
             f"{fp32.latency_ms:.3f} ms median); onnxruntime's CPU kernels for this precision "
             "do not pay off here, so measure on the device before shipping it"
@@ -390,6 +385,11 @@ def _report(runs: int, state: _State) -> None:
             ("chosen_for", quantize_step.cpu),
             ("why", quantize_step.settings.reason),
         ]
+        if quantize_step.settings.extra_options:
+            settings += [
+                ("int8_profile", quantize_step.settings.profile),
+                ("extra_options", dict(quantize_step.settings.extra_options)),
+            ]
     evaluate_step = next((s for s in plan.steps if isinstance(s, Evaluate)), None)
     measured: list[tuple[str, object]] = []
     if plan.host is not None:
@@ -414,6 +414,7 @@ def _report(runs: int, state: _State) -> None:
         prune=state.prune_stats,
         evaluation=tuple(state.evaluation),
         notes=tuple(state.notes),
+        timing_notes=tuple(timing_notes),
         measured_on=tuple(measured),
     )
     # With their external data (large models), renamed to go with the new file names.
@@ -448,25 +449,3 @@ def _synthetic_feed(model: Path) -> Feed:
     return feed
 
 
-def _move_into_place(staging: Path, out: Path, *, force: bool) -> None:
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    if not force:  # the directory filled up while we worked
-        raise UsageError(f"--out {out}: directory is not empty; pass --force to replace it")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.rename(out, old)
-    os.rename(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _nodes(g: GraphProto) -> Iterator[NodeProto]:
-    for node in g.node:
-        yield node
-        for attribute in node.attribute:
-            if attribute.g.node:
-                yield from _nodes(attribute.g)
-            for sub in attribute.graphs:
-                yield from _nodes(sub)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,10 @@ import numpy as np
 import onnx
 from onnx import ModelProto, numpy_helper
 
+from packager.calibration import Feed, SampleSet
 from packager.errors import InputError, UnsupportedError
 from packager.models.info import TensorInfo
 from packager.models.onnx_save import data_file_name, model_files, save_onnx
-from packager.optimize.data import Feed, SampleSet
 
 _NO_KERNEL = re.compile(
     r"Could not find an implementation for (?P<op>\w+)\((?P<ver>\d+)\) node with name "
@@ -165,9 +165,11 @@ def quantize_static(
     method: str,
     activation_type: str | None = None,
     reduce_range: bool = False,
+    extra_options: dict[str, object] | None = None,
 ) -> None:
     """onnxruntime's quantize_static; ``activation_type`` a QuantType name (default: U8 for
-    QOperator, S8 for QDQ), ``reduce_range`` 7-bit weights (packager.optimize.cpu)."""
+    QOperator, S8 for QDQ), ``reduce_range`` 7-bit weights, ``extra_options`` its extra_options
+    (packager.optimize.cpu: Int8Settings)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -190,24 +192,33 @@ def quantize_static(
     activations = QuantType.QUInt8 if quant_format == "QOperator" else QuantType.QInt8
     if activation_type is not None:
         activations = getattr(QuantType, activation_type)
+    _ort_quantize(
+        ort_quantize_static,
+        source,
+        dest,
+        Reader(),
+        quant_format=getattr(QuantFormat, quant_format),
+        per_channel=per_channel,
+        activation_type=activations,
+        weight_type=QuantType.QInt8,
+        calibrate_method=getattr(CalibrationMethod, method),
+        calibration_providers=["CPUExecutionProvider"],
+        reduce_range=reduce_range,
+        extra_options=dict(extra_options or {}),
+    )
+
+
+def _ort_quantize(
+    quantizer: Callable[..., None], source: Path, dest: Path, *args: Any, **options: Any
+) -> None:
+    """Run one of onnxruntime's quantizers from ``source`` to ``dest`` with ``args`` and
+    ``options``: a large model's weights go to NAME.onnx.data (as save() names it; a stale one
+    is removed first), and stdout is silenced: the histogram calibrators print progress on it,
+    and it must stay clean for --json."""
     large = is_large(source)
     _clear_data_file(dest)
-    # The histogram calibrators print progress on stdout, which must stay clean for --json.
     with contextlib.redirect_stdout(io.StringIO()):
-        ort_quantize_static(
-            str(source),
-            str(dest),
-            Reader(),
-            quant_format=getattr(QuantFormat, quant_format),
-            per_channel=per_channel,
-            activation_type=activations,
-            weight_type=QuantType.QInt8,
-            calibrate_method=getattr(CalibrationMethod, method),
-            calibration_providers=["CPUExecutionProvider"],
-            reduce_range=reduce_range,
-            # onnxruntime names the file NAME.onnx.data, as save() does.
-            use_external_data_format=large,
-        )
+        quantizer(str(source), str(dest), *args, use_external_data_format=large, **options)
 
 
 def quantize_dynamic(
@@ -216,17 +227,14 @@ def quantize_dynamic(
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
-    large = is_large(source)
-    _clear_data_file(dest)
-    with contextlib.redirect_stdout(io.StringIO()):
-        ort_quantize_dynamic(
-            str(source),
-            str(dest),
-            per_channel=per_channel,
-            weight_type=QuantType.QInt8,
-            reduce_range=reduce_range,
-            use_external_data_format=large,
-        )
+    _ort_quantize(
+        ort_quantize_dynamic,
+        source,
+        dest,
+        per_channel=per_channel,
+        weight_type=QuantType.QInt8,
+        reduce_range=reduce_range,
+    )
 
 
 def convert_fp16(source: Path, dest: Path) -> None:

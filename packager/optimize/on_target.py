@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from packager.calibration import ImagePreprocessing, load_samples
 from packager.console import console
 from packager.errors import EdgepackError, RuntimeCheckError
 from packager.optimize import graph
-from packager.optimize.data import load_samples
 from packager.optimize.evaluate import compare
 from packager.optimize.plan import AUTO_EMULATED_EVAL_MAX_BYTES
-from packager.optimize.request import ImagePreprocessing
 
 RUNNER = Path(__file__).resolve().parent / "emulated_run.py"
 MOUNT = "/opt/edgepack-eval"

@@ -8,12 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from packager.calibration import ImagePreprocessing
 from packager.errors import UnsupportedError, UsageError
 from packager.models.torch_export import InputSpec, TorchKind
-from packager.optimize.cpu import CpuProfile, Int8Settings, emulation_cpu, int8_settings
+from packager.optimize.cpu import (
+    CpuProfile,
+    Int8Settings,
+    emulation_cpu,
+    int8_settings,
+    tensorrt_int8_settings,
+)
 from packager.optimize.request import (
     CalibrationMethodName,
-    ImagePreprocessing,
     OptimizeRequest,
     PruneOptions,
     QuantFormatName,
@@ -47,17 +53,24 @@ class SourceInfo:
 
 @dataclass(frozen=True)
 class LoadOnnx:
+    """Copy the ONNX source (external data inlined) into the work directory: the baseline."""
+
     source: Path
 
 
 @dataclass(frozen=True)
 class LoadTorch:
+    """Load the PyTorch source, of ``kind``, into memory (nothing written yet)."""
+
     source: Path
     kind: TorchKind
 
 
 @dataclass(frozen=True)
 class ExportTorch:
+    """Export the loaded PyTorch model to ONNX with ``inputs``: the ``baseline`` before pruning,
+    or the ``pruned`` one after."""
+
     kind: TorchKind
     inputs: tuple[InputSpec, ...]
     role: Literal["baseline", "pruned"]
@@ -65,11 +78,15 @@ class ExportTorch:
 
 @dataclass(frozen=True)
 class Prune:
+    """Prune the loaded nn.Module in place (the weights stay dense, zero-filled)."""
+
     options: PruneOptions
 
 
 @dataclass(frozen=True)
 class ConvertOpset:
+    """Convert the model's default-domain opset; ``reason`` goes into the report's notes."""
+
     from_opset: int
     to_opset: int
     reason: str
@@ -111,6 +128,8 @@ class Evaluate:
 
 @dataclass(frozen=True)
 class Report:
+    """Measure each variant's median latency over ``latency_runs`` runs; write the report."""
+
     latency_runs: int
 
 
@@ -165,6 +184,9 @@ def plan_optimize(
     if source.kind == "onnx":
         steps.append(LoadOnnx(source.path))
         needed = required_opset(request.quantize, request.quant_format, request.per_channel)
+        if request.int8_profile == "tensorrt" and request.quantize != "fp16":
+            # TensorRT imports Q/DQ from opset 13 on (onnx-tensorrt's QuantizeLinear needs axis).
+            needed = max(needed, PER_CHANNEL_QDQ_OPSET)
         if source.opset is not None and source.opset < needed:
             steps.append(ConvertOpset(source.opset, needed, _opset_reason(request, needed)))
     else:
@@ -188,11 +210,19 @@ def plan_optimize(
                 preprocessing=request.preprocessing,
                 min_samples=request.min_calibration_samples,
                 settings=(
-                    int8_settings(cpu, static=static, quant_format=request.quant_format)
+                    tensorrt_int8_settings()
+                    if request.int8_profile == "tensorrt"
+                    else int8_settings(cpu, static=static, quant_format=request.quant_format)
                     if cpu is not None
                     else None
                 ),
-                cpu=cpu.describe() if cpu is not None else "",
+                cpu=(
+                    "TensorRT (explicit Q/DQ)"
+                    if request.int8_profile == "tensorrt"
+                    else cpu.describe()
+                    if cpu is not None
+                    else ""
+                ),
             )
         )
     data = request.eval_dir or request.calibration
@@ -206,7 +236,13 @@ def plan_optimize(
                 max_accuracy_drop=request.max_accuracy_drop,
                 min_top1_agreement=request.min_top1_agreement,
                 emulate=emulate,
-                measured_on=measured_on(request.cpu, host, emulate),
+                measured_on=(
+                    f"{host.describe() if host else 'this host'}, onnxruntime's CPU kernels on "
+                    "the same Q/DQ graph: a stand-in for TensorRT's int8 kernels, which only "
+                    "the device runs"
+                    if request.int8_profile == "tensorrt" and request.quantize != "fp16"
+                    else measured_on(request.cpu, host, emulate)
+                ),
             )
         )
     steps.append(Report(request.latency_runs))
@@ -231,6 +267,8 @@ def evaluation_cpu(
     (:func:`packager.optimize.cpu.emulation_cpu`): ``--eval-on-target on`` always then, ``auto``
     for models up to :data:`AUTO_EMULATED_EVAL_MAX_BYTES`, ``off`` never."""
     if request.quantize == "fp16" or request.eval_on_target == "off":
+        return None
+    if request.int8_profile == "tensorrt":  # TensorRT's kernels run on the GPU, not a CPU
         return None
     if request.cpu is None or host is None:
         return None
@@ -331,6 +369,15 @@ def _validate(request: OptimizeRequest, source: SourceInfo) -> None:
             f"operator, so the model cannot be run to {request.quantize}-convert or evaluate it",
             hint="replace the custom operator or export it as standard ONNX ops",
         )
+    if request.int8_profile == "tensorrt" and request.quantize != "fp16":
+        if request.quantize != "int8-static" or request.quant_format != "QDQ":
+            form = "QOperator" if request.quant_format == "QOperator" else request.quantize
+            raise UnsupportedError(
+                f"{source.path}: TensorRT takes INT8 only as static Q/DQ (explicit "
+                f"quantization), not {form}: onnxruntime writes integer operators "
+                "(DynamicQuantizeLinear, MatMulInteger, QLinear*) its ONNX parser rejects",
+                hint="use --quantize int8-static --calibration DIR, or fp16",
+            )
     if request.quantize == "int8-static" and request.calibration is None:
         raise UsageError(
             "--quantize int8-static needs --calibration DIR (.npy/.npz tensors or images)"

@@ -2,7 +2,8 @@
 the optimized model.
 
 Model files are byte-identical for the same inputs; the report is not, because latency is
-measured on this host at run time.
+measured on this host at run time: :func:`without_host_timing` is the part a bundle's manifest
+records, so that a bundle stays byte-identical across rebuilds.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from packager.calibration import Feed
+from packager.digest import CHUNK
 from packager.models.onnx_save import model_files
-from packager.optimize.data import Feed
 from packager.optimize.evaluate import AccuracyMetrics
 from packager.optimize.prune import PruneStats
 
 WARMUP_RUNS = 3
 THREADS = 1  # graph.open_session pins onnxruntime to one thread
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class OptimizeReport:
     prune: PruneStats | None = None
     evaluation: tuple[tuple[str, object], ...] = ()
     notes: tuple[str, ...] = field(default=())
+    # Notes that quote this host's latency: they change from run to run.
+    timing_notes: tuple[str, ...] = field(default=())
     # Which CPU the figures come from: host_cpu, target_cpu, accuracy, latency (execute._report).
     measured_on: tuple[tuple[str, object], ...] = ()
 
@@ -85,7 +88,29 @@ class OptimizeReport:
                 "machine": platform.machine(),
             },
             "notes": list(self.notes),
+            "timing_notes": list(self.timing_notes),
         }
+
+
+# What :meth:`OptimizeReport.to_json` holds that is measured as time on the building host.
+HOST_TIMING_KEYS = ("latency", "timing_notes")
+VARIANT_TIMING_KEYS = ("latency_ms_median",)
+
+
+def without_host_timing(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` (an :meth:`OptimizeReport.to_json`) without the figures timed on this host
+    (median latencies, the latency block, notes quoting them): what a manifest records, since the
+    same inputs must give a byte-identical bundle. Sizes, settings and accuracy stay."""
+    kept = {k: v for k, v in document.items() if k not in HOST_TIMING_KEYS}
+    variants = document.get("variants")
+    if isinstance(variants, list):
+        kept["variants"] = [
+            {k: v for k, v in variant.items() if k not in VARIANT_TIMING_KEYS}
+            if isinstance(variant, dict)
+            else variant
+            for variant in variants
+        ]
+    return kept
 
 
 def file_sizes(path: Path) -> tuple[int, int]:
@@ -95,7 +120,7 @@ def file_sizes(path: Path) -> tuple[int, int]:
     compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: the gzip container
     for file in model_files(path):
         with file.open("rb") as stream:
-            while chunk := stream.read(_CHUNK):
+            while chunk := stream.read(CHUNK):
                 size += len(chunk)
                 packed += len(compressor.compress(chunk))
     packed += len(compressor.flush())

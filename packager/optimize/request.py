@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from packager.calibration import MIN_CALIBRATION_SAMPLES, ImagePreprocessing
 from packager.models.torch_export import InputSpec
-from packager.optimize.cpu import CpuProfile
+from packager.optimize.cpu import CpuProfile, Int8Profile
 
 Quantize = Literal["fp16", "int8-dynamic", "int8-static"]
 QuantFormatName = Literal["QDQ", "QOperator"]
 CalibrationMethodName = Literal["MinMax", "Entropy", "Percentile"]
-Layout = Literal["NCHW", "NHWC"]
 # Whether INT8 accuracy is measured on the target's CPU (emulated) rather than this host's.
 EvalOnTarget = Literal["auto", "on", "off"]
 EVAL_ON_TARGET_CHOICES: tuple[EvalOnTarget, ...] = ("auto", "on", "off")
@@ -20,19 +20,6 @@ EVAL_ON_TARGET_CHOICES: tuple[EvalOnTarget, ...] = ("auto", "on", "off")
 QUANTIZE_CHOICES: tuple[Quantize, ...] = ("fp16", "int8-dynamic", "int8-static")
 FORMAT_CHOICES: tuple[QuantFormatName, ...] = ("QDQ", "QOperator")
 METHOD_CHOICES: tuple[CalibrationMethodName, ...] = ("MinMax", "Entropy", "Percentile")
-# Fewer samples than this give calibration ranges that describe noise, not the data.
-MIN_CALIBRATION_SAMPLES = 8
-
-
-@dataclass(frozen=True)
-class ImagePreprocessing:
-    """How image files become input tensors: ``((pixels * scale) - mean) / std``."""
-
-    resize: tuple[int, int] | None = None  # (height, width); None: the model's input size
-    layout: Layout = "NCHW"
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,3 +55,6 @@ class OptimizeRequest:
     # The CPU the model is for (a target's cpu section); None: this host's. INT8 settings follow it.
     cpu: CpuProfile | None = None
     eval_on_target: EvalOnTarget = "auto"
+    # Whose int8 kernels INT8 settings are for: "cpu" (follow ``cpu``), or "tensorrt" (explicit
+    # Q/DQ TensorRT imports; packager.optimize.cpu.tensorrt_int8_settings).
+    int8_profile: Int8Profile = "cpu"

@@ -1,4 +1,5 @@
 """The publisher side of OTA: a static TUF repository of releases that devices pull from.
 
-``packager.agent`` is the device side; both agree on the layout in :mod:`packager.ota.layout`.
+``packager.agent`` is the device side; the contract between them (layout, release facts, path
+policy) is :mod:`packager.agent.protocol`, which the publisher imports.
 """

@@ -12,7 +12,16 @@ from typing import Any
 
 from packager.agent.confinement import ConfinementError, detached_args
 from packager.agent.paths import PathError, check_inside, check_relpath, mask_mode
-from packager.agent.protocol import check_release
+from packager.agent.protocol import (
+    BLOB_PREFIX,
+    CUSTOM_KEY,
+    FILE_PREFIX,
+    RELEASE_SCHEMA,
+    check_release,
+    check_requires,
+)
+from packager.agent.protocol import check_percent as check_signed_percent
+from packager.backends import get_backend
 from packager.bundle.manifest import (
     MANIFEST,
     SIGNATURE,
@@ -21,7 +30,6 @@ from packager.bundle.manifest import (
     sha256_file,
 )
 from packager.errors import UnsupportedError, VerifyError
-from packager.ota.layout import BLOB_PREFIX, CUSTOM_KEY, FILE_PREFIX, RELEASE_SCHEMA
 
 _BLOB_NAME = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 _CHANNEL = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -49,10 +57,22 @@ class ReleasePlan:
     percent: int
     objects: tuple[ObjectSource, ...]
     document: bytes  # the release document (its own target)
+    # compat.requires: what the device must be beyond platform and class (the backend's
+    # release_compatibility, checked by packager.agent.protocol.check_requires); () = nothing.
+    requires: tuple[tuple[str, str], ...] = ()
 
     @property
     def custom(self) -> dict[str, Any]:
         return release_custom(self, percent=self.percent, halted=False)
+
+
+def compat(platform: str, device_class: str, requires: dict[str, str]) -> dict[str, Any]:
+    """The release's compatibility as signed: ``requires`` only when there is any (a Linux
+    release's custom metadata is what it was before requirements existed)."""
+    found: dict[str, Any] = {"platform": platform, "device_class": device_class}
+    if requires:
+        found["requires"] = dict(sorted(requires.items()))
+    return found
 
 
 def release_custom(plan: ReleasePlan, *, percent: int, halted: bool) -> dict[str, Any]:
@@ -63,7 +83,7 @@ def release_custom(plan: ReleasePlan, *, percent: int, halted: bool) -> dict[str
             "sequence": plan.sequence,
             "name": plan.name,
             "version": plan.version,
-            "compat": {"platform": plan.platform, "device_class": plan.device_class},
+            "compat": compat(plan.platform, plan.device_class, dict(plan.requires)),
             "percent": percent,
             "halted": halted,
         }
@@ -79,10 +99,10 @@ def check_channel(channel: str) -> str:
 
 
 def check_percent(percent: float) -> int:
-    # TUF's canonical JSON has no floats, so the signed percentage is a whole number.
-    if percent != int(percent) or not 0 <= percent <= 100:
-        raise VerifyError(f"--percent {percent}: must be a whole number from 0 to 100")
-    return int(percent)
+    try:
+        return check_signed_percent(percent)
+    except ValueError:
+        raise VerifyError(f"--percent {percent}: must be a whole number from 0 to 100") from None
 
 
 def check_confinement(bundle: Path) -> str:
@@ -105,19 +125,24 @@ def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise VerifyError(f"{bundle}: {problems[0]}{more}", hint="rebuild it with 'edgepack build'",
                           details=tuple(problems[1:]))
+    backend = get_backend(manifest.target.device_class)
+    backend.check_publishable(bundle, manifest)
     try:
-        target = manifest["target"]
-        image = manifest["image"]
-        name, version = str(manifest["name"]), str(manifest["version"])
-        platform, device_class = str(target["platform"]), str(target["device_class"])
-        archive, ref = str(image["archive"]), str(image["ref"])
-    except (KeyError, TypeError) as exc:
-        raise VerifyError(f"{bundle / MANIFEST}: missing field {exc}") from exc
-    if device_class != "linux-container":
+        # The publisher signs only requirements every agent can judge (known keys, valid values).
+        requires = check_requires(backend.release_compatibility(bundle, manifest))
+    except ValueError as exc:
+        raise VerifyError(
+            f"{bundle / MANIFEST}: release requirements: {exc}",
+            hint="rebuild the bundle with 'edgepack build'",
+        ) from exc
+    image, platform = manifest.image, manifest.target.platform
+    if image is None or platform is None:
         raise UnsupportedError(
-            f"{bundle / MANIFEST}: target.device_class is {device_class!r}; OTA installs"
-            " linux-container bundles only"
+            f"{bundle / MANIFEST}: a {manifest.target.device_class} bundle has no container"
+            " image (image, target.platform); OTA publishes container images only"
         )
+    name, version, device_class = manifest.name, manifest.version, manifest.target.device_class
+    archive = image.archive
     try:
         image_path = check_inside(bundle, archive)
     except PathError as exc:
@@ -150,7 +175,7 @@ def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -
     files: list[dict[str, Any]] = []
     # The signature envelope travels too (unlisted: it signs the manifest), for the agent.
     signed = {SIGNATURE} if (bundle / SIGNATURE).is_file() else set()
-    listed = {str(f["path"]) for f in manifest["files"]}
+    listed = {f.path for f in manifest.files}
     for rel in sorted(listed - {archive} | {MANIFEST} | signed):
         path = bundle / rel
         digest = sha256_file(path)
@@ -165,10 +190,10 @@ def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -
         "channel": channel,
         "name": name,
         "version": version,
-        "compat": {"platform": platform, "device_class": device_class},
-        "image": {"ref": ref, "digest": image.get("digest"), "members": members},
+        "compat": compat(platform, device_class, requires),
+        "image": {"ref": image.ref, "digest": image.digest, "members": members},
         "files": files,
-        "bundle": manifest,
+        "bundle": manifest.to_json(),
     }
     try:
         check_release(document)
@@ -188,4 +213,5 @@ def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -
         percent=percent,
         objects=tuple(unique[t] for t in sorted(unique)),
         document=(json.dumps(document, indent=2, sort_keys=True) + "\n").encode(),
+        requires=tuple(sorted(requires.items())),
     )

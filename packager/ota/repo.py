@@ -16,10 +16,8 @@ Serve ``repository/`` with any static web server (Range support makes downloads 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -43,9 +41,17 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
 )
 from tuf.api.serialization.json import JSONSerializer
 
+from packager.agent.protocol import (
+    CUSTOM_KEY,
+    METADATA_DIR,
+    TARGETS_DIR,
+    USB_SUBDIR,
+    ReleaseInfo,
+    release_target,
+)
 from packager.errors import InputError, UsageError, VerifyError
 from packager.ota.bundle import ReleasePlan, check_percent, plan_release
-from packager.ota.layout import CUSTOM_KEY, METADATA_DIR, TARGETS_DIR, USB_SUBDIR, release_target
+from packager.staging import staged_dir, staged_file, write_bytes
 
 ROOT_KEYS = 2
 ROOT_THRESHOLD = 2
@@ -109,43 +115,17 @@ class Renewal:
         }
 
 
-@dataclass(frozen=True)
-class Release:
-    """A release as the signed targets metadata describes it."""
-
-    target: str
-    channel: str
-    sequence: int
-    name: str
-    version: str
-    platform: str
-    device_class: str
-    percent: int
-    halted: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "target": self.target,
-            "channel": self.channel,
-            "sequence": self.sequence,
-            "name": self.name,
-            "version": self.version,
-            "platform": self.platform,
-            "device_class": self.device_class,
-            "percent": self.percent,
-            "halted": self.halted,
-        }
-
-
 def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _resign(md: Metadata[Any], expires: datetime, signers: list[Signer]) -> None:
+    """The next version of ``md``, valid until ``expires``, signed by ``signers`` alone."""
+    md.signed.version += 1
+    md.signed.expires = expires
+    md.signatures.clear()
+    for signer in signers:
+        md.sign(signer, append=True)
 
 
 def _serialize(md: Metadata[Any]) -> bytes:
@@ -183,10 +163,9 @@ class Repository:
             raise InputError(f"{path}: exists and is not empty", hint="pick a new directory")
         expiry = expiry or Expiry()
         now = _now()
-        # Build everything in a sibling temp dir and rename it into place: no half-made repo.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        # Build everything in a sibling staging dir and move it into place: no half-made repo.
+        # 0700: the repository holds the private keys.
+        with staged_dir(path, mode=0o700) as staging:
             signers: dict[str, list[Signer]] = {}
             root = Root(expires=now + expiry.root, consistent_snapshot=True)
             for role, count, threshold in [
@@ -208,8 +187,8 @@ class Repository:
             root_md = Metadata(root)
             for root_signer in signers["root"]:
                 root_md.sign(root_signer, append=True)
-            _write_atomic(meta / "1.root.json", _serialize(root_md))
-            _write_atomic(meta / "root.json", _serialize(root_md))
+            write_bytes(meta / "1.root.json", _serialize(root_md))
+            write_bytes(meta / "root.json", _serialize(root_md))
             targets = Metadata(Targets(expires=now + expiry.targets))
             snapshot = Metadata(Snapshot(expires=now + expiry.snapshot))
             timestamp = Metadata(Timestamp(expires=now + expiry.timestamp))
@@ -219,17 +198,11 @@ class Repository:
                 (timestamp, "timestamp"),
             ):
                 md.sign(signers[role][0])
-            _write_atomic(meta / "1.targets.json", _serialize(targets))
-            _write_atomic(meta / "1.snapshot.json", _serialize(snapshot))
-            _write_atomic(meta / "timestamp.json", _serialize(timestamp))
+            write_bytes(meta / "1.targets.json", _serialize(targets))
+            write_bytes(meta / "1.snapshot.json", _serialize(snapshot))
+            write_bytes(meta / "timestamp.json", _serialize(timestamp))
             (staging / "repository" / TARGETS_DIR).mkdir(parents=True)
             (staging / "reports").mkdir()
-            if path.exists():
-                path.rmdir()
-            os.rename(staging, path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return cls(path, expiry=expiry)
 
     # --- reading -----------------------------------------------------------------------------
@@ -301,14 +274,14 @@ class Repository:
             RoleExpiry(name, int(md.signed.version), md.signed.expires) for name, md in roles
         )
 
-    def releases(self) -> list[Release]:
+    def releases(self) -> list[ReleaseInfo]:
         _, targets, _, _ = self._load()
         return sorted(
             (r for r in (_release(n, t) for n, t in targets.signed.targets.items()) if r),
             key=lambda r: r.sequence,
         )
 
-    def release(self, channel: str, sequence: int | None) -> Release:
+    def release(self, channel: str, sequence: int | None) -> ReleaseInfo:
         mine = [r for r in self.releases() if r.channel == channel]
         if sequence is not None:
             mine = [r for r in mine if r.sequence == sequence]
@@ -353,38 +326,25 @@ class Repository:
             if len(signers) < role.threshold:
                 warnings.append(_short(name, md.signed.expires, floor, "keys/online"))
                 continue
-            md.signed.version += 1
-            md.signed.expires = max(now + self.expiry.targets, floor)
-            md.signatures.clear()
-            for signer in signers:
-                md.sign(signer, append=True)
-            _write_atomic(self.metadata_dir / f"{md.signed.version}.{name}.json", _serialize(md))
+            _resign(md, max(now + self.expiry.targets, floor), signers)
+            write_bytes(self.metadata_dir / f"{md.signed.version}.{name}.json", _serialize(md))
             snapshot.signed.meta[f"{name}.json"] = MetaFile(version=md.signed.version)
             resigned.append(name)
         if new_targets or targets.signed.expires < floor:
             if not new_targets:
                 resigned.append("targets")
-            targets.signed.version += 1
-            targets.signed.expires = max(now + self.expiry.targets, floor)
-            targets.signatures.clear()
-            targets.sign(self._signer(root, "targets"))
-            _write_atomic(
+            _resign(targets, max(now + self.expiry.targets, floor), [self._signer(root, "targets")])
+            write_bytes(
                 self.metadata_dir / f"{targets.signed.version}.targets.json", _serialize(targets)
             )
             snapshot.signed.meta["targets.json"] = MetaFile(version=targets.signed.version)
-        snapshot.signed.version += 1
-        snapshot.signed.expires = floor
-        snapshot.signatures.clear()
-        snapshot.sign(self._signer(root, "snapshot"))
-        _write_atomic(
+        _resign(snapshot, floor, [self._signer(root, "snapshot")])
+        write_bytes(
             self.metadata_dir / f"{snapshot.signed.version}.snapshot.json", _serialize(snapshot)
         )
         timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
-        timestamp.signed.version += 1
-        timestamp.signed.expires = stamp_expires
-        timestamp.signatures.clear()
-        timestamp.sign(self._signer(root, "timestamp"))
-        _write_atomic(self.metadata_dir / "timestamp.json", _serialize(timestamp))
+        _resign(timestamp, stamp_expires, [self._signer(root, "timestamp")])
+        write_bytes(self.metadata_dir / "timestamp.json", _serialize(timestamp))
         return Renewal(
             timestamp_version=int(timestamp.signed.version),
             roles=self.expiries(),
@@ -411,14 +371,10 @@ class Repository:
         if len(signers) < role.threshold:
             warnings.append(_short("root", root.signed.expires, floor, "keys/root"))
             return
-        root.signed.version += 1
-        root.signed.expires = max(now + self.expiry.root, floor)
-        root.signatures.clear()
-        for signer in signers:
-            root.sign(signer, append=True)
+        _resign(root, max(now + self.expiry.root, floor), signers)
         data = _serialize(root)
-        _write_atomic(self.metadata_dir / f"{root.signed.version}.root.json", data)
-        _write_atomic(self.metadata_dir / "root.json", data)
+        write_bytes(self.metadata_dir / f"{root.signed.version}.root.json", data)
+        write_bytes(self.metadata_dir / "root.json", data)
         resigned.append("root")
 
     def next_sequence(self) -> int:
@@ -453,7 +409,7 @@ class Repository:
                 source.target, source.sha256, source.size, source.bundle_file, source.tar_member
             )
         doc_target = release_target(plan.channel, plan.sequence)
-        _write_atomic(self.targets_dir / doc_target, plan.document)
+        write_bytes(self.targets_dir / doc_target, plan.document)
         root, targets, snapshot, timestamp = self._load()
         if replace_channel:
             for name in [n for n, t in targets.signed.targets.items() if _release(n, t)]:
@@ -478,18 +434,17 @@ class Repository:
         dest = self.targets_dir / target
         if dest.is_file() and dest.stat().st_size == size:
             return  # content-addressed: already there from an earlier release
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        digest = hashlib.sha256()
-        with _open_source(bundle_file, member) as src, tmp.open("wb") as out:
-            while chunk := src.read(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != sha256:
-            tmp.unlink()
-            where = f"{bundle_file}:{member}" if member else str(bundle_file)
-            raise VerifyError(f"{where}: content does not match its digest sha256:{sha256[:16]}...")
-        os.replace(tmp, dest)
+        with staged_file(dest) as tmp:
+            digest = hashlib.sha256()
+            with _open_source(bundle_file, member) as src, tmp.open("wb") as out:
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != sha256:
+                where = f"{bundle_file}:{member}" if member else str(bundle_file)
+                raise VerifyError(
+                    f"{where}: content does not match its digest sha256:{sha256[:16]}..."
+                )
 
     def set_release(
         self,
@@ -498,7 +453,7 @@ class Repository:
         *,
         percent: int | None = None,
         halted: bool | None = None,
-    ) -> Release:
+    ) -> ReleaseInfo:
         """Change a release's rollout percentage or halted flag (re-signs targets)."""
         release = self.release(channel, sequence)
         root, targets, snapshot, timestamp = self._load()
@@ -532,17 +487,12 @@ class Repository:
         Returns the stick's repository directory and what the refresh signed."""
         renewal = self.refresh(timestamp_expiry=timestamp_expiry)
         dest = usb_dir / USB_SUBDIR
-        staging = usb_dir / f".{USB_SUBDIR}.tmp"
-        if staging.exists():
-            shutil.rmtree(staging)
-        shutil.copytree(self.path / "repository", staging)
-        (staging / "reports").mkdir(exist_ok=True)
-        if dest.exists():
+        with staged_dir(dest) as staging:
+            shutil.copytree(self.path / "repository", staging, dirs_exist_ok=True)
+            (staging / "reports").mkdir(exist_ok=True)
             reports = dest / "reports"
-            if reports.is_dir():  # keep what devices already left on the stick
+            if reports.is_dir() and not reports.is_symlink():  # keep what devices left there
                 shutil.copytree(reports, staging / "reports", dirs_exist_ok=True)
-            shutil.rmtree(dest)
-        os.rename(staging, dest)
         return dest, renewal
 
     @property
@@ -573,18 +523,5 @@ def _short(role: str, expires: datetime, until: datetime, folder: str) -> str:
     )
 
 
-def _release(name: str, info: TargetFile) -> Release | None:
-    data = info.custom.get(CUSTOM_KEY) if isinstance(info.custom, dict) else None
-    if not isinstance(data, dict) or data.get("kind") != "release":
-        return None
-    return Release(
-        target=name,
-        channel=str(data["channel"]),
-        sequence=int(data["sequence"]),
-        name=str(data["name"]),
-        version=str(data["version"]),
-        platform=str(data["compat"]["platform"]),
-        device_class=str(data["compat"]["device_class"]),
-        percent=int(data["percent"]),
-        halted=bool(data["halted"]),
-    )
+def _release(name: str, info: TargetFile) -> ReleaseInfo | None:
+    return ReleaseInfo.from_custom(name, info.custom)

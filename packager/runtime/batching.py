@@ -13,15 +13,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .model import Array
 
-RunFn = Callable[[Mapping[str, Array], Sequence[str], int], list[Array]]
-# Called on the batch worker thread with (results, None) or (None, error).
-DoneFn = Callable[[list[Array] | None, BaseException | None], None]
+# Type aliases for annotations only: CPython 3.8 (JetPack 5) cannot subscript list or
+# collections.abc at run time.
+if TYPE_CHECKING:
+    RunFn = Callable[[Mapping[str, Array], Sequence[str], int], list[Array]]
+    # Called on the batch worker thread with (results, None) or (None, error).
+    DoneFn = Callable[[list[Array] | None, BaseException | None], None]
 
 
 class QueueFull(Exception):

@@ -10,16 +10,35 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+from .engine_key import ENGINES_DIR, EngineKey, EngineKeyError
 
 CONFIG_ENV = "EDGEPACK_RUNTIME_CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ARENA_EXTEND_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
+# What serves when the engine cannot: onnxruntime on the CPU, or nothing (the runtime exits 3).
+ENGINE_FALLBACKS = ("onnxruntime-cpu", "none")
+# Where the first-boot unit writes plans (/work/brief/jetson.md: one definition of the layout).
+DEFAULT_ENGINES_DIR = ENGINES_DIR
 
 
 class ConfigError(Exception):
     """The configuration file is missing, malformed or has a bad value (one-line message)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """runtime.json's "engine" section: serve a TensorRT plan built for this device.
+
+    The plan is ``engines_dir/<model_sha256>/<tensorrt>-sm<NN>-<precision>[-dla<N>].plan`` with
+    its key next to it; when it is absent or invalid, ``fallback`` serves (or nothing: exit 3).
+    """
+
+    key: EngineKey
+    engines_dir: Path = Path(DEFAULT_ENGINES_DIR)
+    fallback: str = "onnxruntime-cpu"
 
 
 @dataclass(frozen=True)
@@ -68,6 +87,8 @@ class RuntimeConfig:
     max_queue_size: int = 256
     # LRU cache of responses, bounded in bytes; 0 turns it off.
     cache_bytes: int = 0
+    # A TensorRT engine to serve instead of the ONNX model on onnxruntime (Jetson bundles).
+    engine: EngineConfig | None = None
 
 
 def _nonempty_str(value: Any) -> str | None:
@@ -96,7 +117,8 @@ def _int_range(low: int, high: int | None = None) -> Callable[[Any], str | None]
 
 
 def _positive_number(value: Any) -> str | None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+    # A tuple, not int | float: the runtime runs on CPython 3.8 (JetPack 5).
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         return "must be a positive number"
     return None
 
@@ -125,6 +147,71 @@ def _log_level(value: Any) -> str | None:
     return None
 
 
+def _fallback(value: Any) -> str | None:
+    if value not in ENGINE_FALLBACKS:
+        return f"must be one of {', '.join(ENGINE_FALLBACKS)}"
+    return None
+
+
+def _absolute_dir(value: Any) -> str | None:
+    # The plans' directory is the device's, never the bundle's: absolute, no ".." component.
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        return "must be an absolute path"
+    if ".." in PurePosixPath(value).parts:
+        return "must not contain '..'"
+    return None
+
+
+_ENGINE_CHECKS: Mapping[str, Callable[[Any], str | None]] = {
+    "engines_dir": _absolute_dir,
+    "key": lambda value: None,  # checked by engine_key.EngineKey in _engine
+    "fallback": _fallback,
+}
+
+
+def _check_keys(
+    document: dict[str, Any],
+    source: str,
+    section: str,
+    checks: Mapping[str, Callable[[Any], str | None]],
+    required: tuple[str, ...],
+) -> None:
+    """Check a JSON object's keys and values against ``checks``: the top level (``section``
+    empty: ``SOURCE: key ...``) or one section (``SOURCE: section: ...``, values named
+    ``SOURCE: section.key``). Raises :class:`ConfigError` naming the first problem."""
+    where = f"{source}: {section}" if section else source
+    dotted = f"{section}." if section else ""
+    unknown = sorted(set(document) - set(checks))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(checks))}"
+        )
+    for key in required:
+        if key not in document:
+            raise ConfigError(f"{where}: missing required key {key!r}")
+    for key, value in document.items():
+        problem = checks[key](value)
+        if problem is not None:
+            raise ConfigError(f"{source}: {dotted}{key} {problem} (got {json.dumps(value)[:120]})")
+
+
+def _engine(document: Any, source: str) -> EngineConfig:
+    if not isinstance(document, dict):
+        raise ConfigError(
+            f"{source}: engine must be a JSON object (got {json.dumps(document)[:80]})"
+        )
+    _check_keys(document, source, "engine", _ENGINE_CHECKS, ("key",))
+    try:
+        key = EngineKey.from_dict(document["key"])
+    except EngineKeyError as exc:
+        raise ConfigError(f"{source}: engine.key: {exc}") from None
+    return EngineConfig(
+        key=key,
+        engines_dir=Path(document.get("engines_dir", DEFAULT_ENGINES_DIR)),
+        fallback=document.get("fallback", "onnxruntime-cpu"),
+    )
+
+
 _CHECKS: Mapping[str, Callable[[Any], str | None]] = {
     "model_name": _model_name,
     "model_path": _nonempty_str,
@@ -147,6 +234,7 @@ _CHECKS: Mapping[str, Callable[[Any], str | None]] = {
     "batch_axis": _batch_axis,
     "max_queue_size": _int_range(1),
     "cache_bytes": _int_range(0),
+    "engine": lambda value: None,  # a section: checked by _engine
 }
 _REQUIRED = ("model_name", "model_path")
 
@@ -155,20 +243,11 @@ def parse_config(document: Any, source: str, base_dir: Path) -> RuntimeConfig:
     """Validate a decoded JSON document; relative model paths are relative to ``base_dir``."""
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: must hold a JSON object, not {type(document).__name__}")
-    unknown = sorted(set(document) - set(_CHECKS))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(_CHECKS))}"
-        )
-    for key in _REQUIRED:
-        if key not in document:
-            raise ConfigError(f"{source}: missing required key {key!r}")
-    for key, value in document.items():
-        problem = _CHECKS[key](value)
-        if problem is not None:
-            raise ConfigError(f"{source}: {key} {problem} (got {json.dumps(value)})")
+    _check_keys(document, source, "", _CHECKS, _REQUIRED)
     values = dict(document)
     values["model_path"] = base_dir / Path(document["model_path"])
+    if "engine" in document:
+        values["engine"] = _engine(document["engine"], source)
     return RuntimeConfig(**values)
 
 

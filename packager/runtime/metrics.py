@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 LATENCY_BUCKETS_S = (
@@ -41,7 +41,12 @@ class Histogram:
         lines = []
         cumulative = 0
         sep = "," if labels else ""
-        for bound, count in zip(self.buckets, self.counts, strict=True):
+        # An explicit check, not zip(strict=True): the runtime runs on CPython 3.8 (JetPack 5).
+        if len(self.buckets) != len(self.counts):
+            raise ValueError(
+                f"histogram has {len(self.buckets)} bucket bounds but {len(self.counts)} counts"
+            )
+        for bound, count in zip(self.buckets, self.counts):
             cumulative += count
             lines.append(f'{name}_bucket{{{labels}{sep}le="{bound:g}"}} {cumulative}')
         lines.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
@@ -49,6 +54,11 @@ class Histogram:
         lines.append(f"{name}_sum{suffix} {self.total:.9g}")
         lines.append(f"{name}_count{suffix} {self.count}")
         return lines
+
+
+def label_value(value: str) -> str:
+    """A label value escaped as the text format requires (backslash, double quote, newline)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def process_rss_bytes() -> int:
@@ -83,6 +93,8 @@ class Metrics:
         self.in_flight: Callable[[], int] = lambda: 0
         self.ready: Callable[[], bool] = lambda: False
         self.cache_bytes: Callable[[], int] = lambda: 0
+        # The edgepack_engine_info gauge's labels (what serves and why), when there is an engine.
+        self.engine_labels: Mapping[str, str] | None = None
 
     def request(self, endpoint: str, status: int, seconds: float | None) -> None:
         with self.lock:
@@ -190,6 +202,14 @@ class Metrics:
             "1 when the model can serve.",
             [f"edgepack_model_ready {int(self.ready())}"],
         )
+        if self.engine_labels is not None:
+            labels = ",".join(f'{k}="{label_value(v)}"' for k, v in self.engine_labels.items())
+            metric(
+                "edgepack_engine_info",
+                "gauge",
+                "What serves the model: the TensorRT engine or the onnxruntime CPU fallback.",
+                [f"edgepack_engine_info{{{labels}}} 1"],
+            )
         metric(
             "process_cpu_seconds_total",
             "counter",

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+from .engine_key import sha256_file
 
 Array = npt.NDArray[Any]
 
@@ -104,21 +105,38 @@ def _spec(node: Any, path: Path) -> TensorSpec:
     # onnxruntime reports a dynamic dimension as a symbolic name (str) or None.
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
     first = node.shape[0] if node.shape else None
-    if not isinstance(first, int | str):
+    if not isinstance(first, (int, str)):  # a tuple: CPython 3.8 (JetPack 5) has no int | str
         first = None
     return TensorSpec(node.name, datatype, shape, dtype, first)
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex sha256 of the model file (:func:`.engine_key.sha256_file`: the same digest the
+    engine key pins)."""
+    return sha256_file(path)
+
+
+class ServedModel(Protocol):
+    """What the server serves: ``Model`` (onnxruntime) or tensorrt_runner.TensorRTModel."""
+
+    name: str
+    version: str
+    path: Path
+    digest: str  # hex sha256 of the ONNX model (the response cache's and the report's identity)
+    signature: Signature
+    platform: str  # the model metadata's "platform" (Triton's names)
+
+    def run(self, inputs: Mapping[str, Array], outputs: Sequence[str]) -> list[Array]: ...
+
+    def warm_up(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Model:
     """One loaded model. ``run`` is thread-safe: onnxruntime sessions allow concurrent runs."""
+
+    platform = "onnxruntime_onnx"
 
     def __init__(self, session: Any, name: str, version: str, path: Path, digest: str) -> None:
         self.session = session
@@ -142,6 +160,9 @@ class Model:
             for spec in self.signature.inputs
         }
         self.run(feeds, [spec.name for spec in self.signature.outputs])
+
+    def close(self) -> None:
+        """Nothing to release before the process ends (the session frees itself)."""
 
 
 # onnxruntime's ArenaExtendStrategy values (OrtArenaCfg's arena_extend_strategy).

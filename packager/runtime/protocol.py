@@ -136,8 +136,10 @@ def _check_shape(spec: TensorSpec, shape: Any, max_rows: int | None) -> tuple[in
         raise bad_request(
             f"input {spec.name!r}: shape must be a list of non-negative integers, got {show(shape)}"
         )
+    # The length test comes first, so zip pairs equal-length sequences (no zip(strict=True): the
+    # runtime runs on CPython 3.8, JetPack 5).
     if len(shape) != len(spec.shape) or any(
-        want != -1 and want != got for want, got in zip(spec.shape, shape, strict=True)
+        want != -1 and want != got for want, got in zip(spec.shape, shape)
     ):
         raise bad_request(
             f"input {spec.name!r}: expected shape {format_shape(spec.shape)} (-1 = any size), "
@@ -479,7 +481,10 @@ def encode_infer_response(
     """The response body and, when binary outputs follow the JSON, the JSON part's length."""
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for requested, result in zip(outputs, results, strict=True):
+    # An explicit check, not zip(strict=True): the runtime runs on CPython 3.8 (JetPack 5).
+    if len(outputs) != len(results):
+        raise ValueError(f"{len(outputs)} outputs requested but {len(results)} results")
+    for requested, result in zip(outputs, results):
         spec = requested.spec
         entry: dict[str, Any] = {
             "name": spec.name,

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import __version__
@@ -54,7 +54,7 @@ from .cache import ResponseCache, cache_key
 from .config import ConfigError, RuntimeConfig, load_config
 from .log import Throttle, clip, configure, event, logger
 from .metrics import Metrics
-from .model import Array, Model, ModelError, load_model
+from .model import Array, ModelError, ServedModel
 from .protocol import (
     HEADER_LENGTH,
     InferRequest,
@@ -68,13 +68,20 @@ from .protocol import (
     show_name,
 )
 from .sdnotify import notify, watchdog_interval_s
+from .tensorrt_runner import EngineStatus, load_served_model
 
 EXIT_CONFIG = 2
 EXIT_MODEL = 3
 EXIT_LISTEN = 4
 
-# The request's headers (a Headers, whose .get ignores case, or any mapping): only .get is used.
-_Headers = Mapping[str, str]
+# Type aliases for annotations only (CPython 3.8, JetPack 5, cannot subscript collections.abc,
+# dict or tuple at run time). The request's headers (a Headers, whose .get ignores case, or any
+# mapping): only .get is used.
+if TYPE_CHECKING:
+    _Headers = Mapping[str, str]
+    _StrDict = dict[str, str]
+else:
+    _StrDict = dict
 
 # Models whose runs average under this run on the event loop's thread (see the module docstring).
 INLINE_RUN_S = 0.002
@@ -131,9 +138,13 @@ FAILURES_UNTIL_UNHEALTHY = 3
 class App:
     """Routes requests to the model; knows nothing about sockets (the handler does the I/O)."""
 
-    def __init__(self, config: RuntimeConfig, model: Model) -> None:
+    def __init__(
+        self, config: RuntimeConfig, model: ServedModel, engine: EngineStatus | None = None
+    ) -> None:
         self.config = config
         self.model = model
+        # What serves (TensorRT engine or onnxruntime fallback) when runtime.json has an engine.
+        self.engine = engine
         signature = model.signature
         # A request's rows are bounded by max_batch_size (when set) on a dynamic first dimension;
         # the body limit is the largest valid request, capped by the target's max_request_bytes.
@@ -166,6 +177,8 @@ class App:
         if self.cache is not None:
             cache = self.cache
             self.metrics.cache_bytes = lambda: cache.used
+        if engine is not None:
+            self.metrics.engine_labels = engine.labels()
 
     def _batch_axis_declared(self) -> bool:
         """The first axis is a batch axis: named so on every input and output of the model
@@ -275,6 +288,9 @@ class App:
                 "batching": self.batcher is not None,
                 "cache": self.cache is not None,
             }
+            if self.engine is not None:
+                report["engine"] = self.engine.line()
+                report["engine_detail"] = self.engine.detail()
             return json_response(200, report)
         match = _MODEL_PATH.match(path)
         if match is None:
@@ -319,7 +335,7 @@ class App:
         return {
             "name": self.model.name,
             "versions": [self.model.version],
-            "platform": "onnxruntime_onnx",
+            "platform": self.model.platform,
             "inputs": [spec.to_json() for spec in signature.inputs],
             "outputs": [spec.to_json() for spec in signature.outputs],
         }
@@ -564,7 +580,7 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token (method, 
 _TARGET = re.compile(r"[\x21-\x7e]+")  # visible ASCII
 
 
-class Headers(dict[str, str]):
+class Headers(_StrDict):
     """Request headers under lower-case names; ``get`` ignores the case of the name asked for."""
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -720,8 +736,10 @@ def _take(buffer: bytearray, length: int) -> bytes:
     return body
 
 
-# (the request, its path, its inference when one is out (None while a worker parses it), start)
-_Running = tuple[RequestHead, str, InferJob | None, float]
+# (the request, its path, its inference when one is out (None while a worker parses it), start);
+# for annotations only (CPython 3.8 cannot subscript tuple at run time).
+if TYPE_CHECKING:
+    _Running = tuple[RequestHead, str, InferJob | None, float]
 
 
 class Connection(asyncio.Protocol):
@@ -1380,20 +1398,12 @@ class RuntimeServer:
 
 def serve(config: RuntimeConfig) -> int:
     try:
-        model = load_model(
-            config.model_path,
-            config.model_name,
-            config.model_version,
-            intra_op_threads=config.intra_op_threads,
-            inter_op_threads=config.inter_op_threads,
-            cpu_mem_arena=config.cpu_mem_arena,
-            mem_pattern=config.mem_pattern,
-            arena_extend_strategy=config.arena_extend_strategy,
-        )
+        # The TensorRT engine when runtime.json names one and it loads, else onnxruntime.
+        model, engine = load_served_model(config)
     except ModelError as exc:
         event("model_error", logging.ERROR, message=str(exc))
         return EXIT_MODEL
-    app = App(config, model)
+    app = App(config, model, engine)
     try:
         server = RuntimeServer((config.host, config.port), app)
     except OSError as exc:
@@ -1404,6 +1414,7 @@ def serve(config: RuntimeConfig) -> int:
             "(is another process using the port? set 'port' in the config)",
         )
         app.close()
+        model.close()
         return EXIT_LISTEN
 
     stop = threading.Event()
@@ -1422,6 +1433,7 @@ def serve(config: RuntimeConfig) -> int:
         model=model.name,
         version=model.version,
         sha256=model.digest,
+        engine=engine.line() if engine is not None else None,
     )
     started = time.perf_counter()
     try:
@@ -1430,6 +1442,7 @@ def serve(config: RuntimeConfig) -> int:
         event("warmup_failed", logging.ERROR, message=f"{model.path}: warm-up inference: {exc}")
         server.stop()
         app.close()
+        model.close()
         return EXIT_MODEL
     warmup_s = time.perf_counter() - started
     # A second run, as a client's would be, tells whether runs are quick enough for the loop.
@@ -1463,6 +1476,7 @@ def serve(config: RuntimeConfig) -> int:
     app.close()
     abandoned = server.in_flight
     server.stop()
+    model.close()  # device memory back before the process goes (a TensorRT engine's)
     event("stopped", drained=drained, abandoned=abandoned)
     return 0
 

@@ -56,16 +56,18 @@ class Tool:
         timeout: float | None = None,
         check: bool = True,
         capture: bool = True,
+        inherit_env: bool = True,
     ) -> subprocess.CompletedProcess[bytes]:
-        """Run the tool; raise ToolFailedError with the tail of its stderr when it fails."""
+        """Run the tool; raise ToolFailedError with the tail of its stderr when it fails, or when
+        it runs past ``timeout`` seconds. ``env`` is added to this process's environment, or with
+        ``inherit_env=False`` is the whole of it."""
         exe = self.require()
         argv = [exe, *(os.fspath(a) for a in args)]
-        full_env = None if env is None else {**os.environ, **env}
         try:
             proc = subprocess.run(
                 argv,
                 cwd=cwd,
-                env=full_env,
+                env=_environment(env, inherit_env),
                 input=input_bytes,
                 timeout=timeout,
                 stdout=subprocess.PIPE if capture else None,
@@ -124,16 +126,23 @@ class Tool:
     ) -> subprocess.Popen[bytes]:
         """Start a long-running process (a server, a container in the foreground)."""
         exe = self.require()
-        full_env = None if env is None else {**os.environ, **env}
         return subprocess.Popen(
             [exe, *(os.fspath(a) for a in args)],
-            env=full_env,
+            env=_environment(env, inherit=True),
             cwd=cwd,
             stdout=stdout,
             stderr=stderr,
             stdin=stdin,
             start_new_session=new_session,
         )
+
+
+def _environment(env: Mapping[str, str] | None, inherit: bool) -> dict[str, str] | None:
+    """The child's environment: None (this process's own) without ``env``; else ``env`` added to
+    this process's environment, or alone when not ``inherit``."""
+    if env is None:
+        return None
+    return {**os.environ, **env} if inherit else dict(env)
 
 
 def _tail(data: bytes | None, limit: int = 400) -> str:

@@ -39,12 +39,14 @@ def download(
     arch: str,
     python_version: str,
     with_deps: bool,
+    glibc: tuple[int, int] = (2, 36),
 ) -> None:
-    """Download binary wheels of ``requirements`` for linux/``arch`` CPython ``python_version``."""
+    """Download binary wheels of ``requirements`` for linux/``arch`` CPython ``python_version``
+    on a system with ``glibc`` (:func:`platform_tags`)."""
     abi = "cp" + python_version.replace(".", "")
     args: list[str] = ["-m", "pip", "download", "--quiet", "--disable-pip-version-check",
                        "--only-binary=:all:", "--dest", str(dest)]
-    for tag in platform_tags(arch):
+    for tag in platform_tags(arch, glibc):
         args += ["--platform", tag]
     args += ["--python-version", python_version, "--implementation", "cp",
              "--abi", abi, "--abi", "abi3", "--abi", "none"]

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import IO
 
+from packager.digest import CHUNK
 from packager.tools.base import Tool
 
 ZSTD = Tool("zstd", "zstd", "zstd")
-_CHUNK = 1 << 20
 
 
 class _Output:
@@ -54,7 +54,7 @@ def decompressing(source: IO[bytes]) -> Iterator[_Output]:
         def feed() -> None:
             # A reader that stops early kills zstd: the broken pipe ends this thread.
             with suppress(OSError, ValueError):
-                while chunk := source.read(_CHUNK):
+                while chunk := source.read(CHUNK):
                     stdin.write(chunk)
             with suppress(OSError):
                 stdin.close()

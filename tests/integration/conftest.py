@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 
 from packager.tools.qemu import ensure_binfmt
 from tests.integration.dockerd import dockerd, loopback_registry  # noqa: F401  (issue 13)
+from tests.ports import free_port, free_port_in  # noqa: F401  (imported from here by tests)
 from tests.process_guard import suite_container
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,10 +46,18 @@ def build_json(*args: str) -> dict[str, Any]:
     return document
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def build_mnist(
+    onnx_dir: Path, out: Path, targets: Iterable[str], cache: Path
+) -> dict[str, dict[str, Any]]:
+    """The mnist bundle (version 1.0.0) for each target, built into ``out/TARGET`` with the
+    session's cache: {target: the ``build --json`` document}."""
+    built = {}
+    for target in targets:
+        built[target] = build_json(
+            str(onnx_dir / "mnist.onnx"), "--target", target, "--out", str(out / target),
+            "--version", "1.0.0", "--cache-dir", str(cache),
+        )  # fmt: skip
+    return built
 
 
 @pytest.fixture(scope="session")

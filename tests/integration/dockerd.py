@@ -37,6 +37,10 @@ from typing import Any
 
 import pytest
 
+from packager.errors import ToolFailedError
+from packager.tools.base import Tool
+from tests.ports import free_port_in
+
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / ".ci" / "docker-tools"
 CONTAINER_PREFIX = "edgepack-test-"
@@ -51,6 +55,15 @@ FIXED_DIRS = (
 _NAME = re.compile(re.escape(CONTAINER_PREFIX) + r"[a-z0-9][a-z0-9_.-]{0,100}")
 _READY_TIMEOUT_S = 60.0
 _STOP_GRACE_S = 20.0
+
+
+# The private daemon's CLI, run through edgepack's one process wrapper.
+DOCKER = Tool("docker", str(TOOLS / "bin" / "docker"), "make setup (.ci/docker-tools.sh)")
+
+
+def _text(data: bytes) -> str:
+    """Output as ``subprocess.run(text=True)`` gives it: decoded, universal newlines."""
+    return data.decode().replace("\r\n", "\n").replace("\r", "\n")
 
 
 class DockerError(AssertionError):
@@ -80,21 +93,27 @@ class Dockerd:
         return self.root / "docker.sock"
 
     def docker(
-        self, *args: str | Path, timeout: float, check: bool = True
+        self,
+        *args: str | Path,
+        timeout: float,
+        check: bool = True,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """``docker ARGS`` against this daemon, killed after ``timeout`` seconds."""
-        argv = [str(TOOLS / "bin" / "docker"), *map(str, args)]
+        """``docker ARGS`` against this daemon (in ``cwd``, with ``env`` added to the daemon's
+        client environment, which replaces this process's), killed after ``timeout`` seconds;
+        its output decoded as text."""
+        words = [str(a) for a in args]
         try:
-            proc = subprocess.run(
-                argv, capture_output=True, text=True, timeout=timeout, env=self.env, check=False
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise DockerError(
-                f"docker {' '.join(argv[1:])}: no answer within {timeout:.0f}s"
-            ) from exc
+            ran = DOCKER.run(words, cwd=cwd, env={**self.env, **(env or {})}, inherit_env=False,
+                             timeout=timeout, check=False)
+        except ToolFailedError as exc:  # Tool.run's timeout
+            raise DockerError(f"docker {' '.join(words)}: no answer within {timeout:.0f}s") from exc
+        proc = subprocess.CompletedProcess(ran.args, ran.returncode, _text(ran.stdout),
+                                           _text(ran.stderr))
         if check and proc.returncode != 0:
             raise DockerError(
-                f"docker {' '.join(argv[1:])} failed ({proc.returncode}):\n"
+                f"docker {' '.join(words)} failed ({proc.returncode}):\n"
                 f"{proc.stdout}{proc.stderr}\n--- dockerd log tail ---\n{self.log_tail()}"
             )
         return proc
@@ -342,6 +361,16 @@ def start_dockerd(root: Path) -> Dockerd:
     return daemon
 
 
+def _kill_all(pids: list[int], problem: str) -> list[str]:
+    """SIGKILL each of ``pids`` (one already gone is fine): ``problem`` said of each."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return [problem.format(pid) for pid in pids]
+
+
 def stop_dockerd(daemon: Dockerd) -> list[str]:
     """Remove every container and the bridge network, stop dockerd (SIGTERM, SIGKILL after
     20 s), then kill what still names its root, unmount what is mounted under it and delete it.
@@ -363,18 +392,10 @@ def stop_dockerd(daemon: Dockerd) -> list[str]:
             problems.append(f"dockerd {daemon.pid} ignored SIGTERM for {_STOP_GRACE_S:.0f}s")
             os.kill(daemon.pid, signal.SIGKILL)
     daemon.process.wait(timeout=30)  # reaped: SIGKILL cannot be ignored
-    for pid in _processes_naming(daemon.root):
-        problems.append(f"pid {pid} outlived dockerd: killed")
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for pid in _in_cgroup(daemon.cgroup):
-        problems.append(f"pid {pid} of a container outlived dockerd: killed")
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    problems += _kill_all(_processes_naming(daemon.root), "pid {} outlived dockerd: killed")
+    problems += _kill_all(
+        _in_cgroup(daemon.cgroup), "pid {} of a container outlived dockerd: killed"
+    )
     deadline = time.monotonic() + 10
     while (_in_cgroup(daemon.cgroup) or _processes_naming(daemon.root)) and (
         time.monotonic() < deadline
@@ -462,15 +483,7 @@ def start_registry(root: Path, ports: range) -> Registry:
     """Start docker-registry on the first free port of ``ports``; fails the test with its log
     when it does not answer /v2/ within 30 s."""
     root.mkdir(parents=True, exist_ok=True)
-    for port in ports:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        break
-    else:
-        pytest.fail(f"no free loopback port in {ports.start}-{ports.stop - 1}", pytrace=False)
+    port = free_port_in(ports)
     host = f"127.0.0.1:{port}"
     # A YAML subset that is also JSON; the registry reads it with its YAML parser.
     config = {
@@ -520,14 +533,22 @@ def stop_registry(registry: Registry) -> None:
     subprocess.run(["rm", "-rf", "--one-file-system", str(registry.root)], timeout=300, check=False)
 
 
-@pytest.fixture(scope="session")
-def loopback_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """One docker-registry for the session on a loopback port in 18920-18939."""
+@contextmanager
+def running_registry(root: Path, ports: range) -> Iterator[Registry]:
+    """docker-registry under ``root`` on the first free loopback port of ``ports``, stopped (and
+    its data deleted) afterwards; fails the test when the Docker tools are missing."""
     missing = tools_missing()
     if missing:
         pytest.fail(missing, pytrace=False)
-    registry = start_registry(tmp_path_factory.mktemp("registry"), range(18920, 18940))
+    registry = start_registry(root, ports)
     try:
         yield registry
     finally:
         stop_registry(registry)
+
+
+@pytest.fixture(scope="session")
+def loopback_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """One docker-registry for the session on a loopback port in 18920-18939."""
+    with running_registry(tmp_path_factory.mktemp("registry"), range(18920, 18940)) as registry:
+        yield registry

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 
 def conv_int8_tflite(path: Path, *, channels: int = 94, layers: int = 4) -> Path:
@@ -38,3 +40,69 @@ def conv_int8_tflite(path: Path, *, channels: int = 94, layers: int = 4) -> Path
     converter.inference_output_type = tf.int8
     path.write_bytes(converter.convert())
     return path
+
+
+def build_int8_bundle(
+    model: Path, target: str, calibration: Path, out: Path, *extra: str
+) -> tuple[Path, dict[str, Any], Path]:
+    """``edgepack build MODEL --target TARGET --calibration DIR --out OUT`` through the CLI:
+    (the bundle, its manifest, its .tflite); the bundle's model is TFLite."""
+    from tests.integration.conftest import build_json
+
+    doc = build_json(
+        str(model), "--target", target, *extra, "--calibration", str(calibration),
+        "--out", str(out),
+    )  # fmt: skip
+    bundle = Path(doc["bundle"])
+    manifest: dict[str, Any] = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["model"]["format"] == "tflite"
+    return bundle, manifest, next((bundle / "model").glob("*.tflite"))
+
+
+def assert_int8_agrees(
+    converted: Any, reference: Any, *, mean_error: float, agreement: float
+) -> None:
+    """The int8 model's dequantized outputs against the source model's on the same rows: a mean
+    absolute error under ``mean_error`` of the reference's span and the same top class on at
+    least ``agreement`` of the rows (int8 saturates beyond the calibrated range, so the bulk and
+    the decisions are judged, not the worst row)."""
+    import numpy as np
+
+    span = float(reference.max() - reference.min())
+    assert np.abs(converted - reference).mean() < mean_error * span
+    assert float((converted.argmax(1) == reference.argmax(1)).mean()) >= agreement
+
+
+def assert_calibration_required(model: Path, target: str, out: Path) -> None:
+    """A build to int8 without --calibration: exit 3, one error line naming the option, and
+    nothing written."""
+    from tests.integration.conftest import edgepack
+
+    proc = edgepack("build", str(model), "--target", target, "--out", str(out), check=False)
+    assert proc.returncode == 3
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "--calibration" in errors[0]
+    assert not out.exists()
+
+
+def assert_int8_project(
+    model: Path,
+    target: str,
+    calibration: Path,
+    out: Path,
+    x: Any,
+    reference: Any,
+    *,
+    mean_error: float,
+    agreement: float,
+) -> None:
+    """``model`` builds (as ``net``) into a TFLM project whose resolver registers the fully
+    connected kernel, whose int8 model run in LiteRT on ``x`` agrees with ``reference`` (the
+    source model's outputs on ``x``, see :func:`assert_int8_agrees`), and which verifies."""
+    from tests.integration.conftest import edgepack, litert_int8_outputs
+
+    bundle, _, tflite = build_int8_bundle(model, target, calibration, out, "--name", "net")
+    assert "AddFullyConnected" in (bundle / "src" / "op_resolver.h").read_text()
+    converted = litert_int8_outputs(tflite, x)
+    assert_int8_agrees(converted, reference, mean_error=mean_error, agreement=agreement)
+    assert edgepack("verify", str(bundle)).returncode == 0

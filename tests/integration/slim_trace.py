@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from packager.backends.linux.trial import plan_emulation
+from packager.bundle.manifest import read_manifest
 from packager.image.debian import merged_usr_path
 from packager.image.slim import LayerPolicy, layer_policy
 from packager.tools.containers import Engine, find_engine
@@ -283,26 +284,27 @@ def running(
     timeout_s: float = 900,
 ) -> Iterator[Container]:
     """Load the bundle's image and start it (emulated as `edgepack run` does); stop it after."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    image = manifest["image"]
+    manifest = read_manifest(bundle)
+    image = manifest.image
+    assert image is not None, f"{bundle} has no image"
     engine = find_engine("podman")
-    engine.load(bundle / image["archive"])
+    engine.load(bundle / image.archive)
     scratch = bundle.parent / f".{name}-emulation"
     scratch.mkdir(exist_ok=True)
-    arch = str(image["platform"]).split("/")[1]
+    arch = image.platform.split("/")[1]
     emulation = plan_emulation(manifest, arch, None, scratch) if needs_emulation(arch) else None
     engine.remove(name)
     url = f"http://127.0.0.1:{port}"
     start = time.monotonic()
     engine.run_detached(
-        image["ref"],
+        image.ref,
         name=name,
-        publish=[f"127.0.0.1:{port}:{image.get('port', 8080)}"],
+        publish=[f"127.0.0.1:{port}:{image.port}"],
         volumes=(*(emulation.volumes if emulation else ()), *extra_volumes),
-        platform=image["platform"],
+        platform=image.platform,
         env=(*(emulation.env if emulation else ()), *extra_env),
     )
-    container = Container(engine, name, url, start, int(image.get("port", 8080)))
+    container = Container(engine, name, url, start, image.port)
     try:
         while not _ready(url):
             if not engine.is_running(name):
@@ -319,22 +321,15 @@ def running(
 
 # --- the workload ------------------------------------------------------------------------------
 
-# (input name, ONNX element type, Open Inference datatype, numpy dtype): every dtype the runtime
-# maps, each through Identity except FP32, which goes through Relu (a real kernel).
-DTYPES: tuple[tuple[str, int, str, str], ...] = (
-    ("f32", 1, "FP32", "float32"),
-    ("f16", 10, "FP16", "float16"),
-    ("f64", 11, "FP64", "float64"),
-    ("i8", 3, "INT8", "int8"),
-    ("i16", 5, "INT16", "int16"),
-    ("i32", 6, "INT32", "int32"),
-    ("i64", 7, "INT64", "int64"),
-    ("u8", 2, "UINT8", "uint8"),
-    ("u16", 4, "UINT16", "uint16"),
-    ("u32", 12, "UINT32", "uint32"),
-    ("u64", 13, "UINT64", "uint64"),
-    ("b", 9, "BOOL", "bool"),
-)
+# numpy dtype -> Open Inference datatype: every dtype the runtime maps. The model has one input
+# per dtype, named after it (its ONNX element type is onnx's for that numpy dtype), each through
+# Identity except float32, which goes through Relu (a real kernel).
+DTYPES: dict[str, str] = {
+    "float32": "FP32", "float16": "FP16", "float64": "FP64",
+    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+    "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+    "bool": "BOOL",
+}  # fmt: skip
 
 
 def alltypes_model(path: Path) -> Path:
@@ -343,11 +338,12 @@ def alltypes_model(path: Path) -> Path:
     from onnx import helper
 
     nodes = [
-        helper.make_node("Relu" if name == "f32" else "Identity", [name], [f"{name}_out"])
-        for name, *_ in DTYPES
+        helper.make_node("Relu" if name == "float32" else "Identity", [name], [f"{name}_out"])
+        for name in DTYPES
     ]
-    inputs = [helper.make_tensor_value_info(n, t, ["batch", 3]) for n, t, *_ in DTYPES]
-    outputs = [helper.make_tensor_value_info(f"{n}_out", t, ["batch", 3]) for n, t, *_ in DTYPES]
+    element = {name: helper.np_dtype_to_tensor_dtype(np.dtype(name)) for name in DTYPES}
+    inputs = [helper.make_tensor_value_info(n, element[n], ["batch", 3]) for n in DTYPES]
+    outputs = [helper.make_tensor_value_info(f"{n}_out", element[n], ["batch", 3]) for n in DTYPES]
     model = helper.make_model(
         helper.make_graph(nodes, "alltypes", inputs, outputs),
         opset_imports=[helper.make_opsetid("", 17)],
@@ -361,13 +357,13 @@ def alltypes_model(path: Path) -> Path:
 def _arrays(seed: int, rows: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays = {}
-    for name, _, _, dtype in DTYPES:
-        if dtype == "bool":
+    for name in DTYPES:
+        if name == "bool":
             arrays[name] = rng.integers(0, 2, (rows, 3)).astype(bool)
-        elif dtype.startswith("float"):
-            arrays[name] = rng.standard_normal((rows, 3)).astype(dtype)
+        elif name.startswith("float"):
+            arrays[name] = rng.standard_normal((rows, 3)).astype(name)
         else:
-            arrays[name] = rng.integers(0, 100, (rows, 3)).astype(dtype)
+            arrays[name] = rng.integers(0, 100, (rows, 3)).astype(name)
     return arrays
 
 
@@ -386,14 +382,14 @@ def _infer(client: Any, model: str, arrays: dict[str, np.ndarray], binary: bool)
     import tritonclient.http as triton
 
     tensors = []
-    for name, _, datatype, _ in DTYPES:
+    for name, datatype in DTYPES.items():
         tensor = triton.InferInput(name, list(arrays[name].shape), datatype)
         tensor.set_data_from_numpy(arrays[name], binary_data=binary)
         tensors.append(tensor)
-    outputs = [triton.InferRequestedOutput(f"{n}_out", binary_data=binary) for n, *_ in DTYPES]
+    outputs = [triton.InferRequestedOutput(f"{n}_out", binary_data=binary) for n in DTYPES]
     result = client.infer(model, tensors, outputs=outputs)
-    for name, *_ in DTYPES:
-        expected = np.maximum(arrays[name], 0) if name == "f32" else arrays[name]
+    for name in DTYPES:
+        expected = np.maximum(arrays[name], 0) if name == "float32" else arrays[name]
         got = result.as_numpy(f"{name}_out")
         np.testing.assert_array_equal(got, expected, err_msg=f"{model}: {name}")
 
@@ -410,7 +406,7 @@ def workload(container: Container, model: str, env: tuple[tuple[str, str], ...] 
     assert client.is_model_ready(model)
     assert client.get_server_metadata()
     metadata = client.get_model_metadata(model)
-    assert {i["name"] for i in metadata["inputs"]} == {n for n, *_ in DTYPES}
+    assert {i["name"] for i in metadata["inputs"]} == set(DTYPES)
     _infer(client, model, _arrays(0), binary=False)
     _infer(client, model, _arrays(1), binary=True)
     _infer(client, model, _arrays(1), binary=True)  # the same request again: the cache answers

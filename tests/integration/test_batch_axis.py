@@ -10,7 +10,6 @@ axis is named ``batch`` is still batched, each request answered as if it ran alo
 from __future__ import annotations
 
 import json
-import tarfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.integration.runtime_helpers import (
     runtime_factory,  # noqa: F401  (a fixture: importing it makes it available here)
     scrape,
 )
+from tests.oci_files import model_files
 
 pytestmark = pytest.mark.integration
 
@@ -161,30 +161,6 @@ def test_build_refuses_max_batch_size_for_a_time_major_model(tmp_path: Path) -> 
     assert not out.exists()
 
 
-def image_files(bundle: Path, names: tuple[str, ...], dest: Path) -> dict[str, Path]:
-    """Files of /opt/edgepack/model in the bundle's OCI archive, read from its layers."""
-    found: dict[str, Path] = {}
-    with tarfile.open(bundle / "image.tar") as archive:
-        for member in archive.getmembers():
-            if not member.isfile() or not member.name.startswith("blobs/"):
-                continue
-            blob = archive.extractfile(member)
-            assert blob is not None
-            try:
-                with tarfile.open(fileobj=blob) as layer:
-                    for entry in layer.getmembers():
-                        name = entry.name.lstrip("./").removeprefix("opt/edgepack/model/")
-                        if entry.isfile() and name in names:
-                            data = layer.extractfile(entry)
-                            assert data is not None
-                            found[name] = dest / name
-                            found[name].write_bytes(data.read())
-            except tarfile.ReadError:
-                continue  # the image manifest and config blobs are JSON
-    assert set(found) == set(names), f"{names} not all in {bundle / 'image.tar'}"
-    return found
-
-
 @pytest.mark.slow
 def test_batch_first_model_builds_batched_and_answers_each_request_as_alone(
     tmp_path: Path,
@@ -197,7 +173,8 @@ def test_batch_first_model_builds_batched_and_answers_each_request_as_alone(
         "--out", str(tmp_path / "bundle"), "--cache-dir", str(edgepack_cache),
         "--max-batch-size", "64", "--batch-delay-us", "300000",
     )  # fmt: skip
-    shipped = image_files(Path(doc["bundle"]), ("runtime.json", "lstm_bf.onnx"), tmp_path)
+    archive = Path(doc["bundle"]) / "image.tar"
+    shipped = model_files(archive, ("runtime.json", "lstm_bf.onnx"), tmp_path)
     config = json.loads(shipped["runtime.json"].read_text())
     assert config["max_batch_size"] == 64 and config["max_queue_delay_us"] == 300_000
     assert "batch_axis" not in config  # the model's own "batch" dimension says so

@@ -26,13 +26,11 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import tarfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ import numpy as np
 import pytest
 
 from packager.tools.qemu import ensure_binfmt
-from tests.integration.conftest import REPO, build_json, edgepack
+from tests.integration.conftest import REPO, build_mnist, edgepack, free_port_in
 from tests.integration.dockerd import (
     TOOLS,
     Dockerd,
@@ -52,6 +50,7 @@ from tests.integration.dockerd import (
     stop_dockerd,
     tools_missing,
 )
+from tests.integration.http_helpers import http_request, infer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,34 +59,10 @@ PORTS = range(18900, 19000)  # this suite's loopback range for published contain
 TARGETS = {"rpi4": "linux/arm64/v8", "industrial-pc": "linux/amd64"}
 
 
-def _free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError(f"no free loopback port in {PORTS.start}-{PORTS.stop - 1}")
-
-
-def _http(url: str, body: bytes | None = None, timeout: float = 10) -> tuple[int, bytes]:
-    request = urllib.request.Request(
-        url, data=body, headers={"Content-Type": "application/json"} if body else {}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return int(response.status), bytes(response.read())
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), bytes(exc.read())
-    except OSError:
-        return 0, b""
-
-
 def _wait_ready(daemon: Dockerd, name: str, base_url: str, timeout_s: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
-        if _http(f"{base_url}/v2/health/ready", timeout=5)[0] == 200:
+        if http_request(f"{base_url}/v2/health/ready", timeout=5)[0] == 200:
             return time.monotonic() - started
         if not daemon.running(name):
             raise AssertionError(f"{name} exited before it was ready:\n{daemon.logs(name)}")
@@ -95,23 +70,34 @@ def _wait_ready(daemon: Dockerd, name: str, base_url: str, timeout_s: float) -> 
     raise AssertionError(f"{name} not ready within {timeout_s:.0f}s:\n{daemon.logs(name)}")
 
 
-def _mnist(onnx_dir: Path) -> tuple[list[float], np.ndarray]:
+def _mnist(onnx_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The README's handwritten 8 as the model's input, and the scores the model's authors
+    expect for it."""
     values = (onnx_dir / "media" / "mnist_28.csv").read_text().replace("\n", ",").split(",")
-    pixels = [float(v) for v in values if v.strip()]
+    pixels = np.asarray([float(v) for v in values if v.strip()], np.float32).reshape(1, 1, 28, 28)
     with (onnx_dir / "expected" / "Mnist_8_input_CPU.csv").open() as handle:
         rows = sorted(csv.DictReader(handle), key=lambda r: int(r["Index"]))
     return pixels, np.asarray([float(r["Value"]) for r in rows])
 
 
-def _infer(base_url: str, pixels: list[float]) -> np.ndarray:
-    body = {
-        "inputs": [{"name": "Input3", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": pixels}]
-    }
-    status, payload = _http(f"{base_url}/v2/models/mnist/infer", json.dumps(body).encode(), 120)
-    assert status == 200, payload[:300]
-    (output,) = json.loads(payload)["outputs"]
-    assert output["shape"] == [1, 10]
-    return np.asarray(output["data"], dtype=np.float64)
+def _infer(base_url: str, pixels: np.ndarray) -> np.ndarray:
+    scores = infer(base_url, "mnist", "Input3", pixels)
+    assert scores.shape == (1, 10)
+    return scores.reshape(-1)
+
+
+@contextmanager
+def _serving(
+    daemon: Dockerd, name: str, image: str, run_args: list[str], timeout_s: float, ports: range
+) -> Iterator[tuple[str, str]]:
+    """A container of ``image`` publishing the runtime's 8080 on a free loopback port of
+    ``ports``, once it answers ready: (container name, base URL)."""
+    port = free_port_in(ports)
+    published = [*run_args, "--publish", f"127.0.0.1:{port}:8080"]
+    with daemon.container(name, image, run_args=published) as running:
+        base_url = f"http://127.0.0.1:{port}"
+        _wait_ready(daemon, running, base_url, timeout_s)
+        yield running, base_url
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +110,7 @@ def bundles(
         pytest.fail(missing, pytrace=False)
     out = tmp_path_factory.mktemp("docker-bundles")
     manifests = {}
-    for target in TARGETS:
-        doc = build_json(
-            str(onnx_dir / "mnist.onnx"),
-            "--target",
-            target,
-            "--out",
-            str(out / target),
-            "--version",
-            "1.0.0",
-            "--cache-dir",
-            str(edgepack_cache),
-        )
+    for target, doc in build_mnist(onnx_dir, out, TARGETS, edgepack_cache).items():
         manifests[target] = json.loads((Path(doc["bundle"]) / "manifest.json").read_text())
         manifests[target]["bundle"] = doc["bundle"]
     return manifests
@@ -175,16 +150,10 @@ def test_docker_load_keeps_the_manifest_digest_as_image_id(
 def test_docker_run_amd64_answers_an_inference(
     dockerd: Dockerd, loaded: dict[str, str], onnx_dir: Path
 ) -> None:
-    port = _free_port()
-    base_url = f"http://127.0.0.1:{port}"
     pixels, expected = _mnist(onnx_dir)
-    with dockerd.container(
-        "edgepack-test-docker-amd64",
-        loaded["industrial-pc"],
-        run_args=["--publish", f"127.0.0.1:{port}:8080"],
-    ) as name:
-        _wait_ready(dockerd, name, base_url, timeout_s=120)
-        scores = _infer(base_url, pixels)
+    amd64 = loaded["industrial-pc"]
+    with _serving(dockerd, "edgepack-test-docker-amd64", amd64, [], 120, PORTS) as (_, url):
+        scores = _infer(url, pixels)
     np.testing.assert_allclose(scores, expected, atol=1e-3 * float(np.abs(expected).max()))
     assert int(np.argmax(scores)) == int(np.argmax(expected))
 
@@ -193,26 +162,19 @@ def test_docker_run_arm64_under_qemu_with_init_answers_ready(
     dockerd: Dockerd, loaded: dict[str, str], onnx_dir: Path
 ) -> None:
     ensure_binfmt("arm64")
-    port = _free_port()
-    base_url = f"http://127.0.0.1:{port}"
     pixels, expected = _mnist(onnx_dir)
-    with dockerd.container(
-        "edgepack-test-docker-arm64",
-        loaded["rpi4"],
-        run_args=[
-            "--init",  # tini (host-native) as PID 1: qemu as PID 1 never exits on a guest crash
-            "--platform",
-            "linux/arm64/v8",
-            # onnxruntime reads /proc/cpuinfo at import and crashes on the host's x86 text.
-            "--volume",
-            f"{CPUINFO_ARM64}:/proc/cpuinfo:ro",
-            "--publish",
-            f"127.0.0.1:{port}:8080",
-        ],
-    ) as name:
-        _wait_ready(dockerd, name, base_url, timeout_s=300)
+    run_args = [
+        "--init",  # tini (host-native) as PID 1: qemu as PID 1 never exits on a guest crash
+        "--platform",
+        "linux/arm64/v8",
+        # onnxruntime reads /proc/cpuinfo at import and crashes on the host's x86 text.
+        "--volume",
+        f"{CPUINFO_ARM64}:/proc/cpuinfo:ro",
+    ]
+    serving = _serving(dockerd, "edgepack-test-docker-arm64", loaded["rpi4"], run_args, 300, PORTS)
+    with serving as (name, url):
         top = dockerd.docker("top", name, "-o", "pid,args", timeout=30).stdout.splitlines()
-        scores = _infer(base_url, pixels)
+        scores = _infer(url, pixels)
     assert "docker-init" in top[1], top  # the first process of the container is tini
     assert any("qemu" in line and "edgepack_runtime.server" in line for line in top[2:]), top
     np.testing.assert_allclose(scores, expected, atol=1e-3 * float(np.abs(expected).max()))
@@ -413,7 +375,7 @@ def test_push_attaches_each_sbom_as_a_referrer_under_the_fallback_tag(
         (layer,) = artifact["layers"]
         assert layer["mediaType"] == "application/vnd.cyclonedx+json"
         url = f"http://{loopback_registry.host}/v2/fleet/mnist/blobs/{layer['digest']}"
-        status, blob = _http(url, timeout=60)
+        status, blob = http_request(url, timeout=60)
         assert status == 200
         assert blob == (Path(image["bundle"]) / "sbom.cdx.json").read_bytes()
 
@@ -448,8 +410,10 @@ def test_base_pulled_from_the_registry_rebuilds_byte_identically(
     cache alone serves it (--offline)."""
     cache = tmp_path_factory.mktemp("registry-cache")
 
-    def build(base: str, out: str, *extra: str) -> dict[str, Any]:
-        proc = edgepack(
+    def run_build(
+        base: str, out: str, *extra: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return edgepack(
             "build",
             str(onnx_dir / "Network.onnx"),
             "--target",
@@ -458,14 +422,15 @@ def test_base_pulled_from_the_registry_rebuilds_byte_identically(
             base,
             "--out",
             str(tmp_path / out),
-            "--version",
-            "2.0.0",
             "--cache-dir",
             str(cache),
-            "--json",
             *extra,
+            check=check,
             env=loopback_registry.env,
         )
+
+    def build(base: str, out: str, *extra: str) -> dict[str, Any]:
+        proc = run_build(base, out, "--version", "2.0.0", "--json", *extra)
         document: dict[str, Any] = json.loads(proc.stdout)
         return document
 
@@ -480,20 +445,7 @@ def test_base_pulled_from_the_registry_rebuilds_byte_identically(
     assert offline["image"]["digest"] == local["image"]["digest"]
     # A digest the registry does not have: one line, a tool failure, nothing written.
     missing = f"{loopback_registry.ref('fleet/mnist')}@sha256:{'0' * 64}"
-    proc = edgepack(
-        "build",
-        str(onnx_dir / "Network.onnx"),
-        "--target",
-        "rpi4",
-        "--base",
-        missing,
-        "--out",
-        str(tmp_path / "missing"),
-        "--cache-dir",
-        str(cache),
-        check=False,
-        env=loopback_registry.env,
-    )
+    proc = run_build(missing, "missing", check=False)
     assert proc.returncode == 7, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith(f"error: --base {missing}: "), proc.stderr

@@ -93,7 +93,7 @@ def amd64(tmp_path_factory: pytest.TempPathFactory) -> Built:
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """podman with its own storage, so tests neither see nor leave images elsewhere."""
     root = tmp_path_factory.mktemp("podman")
-    yield [
+    flags = [
         "--root",
         str(root / "storage"),
         "--runroot",
@@ -101,20 +101,8 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
         "--storage-driver",
         "vfs",
     ]
-    PODMAN.run(
-        [
-            "--root",
-            str(root / "storage"),
-            "--runroot",
-            str(root / "run"),
-            "--storage-driver",
-            "vfs",
-            "system",
-            "reset",
-            "--force",
-        ],
-        check=False,
-    )
+    yield flags
+    PODMAN.run([*flags, "system", "reset", "--force"], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +172,10 @@ def test_umoci_unpacks_merged_usr_rootfs(arm64: Built, tmp_path: Path) -> None:
     assert config["process"]["user"]["uid"] == 10001
 
 
-def _podman_run(podman: list[str], image: str, arch: str, *extra: str) -> str:
+def _podman_run(
+    podman: list[str], image: str, *options: str, command: tuple[str, ...] = ()
+) -> str:
+    """``podman run --rm [OPTIONS] IMAGE [COMMAND]`` with this sandbox's runtime and limits."""
     args = [
         *podman,
         "run",
@@ -195,10 +186,9 @@ def _podman_run(podman: list[str], image: str, arch: str, *extra: str) -> str:
         "nofile=1024:1024",
         "--ulimit",
         "nproc=1024:1024",
-        "--arch",
-        arch,
-        *extra,
+        *options,
         image,
+        *command,
     ]
     try:
         proc = PODMAN.run(args, timeout=600)
@@ -215,38 +205,27 @@ def test_arm64_image_runs_numpy_and_onnxruntime_under_qemu(
     out = _podman_run(
         podman,
         "docker.io/edgepack/it-arm64:1.0",
+        "--arch",
         "arm64",
         "-v",
         f"{arm64_cpuinfo()}:/proc/cpuinfo:ro",
     )
     assert "CPUExecutionProvider" in out and "2.2.1" in out
-    machine = PODMAN.run(
-        [
-            *podman,
-            "run",
-            "--rm",
-            "--runtime",
-            "runc",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1024:1024",
-            "--entrypoint",
-            "python3",
-            "docker.io/edgepack/it-arm64:1.0",
-            "-c",
-            "import os, platform; print(platform.machine(), os.getuid())",
-        ],
-        timeout=600,
+    machine = _podman_run(
+        podman,
+        "docker.io/edgepack/it-arm64:1.0",
+        "--entrypoint",
+        "python3",
+        command=("-c", "import os, platform; print(platform.machine(), os.getuid())"),
     )
-    assert machine.stdout.decode().split() == ["aarch64", "10001"]
+    assert machine.split() == ["aarch64", "10001"]
 
 
 def test_amd64_image_builds_and_runs_natively(amd64: Built, podman: list[str]) -> None:
     assert skopeo.inspect_oci_archive(amd64.result.archive)["Architecture"] == "amd64"
     assert verify_image_archive(amd64.result.archive) == []
     PODMAN.run([*podman, "load", "-i", amd64.result.archive], timeout=600)
-    out = _podman_run(podman, "docker.io/edgepack/it-amd64:1.0", "amd64")
+    out = _podman_run(podman, "docker.io/edgepack/it-amd64:1.0", "--arch", "amd64")
     assert "CPUExecutionProvider" in out
 
 

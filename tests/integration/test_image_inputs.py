@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from packager.image.oci import MEDIA_LAYER_GZIP, MEDIA_LAYER_TAR
 from tests.image_factory import MIB, base_archive, gzip_bomb, plain_blob
 from tests.integration.conftest import REPO, build_json, edgepack
+from tests.oci_files import model_layer_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,23 +47,6 @@ def nested_model(folder: Path) -> tuple[Path, np.ndarray]:
     return path, weight
 
 
-def model_layer_members(archive: Path) -> dict[str, bytes]:
-    """The files of the image's last layer (the model layer), by path."""
-    with tarfile.open(archive) as outer:
-        index = json.load(outer.extractfile("index.json"))  # type: ignore[arg-type]
-        digest = index["manifests"][0]["digest"].replace(":", "/")
-        manifest = json.load(outer.extractfile(f"blobs/{digest}"))  # type: ignore[arg-type]
-        layer = manifest["layers"][-1]["digest"].replace(":", "/")
-        blob = outer.extractfile(f"blobs/{layer}")
-        assert blob is not None
-        with tarfile.open(fileobj=blob, mode="r:gz") as inner:
-            return {
-                m.name: inner.extractfile(m).read()  # type: ignore[union-attr]
-                for m in inner.getmembers()
-                if m.isfile()
-            }
-
-
 def error_lines(stderr: str) -> list[str]:
     """The CLI's error lines (progress lines start with '>')."""
     return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
@@ -77,7 +61,7 @@ def test_nested_external_data_keeps_its_layout_and_the_runtime_gets_ready(
         "--version", "1.0.0", "--cache-dir", str(edgepack_cache),
     )
     bundle = Path(doc["bundle"])
-    files = model_layer_members(bundle / "image.tar")
+    files = model_layer_files(bundle / "image.tar")
     assert "opt/edgepack/model/weights/ext.bin" in files
     assert "opt/edgepack/model/ext.bin" not in files  # not flattened
     assert files["opt/edgepack/model/weights/ext.bin"] == weight.tobytes()

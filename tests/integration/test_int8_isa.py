@@ -18,17 +18,17 @@ import platform
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from tests.integration.conftest import REPO, build_json
+from tests.model_factory import float_model
+from tests.oci_files import model_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,20 +60,14 @@ def upsample_model(directory: Path) -> tuple[Path, Path, Path]:
         helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
         helper.make_node("Flatten", ["g"], ["y"]),
     ]
-    graph = helper.make_graph(
+    path = float_model(
+        directory / "upsample.onnx",
         nodes,
-        "upsample",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
-        [
-            numpy_helper.from_array(a, n)
-            for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"), (scales, "scales"))
-        ],
+        {"x": [1, 3, 16, 16]},
+        {"y": [1, 10]},
+        {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "scales": scales},
+        name="upsample",
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = directory / "upsample.onnx"
-    onnx.save(model, path)
     calibration, evaluation = directory / "cal", directory / "eval"
     calibration.mkdir()
     evaluation.mkdir()
@@ -82,27 +76,6 @@ def upsample_model(directory: Path) -> tuple[Path, Path, Path]:
     for i in range(30):
         np.save(evaluation / f"{i:02d}.npy", rng.uniform(-1, 1, (1, 3, 16, 16)).astype("f4"))
     return path, calibration, evaluation
-
-
-def model_from_image(bundle: Path, name: str, dest: Path) -> Path:
-    """The model file the bundle's OCI archive ships, read from its layers."""
-    with tarfile.open(bundle / "image.tar") as archive:
-        for member in archive.getmembers():
-            if not member.isfile() or not member.name.startswith("blobs/"):
-                continue
-            blob = archive.extractfile(member)
-            assert blob is not None
-            try:
-                with tarfile.open(fileobj=blob) as layer:
-                    for entry in layer.getmembers():
-                        if entry.name.lstrip("./") == f"opt/edgepack/model/{name}":
-                            data = layer.extractfile(entry)
-                            assert data is not None
-                            dest.write_bytes(data.read())
-                            return dest
-            except tarfile.ReadError:
-                continue  # the image manifest and config blobs are JSON
-    raise AssertionError(f"{name} is not in {bundle / 'image.tar'}")
 
 
 def agreement(fp32: Any, candidate: Any) -> tuple[float, float]:
@@ -141,7 +114,9 @@ def test_industrial_pc_int8_is_right_on_a_cpu_without_vnni(
     assert "industrial-pc" in report["settings"]["chosen_for"]
 
     # The model the image ships, computed on an AVX2 CPU without VNNI (emulated), vs FP32 here.
-    shipped = model_from_image(bundle, Path(report["model"]).name, tmp_path / "shipped.onnx")
+    name = Path(report["model"]).name
+    (tmp_path / "shipped").mkdir()
+    shipped = model_files(bundle / "image.tar", (name,), tmp_path / "shipped")[name]
     x = np.concatenate([np.load(p) for p in sorted(evaluation.glob("*.npy"))])
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "run.py").write_text(_RUN)

@@ -16,7 +16,16 @@ import pytest
 
 from packager.backends.base import BuildRequest
 from packager.backends.mcu.backend import UPDATE_STUB_BYTES, McuBackend, slot_image
-from packager.bundle.manifest import check_files, read_manifest, write_manifest
+from packager.bundle.manifest import (
+    BundleMeta,
+    FitSection,
+    ModelSection,
+    TargetInfo,
+    Tensor,
+    check_files,
+    read_manifest,
+    write_manifest,
+)
 from packager.models.tflite import inspect_tflite
 from packager.targets import McuTarget, resolve_target
 from packager.tools import cc, gcc_arm
@@ -54,31 +63,42 @@ def build_bundle(
     plan = backend.plan(request, info, loaded, report)
     out.mkdir(parents=True)
     result = backend.execute(plan, out, out)
-    write_manifest(out, {"name": plan.bundle_name, "target": target, **dict(result.manifest_extra)})
+    write_manifest(out, BundleMeta(
+        name=plan.bundle_name, version=plan.version,
+        target=TargetInfo(name=loaded.name, device_class=loaded.device_class),
+        model=ModelSection(source=model.name, format=info.format, digest=info.digest,
+                           size_bytes=info.size_bytes,
+                           inputs=tuple(Tensor(name=t.name, dtype=t.dtype, shape=t.shape)
+                                        for t in info.inputs),
+                           outputs=tuple(Tensor(name=t.name, dtype=t.dtype, shape=t.shape)
+                                         for t in info.outputs)),
+        fit=FitSection.from_report(report), device=result.device,
+    ))
     return out
+
+
+def _every_bundle(
+    root: Path, options: tuple[tuple[str, str], ...] = ()
+) -> dict[tuple[str, str], Path]:
+    """{(model, target): bundle} for every TFLM test model on every MCU target."""
+    if not MODELS:
+        pytest.skip(f"no TFLM test models in {TFLM_DIR}")
+    return {
+        (m, t): build_bundle(TFLM_DIR / m, t, root / f"{t}-{m}", options)
+        for m in MODELS
+        for t in TARGETS
+    }
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
-    if not MODELS:
-        pytest.skip(f"no TFLM test models in {TFLM_DIR}")
-    root = tmp_path_factory.mktemp("mcu")
-    return {
-        (m, t): build_bundle(TFLM_DIR / m, t, root / f"{t}-{m}") for m in MODELS for t in TARGETS
-    }
+    return _every_bundle(tmp_path_factory.mktemp("mcu"))
 
 
 @pytest.fixture(scope="module")
 def bundles_update_off(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
     """Without model updates the model is compiled into the firmware (g_model)."""
-    if not MODELS:
-        pytest.skip(f"no TFLM test models in {TFLM_DIR}")
-    root = tmp_path_factory.mktemp("mcu-noupdate")
-    return {
-        (m, t): build_bundle(TFLM_DIR / m, t, root / f"{t}-{m}", (("update", "off"),))
-        for m in MODELS
-        for t in TARGETS
-    }
+    return _every_bundle(tmp_path_factory.mktemp("mcu-noupdate"), (("update", "off"),))
 
 
 def settings_value(bundle: Path, name: str) -> int:
@@ -307,7 +327,7 @@ def test_cli_build_writes_a_verified_project(tmp_path: Path) -> None:
     assert document["mcu"]["arena_bytes"] == settings_value(out, "kTensorArenaSize")
     manifest = read_manifest(out)
     assert check_files(out, manifest) == []
-    listed = {f["path"] for f in manifest["files"]}
+    listed = {f.path for f in manifest.files}
     assert {
         "src/model_data.cc",
         "src/op_resolver.h",

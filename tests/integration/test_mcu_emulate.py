@@ -68,7 +68,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], P
 
 def _arena(bundle: Path) -> int:
     manifest = json.loads((bundle / "manifest.json").read_text())
-    return int(manifest["mcu"]["arena_bytes"])
+    return int(manifest["device"]["arena_bytes"])
 
 
 @needs_emulator
@@ -234,13 +234,13 @@ def test_build_records_proof(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("EDGEPACK_TFLM_TREE", str(TREE))
     bundle = build_bundle(TFLM_DIR / "hello_world_int8.tflite", "nrf52840-dk", tmp_path / "b",
                           (("update", "off"),))
-    proof = json.loads((bundle / "manifest.json").read_text())["mcu"]["proof"]
+    proof = json.loads((bundle / "manifest.json").read_text())["device"]["proof"]
     assert proof["emulated"] is True and proof["outputs_equal_interpreter"] is True
     assert proof["board"] == "mps2-an386" and proof["linked"]["flash_bytes"] > 20_000
     assert proof["kernels"] == "cmsis-nn"
     off = build_bundle(TFLM_DIR / "hello_world_int8.tflite", "nrf52840-dk", tmp_path / "c",
                        (("update", "off"), ("emulate", "off")))
-    proof = json.loads((off / "manifest.json").read_text())["mcu"]["proof"]
+    proof = json.loads((off / "manifest.json").read_text())["device"]["proof"]
     assert proof == {"emulated": False, "note": "skipped: --opt emulate=off"}
 
 

@@ -17,7 +17,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from packager.models.tflite import analyze_tflite
-from tests.integration.conftest import build_json, edgepack, litert_int8_outputs
+from tests.integration.conftest import edgepack, litert_int8_outputs
+from tests.integration.mcu_models import assert_int8_agrees, build_int8_bundle
+from tests.model_factory import sample_dir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -74,17 +76,13 @@ def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _cnn(root / "cnn.onnx")
     _cnn(root / "shrink.onnx", tail="ThresholdedRelu")
     rng = np.random.default_rng(0)
-    calibration = root / "calibration"
-    calibration.mkdir()
-    np.save(calibration / "set.npy", rng.uniform(0, 1, size=(32, 1, 8, 8)).astype(np.float32))
-    digits = root / "digits"
-    digits.mkdir()
-    np.save(digits / "set.npy", (rng.uniform(0, 1, (32, 1, 28, 28)) * 255).astype(np.float32))
+    rows = rng.uniform(0, 1, size=(32, 1, 8, 8)).astype(np.float32)
+    pixels = (rng.uniform(0, 1, (32, 1, 28, 28)) * 255).astype(np.float32)
     return {
         "cnn": root / "cnn.onnx",
         "shrink": root / "shrink.onnx",
-        "calibration": calibration,
-        "digits": digits,
+        "calibration": sample_dir(root / "calibration", set=rows),
+        "digits": sample_dir(root / "digits", set=pixels),
     }
 
 
@@ -117,14 +115,8 @@ def _tflm_outputs(data: bytes, arena: int, x: Any) -> Any:
 
 
 def _build(model: Path, calibration: Path, out: Path) -> tuple[Path, dict[str, Any], bytes]:
-    doc = build_json(
-        str(model), "--target", "nrf52840-dk", "--calibration", str(calibration),
-        "--out", str(out),
-    )
-    bundle = Path(doc["bundle"])
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    data = next((bundle / "model").glob("*.tflite")).read_bytes()
-    return bundle, manifest, data
+    bundle, manifest, tflite = build_int8_bundle(model, "nrf52840-dk", calibration, out)
+    return bundle, manifest, tflite.read_bytes()
 
 
 def _assert_int8_throughout(data: bytes) -> None:
@@ -139,7 +131,6 @@ def test_generated_onnx_cnn_to_int8_tflm_project(
     bundle, manifest, data = _build(
         onnx_models["cnn"], onnx_models["calibration"], tmp_path / "bundle"
     )
-    assert manifest["model"]["format"] == "tflite"
     _assert_int8_throughout(data)
     # The build's own agreement check, reported in the manifest.
     check = manifest["model"]["conversion"]["check"]
@@ -154,13 +145,11 @@ def test_generated_onnx_cnn_to_int8_tflm_project(
     # Fresh inputs, three engines: onnxruntime (the ONNX model), LiteRT and TFLM (the bundle's).
     x = np.random.default_rng(1).uniform(0, 1, size=(16, 1, 8, 8)).astype(np.float32)
     reference = _reference(onnx_models["cnn"], x)
-    span = float(reference.max() - reference.min())
     for converted in (
         litert_int8_outputs(bundle / "model" / "cnn.tflite", x),
-        _tflm_outputs(data, int(manifest["mcu"]["arena_bytes"]), x),
+        _tflm_outputs(data, int(manifest["device"]["arena_bytes"]), x),
     ):
-        assert np.abs(converted - reference).mean() < 0.02 * span
-        assert float((converted.argmax(1) == reference.argmax(1)).mean()) >= 0.8
+        assert_int8_agrees(converted, reference, mean_error=0.02, agreement=0.8)
     assert edgepack("verify", str(bundle)).returncode == 0
 
 
@@ -176,7 +165,8 @@ def test_mnist_onnx_reads_the_handwritten_eight_on_tflm(
     (output,) = manifest["model"]["conversion"]["check"]["outputs"]
     assert output["cosine"] >= 0.98
     digit = np.loadtxt(SHARED / "media" / "mnist_28.csv", delimiter=",", dtype=np.float32)
-    scores = _tflm_outputs(data, int(manifest["mcu"]["arena_bytes"]), digit.reshape(1, 1, 28, 28))
+    arena = int(manifest["device"]["arena_bytes"])
+    scores = _tflm_outputs(data, arena, digit.reshape(1, 1, 28, 28))
     assert int(scores.argmax()) == 8
     assert edgepack("verify", str(bundle)).returncode == 0
 

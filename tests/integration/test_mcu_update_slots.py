@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from packager.backends.mcu.backend import update_slot_size
+from packager.backends.mcu.manifest import McuSection
 from packager.bundle.manifest import check_files, read_manifest
 from packager.targets import McuTarget, resolve_target
 from packager.tools import cc, gcc_arm
@@ -70,13 +71,13 @@ def test_300kb_conv_model_builds_for_nrf52840_counting_the_model_once_per_slot(
     assert "model in update slot A" in flash_line and "model in update slot B" in flash_line
     manifest = read_manifest(bundle)
     assert check_files(bundle, manifest) == []
-    flash = next(r for r in manifest["fit"]["resources"] if r["name"] == "flash")
-    parts = flash["needed_parts"]
+    flash = next(r for r in manifest.fit.resources if r.name == "flash")
+    parts = flash.needed_parts
     assert {k for k in parts if "model" in k} == SLOT_LABELS
     assert all(parts[k] == slot for k in SLOT_LABELS)
     assert 2 * size < 2 * slot < 2.6 * size  # "about twice the model" (+25 % headroom, header)
-    assert flash["fits"] and flash["needed_bytes"] <= flash["available_bytes"]
-    assert flash["needed_bytes"] == sum(parts.values())
+    assert flash.fits and flash.needed_bytes <= flash.available_bytes
+    assert flash.needed_bytes == sum(parts.values())
 
 
 def test_slot_a_image_is_flashable_and_boots_in_the_update_module(
@@ -85,17 +86,18 @@ def test_slot_a_image_is_flashable_and_boots_in_the_update_module(
     bundle, stdout = built
     model = conv300.read_bytes()
     manifest = read_manifest(bundle)
-    slots = manifest["mcu"]["update_slots"]
-    image_path = bundle / slots["slot_a_image"]
-    assert slots["slot_a_image"] in {f["path"] for f in manifest["files"]}
+    slots = manifest.device_as(McuSection).update_slots
+    assert slots is not None
+    image_path = bundle / slots.slot_a_image
+    assert slots.slot_a_image in {f.path for f in manifest.files}
     defines = header_defines(bundle)
     slot_a = defines["EP_UPDATE_DEFAULT_SLOT_A_ADDR"]
     slot_b = defines["EP_UPDATE_DEFAULT_SLOT_B_ADDR"]
     slot_size = defines["EP_UPDATE_DEFAULT_SLOT_SIZE"]
     header_area = defines["EP_UPDATE_DEFAULT_HEADER_AREA"]
-    assert int(slots["slot_a_addr"], 16) == slot_a and int(slots["slot_b_addr"], 16) == slot_b
-    assert f"flash {slots['slot_a_image']} at {slots['slot_a_addr']}" in stdout
-    assert slots["slot_a_addr"] in (bundle / "README.md").read_text()
+    assert int(slots.slot_a_addr, 16) == slot_a and int(slots.slot_b_addr, 16) == slot_b
+    assert f"flash {slots.slot_a_image} at {slots.slot_a_addr}" in stdout
+    assert slots.slot_a_addr in (bundle / "README.md").read_text()
     # Both slots inside the 1 MB flash, below the reserved top, not overlapping.
     spec = resolve_target(TARGET).spec
     assert isinstance(spec, McuTarget)

@@ -12,9 +12,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from packager.cli import cli, main
+from packager.cli import cli
 from packager.commands.optimize import optimize_cmd
 from packager.optimize import optimize_for_build
+from tests import cli_runner
+from tests.model_factory import sample_dir
 
 pytestmark = pytest.mark.integration
 torch = pytest.importorskip("torch")
@@ -30,10 +32,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     """``edgepack ARGS`` through packager.cli.main, as a user runs it."""
     if "optimize" not in cli.commands:
         cli.add_command(optimize_cmd)
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-    captured = capsys.readouterr()
-    return int(exited.value.code or 0), captured.out, captured.err
+    return cli_runner.run_cli(args, capsys)
 
 
 def error_lines(err: str) -> list[str]:
@@ -209,9 +208,7 @@ def mnist_data(onnx_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     shifted = [np.roll(eight, tuple(rng.integers(-2, 3, size=2)), axis=(0, 1)) for _ in range(6)]
     printed = [_digit(rng, d % 10) for d in range(14)]
     root = tmp_path_factory.mktemp("mnist")
-    calibration = root / "calibration"
-    calibration.mkdir()
-    np.save(calibration / "set.npy", np.stack(shifted + printed)[:, None])
+    calibration = sample_dir(root / "calibration", set=np.stack(shifted + printed)[:, None])
     evaluation = root / "eval"
     evaluation.mkdir()
     np.savez(evaluation / "eight.npz", Input3=eight[None, None], label=np.array([8]))
@@ -343,7 +340,7 @@ def _too_few_samples(d: dict[str, Path], tmp: Path) -> tuple[list[str], int, str
     few = tmp / "few"
     few.mkdir()
     np.save(few / "a.npy", np.zeros((3, 1, 28, 28), np.float32))
-    return (["--calibration", str(few)], 3, "3 calibration sample(s), at least 8")
+    return (["--calibration", str(few)], 3, "3 calibration sample(s), at least 16")
 
 
 def _wrong_shape(d: dict[str, Path], tmp: Path) -> tuple[list[str], int, str]:

@@ -19,9 +19,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from packager.cli import main
+from packager.calibration import MIN_CALIBRATION_SAMPLES
 from packager.models import onnx_save
 from packager.optimize import optimize_for_build
+from tests.cli_runner import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -53,19 +54,13 @@ def matmul_model(directory: Path) -> tuple[Path, np.ndarray]:
     return path, weight
 
 
-def samples(directory: Path, count: int = 8) -> Path:
+def samples(directory: Path, count: int = MIN_CALIBRATION_SAMPLES) -> Path:
+    """``count`` calibration rows (the fewest the calibration rules take)."""
     rng = np.random.default_rng(1)
     directory.mkdir()
     for i in range(count):
         np.save(directory / f"{i}.npy", rng.normal(0, 1, (1, ROWS)).astype(np.float32))
     return directory
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-    captured = capsys.readouterr()
-    return int(exited.value.code or 0), captured.out, captured.err
 
 
 def assert_runs_close(model: Path, weight: np.ndarray, limit: int) -> None:

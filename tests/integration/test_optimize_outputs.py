@@ -11,19 +11,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from packager.cli import main
+from tests.cli_runner import run_cli
 
 pytestmark = pytest.mark.integration
 
 FEATURES = 16
 CLASSES = 4
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-    captured = capsys.readouterr()
-    return int(exited.value.code or 0), captured.out, captured.err
 
 
 def two_output_model(path: Path, *, second: bool = True) -> Path:

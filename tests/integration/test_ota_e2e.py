@@ -18,8 +18,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +27,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from packager.ota.wheels import DEVICE_PACKAGE, agent_source_dir
 from packager.tools.containers import find_engine
 from tests.integration.conftest import build_json, edgepack, free_port
+from tests.integration.http_helpers import http_json, infer
+from tests.model_factory import float_model
 from tests.unit.agent.helpers import Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -63,20 +63,10 @@ def mlp_digits_model(path: Path, *, hidden: int = 512, seed: int = 7) -> Path:
         helper.make_node("Relu", ["h"], ["a"]),
         helper.make_node("Gemm", ["a", "w2", "b2"], ["scores"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "digits_mlp",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 28, 28])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 10])],
-        [
-            numpy_helper.from_array(a, n)
-            for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))
-        ],
+    weights = {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    return float_model(
+        path, nodes, {"image": [1, 1, 28, 28]}, {"scores": [1, 10]}, weights, name="digits_mlp"
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, path)
-    return path
 
 
 UNKNOWN_DOMAIN = "com.edgepack.e2e.unknown"
@@ -120,6 +110,11 @@ class Device:
     port: int
     engine_args: tuple[str, ...]
 
+    @property
+    def url(self) -> str:
+        """Where the installed runtime answers."""
+        return f"http://127.0.0.1:{self.port}"
+
     def agent(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         # cwd and PYTHONPATH hold only the copied agent: it must run without the rest of packager.
         return subprocess.run(
@@ -160,34 +155,21 @@ class Device:
         return document
 
 
-def http_json(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return int(response.status), json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except (urllib.error.URLError, OSError):
-        return 0, None
-
-
-def infer(port: int, name: str, input_name: str, data: np.ndarray) -> np.ndarray:
-    status, doc = http_json(
-        f"http://127.0.0.1:{port}/v2/models/{name}/infer",
-        {
-            "inputs": [
-                {
-                    "name": input_name,
-                    "shape": list(data.shape),
-                    "datatype": "FP32",
-                    "data": data.reshape(-1).tolist(),
-                }
-            ]
-        },
+def _publish_and_install(
+    device: Device, repo: Path, bundle: Path, sequence: int, figures: dict[str, Any]
+) -> dict[str, Any]:
+    """``edgepack ota publish`` of ``bundle`` as release ``sequence``, then one agent cycle that
+    commits it; the time from publish to committed goes into ``figures``."""
+    started = time.monotonic()
+    published = json.loads(
+        edgepack("ota", "publish", str(bundle), "--repo", str(repo), "--json").stdout
     )
-    assert status == 200, (status, doc)
-    return np.asarray(doc["outputs"][0]["data"], dtype=np.float32)
+    assert published["sequence"] == sequence
+    result = device.run_once()
+    figures[f"v{sequence}_publish_to_committed_s"] = round(time.monotonic() - started, 2)
+    outcome = (result["outcome"], result["sequence"], result["installed"])
+    assert outcome == ("committed", sequence, sequence), result
+    return result
 
 
 def container_image(name: str) -> str:
@@ -314,14 +296,7 @@ def test_install_update_and_automatic_rollback_with_podman(
         assert http_json(ready_url)[0] == 0  # nothing listens yet
 
         # v1: a first install moves the whole image, and the real runtime serves mnist.
-        started = time.monotonic()
-        published = json.loads(
-            edgepack("ota", "publish", str(bundles["1.0.0"]), "--repo", str(repo), "--json").stdout
-        )
-        assert published["sequence"] == 1
-        first = device.run_once()
-        figures["v1_publish_to_committed_s"] = round(time.monotonic() - started, 2)
-        assert (first["outcome"], first["sequence"], first["installed"]) == ("committed", 1, 1)
+        first = _publish_and_install(device, repo, bundles["1.0.0"], 1, figures)
         assert first["bytes_fetched"] >= sum(layer["size"] for layer in _layers(bundles["1.0.0"]))
         assert http_json(ready_url) == (200, {"ready": True})
         assert container_image(container).endswith(f"edgepack/{name}:1.0.0")
@@ -337,18 +312,11 @@ def test_install_update_and_automatic_rollback_with_podman(
         assert "/tmp:rw,size=64m" in confined["tmpfs"], confined
         status, meta = http_json(f"http://127.0.0.1:{device.port}/v2/models/{name}")
         assert status == 200 and meta["inputs"][0]["name"] == "Input3"
-        assert int(np.argmax(infer(device.port, name, "Input3", sample))) == 8
+        assert int(np.argmax(infer(device.url, name, "Input3", sample))) == 8
 
         # v2: a different model under the same name; only its new layer (and small files) move.
         requests_before = len(server.requests)
-        started = time.monotonic()
-        published = json.loads(
-            edgepack("ota", "publish", str(bundles["2.0.0"]), "--repo", str(repo), "--json").stdout
-        )
-        assert published["sequence"] == 2
-        second = device.run_once()
-        figures["v2_publish_to_committed_s"] = round(time.monotonic() - started, 2)
-        assert (second["outcome"], second["sequence"], second["installed"]) == ("committed", 2, 2)
+        second = _publish_and_install(device, repo, bundles["2.0.0"], 2, figures)
         v1_layers, v2_layers = _layers(bundles["1.0.0"]), _layers(bundles["2.0.0"])
         assert [layer["digest"] for layer in v1_layers[:-1]] == [
             layer["digest"] for layer in v2_layers[:-1]
@@ -372,8 +340,8 @@ def test_install_update_and_automatic_rollback_with_podman(
         host = ort.InferenceSession(
             str(bundles["2.0.0"].parent / "digits_mlp.onnx"), providers=["CPUExecutionProvider"]
         ).run(None, {"image": sample})[0]
-        served = infer(device.port, name, "image", sample)
-        np.testing.assert_allclose(served, host.reshape(-1), rtol=1e-4, atol=1e-5)
+        served = infer(device.url, name, "image", sample)
+        np.testing.assert_allclose(served.reshape(-1), host.reshape(-1), rtol=1e-4, atol=1e-5)
         # The previous version is kept, staged and loaded, for rollback.
         state = device.state()
         assert state["installed"]["sequence"] == 2 and state["previous"]["sequence"] == 1

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from packager.backends import get_backend
 from packager.backends.linux.trial import plan_emulation
-from packager.build import _target_meta
+from packager.bundle.manifest import Manifest
 from packager.targets import resolve_target
 from packager.tools.qemu import QEMU_CPU_ENV
 from tests.integration.conftest import REPO, build_json, free_port
@@ -83,7 +84,9 @@ def test_the_planned_emulation_traps_what_the_device_cannot_execute(
     binary = tmp_path / "sdot"
     binary.write_bytes(arm64_elf([SDOT]))
     binary.chmod(0o755)
-    manifest = {"target": _target_meta(resolve_target(target))}
+    loaded = resolve_target(target)
+    # Only the target table matters here: the one the build writes (Backend.target_meta).
+    manifest = Manifest.model_construct(target=get_backend(loaded.device_class).target_meta(loaded))
 
     def run(override: str | None) -> int:
         emulation = plan_emulation(manifest, "arm64", override, tmp_path)

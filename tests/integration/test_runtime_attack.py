@@ -303,17 +303,28 @@ def test_half_sent_bodies(wide: RuntimeProcess) -> None:
     """Bodies announced at the largest valid size (and at 64 MiB), half sent, then held."""
     start = b'{"inputs":[{"name":"x","shape":[4,65536],"datatype":"FP32","data":['
     half = start + b"0.1234567," * (LARGEST_REQUEST // 2 // 10)
-    with sockets() as open_, Watch(wide) as watch:
-        deadline = time.monotonic() + 10
-        for index in range(28):
-            sock = open_socket(wide.port)
+    requests = []
+    for index in range(28):
+        announced = LARGEST_REQUEST if index < 24 else 64 << 20
+        head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {announced}\r\n\r\n"
+        requests.append(head.encode() + (half if index < 24 else b" " * (8 << 20)))
+    _push_each_on_its_own_connection(wide, requests, within_s=10, hold_s=2)  # held half-sent
+
+
+def _push_each_on_its_own_connection(
+    runtime: RuntimeProcess, payloads: list[bytes], *, within_s: float, hold_s: float = 0.0
+) -> None:
+    """Each payload pushed on a new connection (all within ``within_s``), the connections held
+    open ``hold_s`` more, no reply ever read; then the runtime's watch must hold."""
+    with sockets() as open_, Watch(runtime) as watch:
+        deadline = time.monotonic() + within_s
+        for payload in payloads:
+            sock = open_socket(runtime.port)
             assert sock is not None
             open_.append(sock)
-            announced = LARGEST_REQUEST if index < 24 else 64 << 20
-            head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {announced}\r\n\r\n"
             time.sleep(0.01)  # connected
-            push(sock, head.encode() + (half if index < 24 else b" " * (8 << 20)), deadline)
-        time.sleep(2)  # held half-sent
+            push(sock, payload, deadline)
+        time.sleep(hold_s)
     watch.check()
 
 
@@ -321,15 +332,7 @@ def test_pipelining_without_reading(wide: RuntimeProcess) -> None:
     """Requests pipelined as fast as the server takes them; no reply is ever read."""
     request = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
     stream = request * ((64 << 20) // len(request))
-    with sockets() as open_, Watch(wide) as watch:
-        deadline = time.monotonic() + 6
-        for _ in range(2):
-            sock = open_socket(wide.port)
-            assert sock is not None
-            open_.append(sock)
-            time.sleep(0.01)
-            push(sock, stream, deadline)
-    watch.check()
+    _push_each_on_its_own_connection(wide, [stream, stream], within_s=6)
 
 
 def test_duplicate_output_names(wide: RuntimeProcess) -> None:

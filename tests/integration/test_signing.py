@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
-from packager.bundle.manifest import MANIFEST, write_manifest
+from packager.bundle.manifest import read_manifest, write_manifest
 from packager.bundle.sbom import SBOM_FILE, validate
 from packager.bundle.signing import decode_payload, generate_keypair, load_signer, sign_manifest
+from tests.bundles import writable_copy
 from tests.integration.conftest import edgepack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -63,12 +64,6 @@ def signed(
     return out
 
 
-def _copy(bundle: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "bundle"
-    shutil.copytree(bundle, copy)
-    return copy
-
-
 def _tamper_install_sh(bundle: Path) -> None:
     """The attack: one byte of install.sh changed, SHA256SUMS and manifest.json regenerated
     with the project's own writer (so every checksum holds)."""
@@ -77,9 +72,7 @@ def _tamper_install_sh(bundle: Path) -> None:
     at = data.index(b"# Install the edgepack bundle")
     data[at + 2] = ord("i")  # "# install ..." : one byte
     script.write_bytes(bytes(data))
-    manifest = json.loads((bundle / MANIFEST).read_text())
-    meta = {k: v for k, v in manifest.items() if k not in ("schema", "edgepack_version", "files")}
-    write_manifest(bundle, meta)
+    write_manifest(bundle, read_manifest(bundle).meta())
 
 
 def _install(bundle: Path, tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str],
@@ -118,7 +111,7 @@ def test_signed_bundle_verifies_and_reports_all_three(
 def test_tampered_install_sh_is_refused_by_verify_key(
     signed: Path, keys: dict[str, Path], tmp_path: Path
 ) -> None:
-    bundle = _copy(signed, tmp_path)
+    bundle = writable_copy(signed, tmp_path)
     _tamper_install_sh(bundle)
     # Without a key the attack passes every checksum: what the signature is for.
     assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=bundle).returncode == 0
@@ -131,7 +124,7 @@ def test_tampered_install_sh_is_refused_by_verify_key(
 def test_install_sh_refuses_a_tampered_bundle_before_loading(
     signed: Path, tmp_path: Path
 ) -> None:
-    bundle = _copy(signed, tmp_path)
+    bundle = writable_copy(signed, tmp_path)
     # Control: the intact bundle passes the signature and reaches the engine's load.
     proc, calls = _install(bundle, tmp_path)
     assert "signature verified" in proc.stdout, proc.stderr
@@ -146,7 +139,7 @@ def test_install_sh_refuses_a_tampered_bundle_before_loading(
 def test_install_sh_refuses_a_bundle_re_signed_by_another_key(
     signed: Path, keys: dict[str, Path], tmp_path: Path
 ) -> None:
-    bundle = _copy(signed, tmp_path)
+    bundle = writable_copy(signed, tmp_path)
     _tamper_install_sh(bundle)
     sign_manifest(bundle, load_signer(keys["other"]), {"name": "mnist"})
     proc, calls = _install(bundle, tmp_path)
@@ -159,7 +152,7 @@ def test_install_sh_refuses_a_bundle_re_signed_by_another_key(
 def test_stripped_signature_and_provisioned_key(
     signed: Path, keys: dict[str, Path], tmp_path: Path
 ) -> None:
-    bundle = _copy(signed, tmp_path)
+    bundle = writable_copy(signed, tmp_path)
     (bundle / "manifest.dsse.json").unlink()
     proc, calls = _install(bundle, tmp_path)
     assert proc.returncode == 1 and calls == [] and "not signed" in proc.stderr
@@ -170,7 +163,8 @@ def test_stripped_signature_and_provisioned_key(
     device = tmp_path / "device"
     (device / "etc/edgepack").mkdir(parents=True)
     shutil.copy(keys["other_pub"], device / "etc/edgepack/bundle-key.pem")
-    proc, calls = _install(_copy(signed, tmp_path / "2"), tmp_path, EDGEPACK_ROOT=str(device))
+    bundle = writable_copy(signed, tmp_path / "2")
+    proc, calls = _install(bundle, tmp_path, EDGEPACK_ROOT=str(device))
     assert proc.returncode == 1 and calls == [] and "does not verify" in proc.stderr
 
 

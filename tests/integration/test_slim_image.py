@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from packager.image.layer import normalize_path
+from packager.tools import skopeo
 from tests.integration.conftest import REPO, build_json
 from tests.integration.slim_trace import (
     SITE_PACKAGES,
@@ -231,13 +232,8 @@ def test_zstd_image_loads_and_answers_in_podman(
         "--compression",
         "zstd",
     )
-    raw = subprocess.run(
-        ["skopeo", "inspect", "--raw", f"oci-archive:{doc['image']['archive']}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    kinds = {layer["mediaType"] for layer in json.loads(raw)["layers"]}
+    raw = skopeo.inspect_oci_archive(doc["image"]["archive"], raw=True)
+    kinds = {layer["mediaType"] for layer in raw["layers"]}
     assert kinds == {"application/vnd.oci.image.layer.v1.tar+zstd"}
     port = 19033
     suite_container(f"edgepack-run-mnistzstd-{port}")

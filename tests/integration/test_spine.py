@@ -25,7 +25,15 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from tests.integration.conftest import REPO, build_json, edgepack, free_port, run_install_sh
+from packager.tools import skopeo
+from tests.integration.conftest import (
+    REPO,
+    build_json,
+    build_mnist,
+    edgepack,
+    free_port,
+    run_install_sh,
+)
 from tests.process_guard import Processes, suite_container
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -48,20 +56,7 @@ def bundles(
     tmp_path_factory: pytest.TempPathFactory, onnx_dir: Path, edgepack_cache: Path
 ) -> dict[str, dict[str, Any]]:
     out = tmp_path_factory.mktemp("bundles")
-    built = {}
-    for target in ("rpi4", "industrial-pc"):
-        built[target] = build_json(
-            str(onnx_dir / "mnist.onnx"),
-            "--target",
-            target,
-            "--out",
-            str(out / target),
-            "--version",
-            "1.0.0",
-            "--cache-dir",
-            str(edgepack_cache),
-        )
-    return built
+    return build_mnist(onnx_dir, out, ("rpi4", "industrial-pc"), edgepack_cache)
 
 
 def test_build_json_document(bundles: dict[str, dict[str, Any]]) -> None:
@@ -108,13 +103,7 @@ def test_skopeo_and_umoci_read_the_archive(
 ) -> None:
     for target, arch in (("rpi4", "arm64"), ("industrial-pc", "amd64")):
         archive = bundles[target]["image"]["archive"]
-        proc = subprocess.run(
-            ["skopeo", "inspect", f"oci-archive:{archive}"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        info = json.loads(proc.stdout)
+        info = skopeo.inspect_oci_archive(archive)
         assert info["Architecture"] == arch and info["Os"] == "linux"
         assert info["Digest"] == bundles[target]["image"]["digest"]
         labels = info["Labels"]
@@ -430,14 +419,7 @@ def test_user_base_image_gets_our_layers_on_top(
     digests = [layer["digest"] for layer in doc["image"]["layers"]]
     assert digests[: len(base_digests)] == base_digests
     assert len(digests) > len(base_digests)
-    info = json.loads(
-        subprocess.run(
-            ["skopeo", "inspect", f"oci-archive:{doc['image']['archive']}"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
+    info = skopeo.inspect_oci_archive(doc["image"]["archive"])
     assert info["Layers"] == digests
     assert edgepack("verify", doc["bundle"]).returncode == 0
     # An arm64 base under an amd64 target is refused with one line naming both.

@@ -69,34 +69,41 @@ def test_unknown_target_suggests(
     _assert_nothing_written(tmp_path, out)
 
 
-def test_target_file_with_wrong_field(
-    tmp_path: Path, onnx_dir: Path, repo_root: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("name", "edit", "expected"),
+    [
+        (  # a wrong field
+            "my-board.toml",
+            ("ram_mb = 4096", "ram_mb = -4096"),
+            "my-board.toml: memory.ram_mb: must be a positive integer",
+        ),
+        (  # a misspelt key
+            "board.toml",
+            ("reserved_mb = 512", "reserved_mib = 512"),
+            "memory.reserved_mib: unknown key (did you mean 'reserved_mb'?)",
+        ),
+    ],
+)
+def test_target_file_with_a_bad_field(
+    name: str,
+    edit: tuple[str, str],
+    expected: str,
+    tmp_path: Path,
+    onnx_dir: Path,
+    repo_root: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     text = (repo_root / "targets" / "rpi4.toml").read_text()
-    bad = tmp_path / "my-board.toml"
-    bad.write_text(text.replace("ram_mb = 4096", "ram_mb = -4096"))
+    assert edit[0] in text  # premise: rpi4.toml has the line edited
+    bad = tmp_path / name
+    bad.write_text(text.replace(*edit))
     out = tmp_path / "bundle"
     code, _, err = _run(
         ["build", str(onnx_dir / "mnist.onnx"), "--target", str(bad), "--out", str(out)], capsys
     )
     assert code == ExitCode.TARGET
-    line = _error_line(err)
-    assert "my-board.toml: memory.ram_mb: must be a positive integer" in line
+    assert expected in _error_line(err)
     _assert_nothing_written(tmp_path, out)
-
-
-def test_target_file_with_misspelt_key(
-    tmp_path: Path, onnx_dir: Path, repo_root: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    text = (repo_root / "targets" / "rpi4.toml").read_text()
-    bad = tmp_path / "board.toml"
-    bad.write_text(text.replace("reserved_mb = 512", "reserved_mib = 512"))
-    code, _, err = _run(
-        ["build", str(onnx_dir / "mnist.onnx"), "--target", str(bad), "--out", str(tmp_path / "o")],
-        capsys,
-    )
-    assert code == ExitCode.TARGET
-    assert "memory.reserved_mib: unknown key (did you mean 'reserved_mb'?)" in _error_line(err)
 
 
 def test_model_too_big_for_zero_2w(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,30 +140,25 @@ def test_bad_name_and_version(
 # distribution-spec grammar, or podman/docker refuse the bundle at `load` ("invalid reference
 # format") after edgepack said it was fine.
 @pytest.mark.parametrize(
-    "name", ["mnist-", "a..b", "a___b", "-a", "a.-b", "_a", "a_", "x" * 64, "a\n", "A"]
+    ("option", "value"),
+    [
+        *(
+            ("--name", name)
+            for name in ["mnist-", "a..b", "a___b", "-a", "a.-b", "_a", "a_", "x" * 64, "a\n", "A"]
+        ),
+        *(("--version", version) for version in ["1.0+b1", "-1", ".1", "1" * 129, "1 0", "v1:2"]),
+    ],
 )
-def test_name_outside_the_oci_grammar_is_refused(
-    tmp_path: Path, onnx_dir: Path, capsys: pytest.CaptureFixture[str], name: str
+def test_name_or_version_outside_the_oci_grammar_is_refused(
+    tmp_path: Path, onnx_dir: Path, capsys: pytest.CaptureFixture[str], option: str, value: str
 ) -> None:
     out = tmp_path / "bundle"
     argv = ["build", str(onnx_dir / "mnist.onnx"), "-t", "industrial-pc", "--out", str(out)]
-    code, _, err = _run([*argv, "--name", name], capsys)
-    assert code == ExitCode.USAGE
-    assert "--name" in _error_line(err)
-    _assert_nothing_written(tmp_path, out)
-
-
-@pytest.mark.parametrize("version", ["1.0+b1", "-1", ".1", "1" * 129, "1 0", "v1:2"])
-def test_version_outside_the_oci_tag_grammar_is_refused(
-    tmp_path: Path, onnx_dir: Path, capsys: pytest.CaptureFixture[str], version: str
-) -> None:
-    out = tmp_path / "bundle"
-    argv = ["build", str(onnx_dir / "mnist.onnx"), "-t", "industrial-pc", "--out", str(out)]
-    code, _, err = _run([*argv, "--version", version], capsys)
+    code, _, err = _run([*argv, option, value], capsys)
     assert code == ExitCode.USAGE
     line = _error_line(err)
-    assert "--version" in line
-    if version == "1.0+b1":  # semver build metadata: refused, with the fix
+    assert option in line
+    if value == "1.0+b1":  # semver build metadata: refused, with the fix
         assert "use '-' instead, e.g. --version 1.0-b1" in line
     _assert_nothing_written(tmp_path, out)
 

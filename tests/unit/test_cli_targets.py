@@ -54,6 +54,6 @@ def test_build_output_says_esp32_s3_unproven(
     line = next(ln for ln in out.splitlines() if ln.startswith("proof:"))
     assert "not proven: no ESP32-S3 (Xtensa LX7) toolchain or emulator" in line
     assert line.endswith("the project is rendered unproven")
-    proof = json.loads((out_dir / "manifest.json").read_text())["mcu"]["proof"]
+    proof = json.loads((out_dir / "manifest.json").read_text())["device"]["proof"]
     assert proof["emulated"] is False and "rendered unproven" in proof["note"]
     assert (out_dir / "esp-idf" / "main" / "idf_component.yml").is_file()  # rendered as before

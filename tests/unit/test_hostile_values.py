@@ -20,6 +20,7 @@ from packager.errors import ExitCode, TargetError
 from packager.image.debian import source_lines
 from packager.image.spec import DebianBase
 from packager.render import UnsafeValue, c, comment, py, sh, systemd, systemd_arg
+from tests.target_files import dump_toml
 
 # Shell, systemd, Python and C metacharacters, line breaks and a NUL, and a trailing newline
 # (which `$` in a regular expression lets through).
@@ -70,25 +71,6 @@ FIELDS = (
 )
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are TOML basic-string escapes
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
-def _dump(doc: dict[str, Any]) -> str:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
-    for key, table in doc.items():
-        if isinstance(table, dict):
-            lines.append(f"[{key}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
-
-
 def _set(doc: dict[str, Any], path: str, value: str) -> None:
     parts = path.split(".")
     node: Any = doc
@@ -129,7 +111,7 @@ def test_every_hostile_value_in_every_target_field_is_refused_with_exit_4(
         doc = json.loads(json.dumps(shipped))
         _set(doc, field, value)
         path = tmp_path / "hostile.toml"
-        path.write_text(_dump(doc), encoding="utf-8")
+        path.write_text(dump_toml(doc), encoding="utf-8")
         assert tomllib.loads(path.read_text("utf-8")) == doc  # the file holds exactly `value`
         code, err = _run(["targets", "show", "hostile.toml"], capsys)
         assert code == ExitCode.TARGET, (field, value, err)

@@ -49,7 +49,7 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 def _error(path: Path) -> str:
     with pytest.raises(TargetError) as err:
-        resolve_target("rpi4", directory=path.parent)
+        resolve_target(path.stem, directory=path.parent)
     line = err.value.one_line()
     assert "\n" not in line
     return line
@@ -213,3 +213,26 @@ def test_integer_tops_is_still_a_number(rpi4_copy: Path) -> None:
     _edit(rpi4_copy, 'kind = "none"', 'kind = "npu"\ntops = 13')
     spec = load_target_file(rpi4_copy).spec
     assert isinstance(spec, LinuxTarget) and spec.accelerator.tops == 13.0
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ('l4t = "r36.3.0"', 'l4t = "r36.03.0"', "runtime.l4t"),
+        ('tensorrt = "8.6.2"', 'tensorrt = "08.6.2"', "runtime.tensorrt"),
+    ],
+)
+def test_jetson_versions_with_leading_zeros_name_their_field(
+    repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old: str, new: str,
+    field: str,
+) -> None:
+    """A leading zero the device never writes (/etc/nv_tegra_release, TensorRT's banner) is
+    refused at the field, not as a '(top level)' error from the range check (review finding)."""
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    copy = folder / "jetson-orin-nano.toml"
+    copy.write_text((repo_root / "targets" / "jetson-orin-nano.toml").read_text(encoding="utf-8"))
+    monkeypatch.chdir(tmp_path)
+    _edit(copy, old, new)
+    assert _error(copy).startswith(f"targets/jetson-orin-nano.toml: {field}: must match"), (
+        _error(copy))

@@ -9,26 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from packager import __version__
 from packager.agent import confinement
-from packager.backends.base import (
-    BuildPlan,
-    BuildRequest,
-    CopiedFile,
-    ExecuteResult,
-    RenderedFile,
-)
+from packager.backends import base
 from packager.backends.linux.fit import (
     INSTALLED_COPIES,
     linux_fit,
     storage_available,
     with_image_storage,
 )
+from packager.bundle.manifest import MANIFEST, CpuInfo, ImageSection, Layer, TargetInfo
 from packager.console import console
-from packager.errors import InputError, UnsupportedError, UsageError
+from packager.errors import InputError, UnsupportedError, UsageError, VerifyError
 from packager.fit import FitReport
 from packager.image.registry import parse_pinned
 from packager.image.spec import (
@@ -49,6 +45,7 @@ from packager.models.info import Dim, ModelInfo, TensorInfo
 from packager.render import render_files
 from packager.resources import runtime_dir
 from packager.targets import CHANNEL_FORM, LinuxTarget, LoadedTarget, ota_repo_problem
+from packager.tools.qemu import emulated_cpu
 
 RUNTIME_ROOT = "/opt/edgepack/runtime"
 RUNTIME_PACKAGE = "edgepack_runtime"
@@ -59,16 +56,18 @@ USER_ID = 10001
 SOURCE_URL = "https://github.com/edgepack/edgepack"
 
 
-def created_epoch() -> int:
-    """``SOURCE_DATE_EPOCH`` when set (reproducible-builds.org), else the Unix epoch."""
-    value = os.environ.get("SOURCE_DATE_EPOCH", "0")
-    return int(value) if value.isdigit() else 0
-
-
 def runtime_requirements() -> tuple[str, ...]:
     path = runtime_dir() / "requirements.txt"
     lines = path.read_text(encoding="utf-8").splitlines()
     return tuple(ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip())
+
+
+def onnxruntime_pin() -> str:
+    """The onnxruntime version the image ships (packager/runtime/requirements.txt)."""
+    pins = [r.partition("==")[2] for r in runtime_requirements() if r.startswith("onnxruntime==")]
+    if not pins:  # pragma: no cover - packager/runtime/requirements.txt pins it
+        raise UsageError("packager/runtime/requirements.txt pins no onnxruntime version")
+    return pins[0]
 
 
 def runtime_files() -> tuple[FileEntry, ...]:
@@ -111,7 +110,7 @@ def _first_dim(tensor: TensorInfo) -> Dim:
     return tensor.shape[0] if tensor.shape else None
 
 
-def batch_settings(request: BuildRequest, model: ModelInfo, spec: LinuxTarget) -> int:
+def batch_settings(request: base.BuildRequest, model: ModelInfo, spec: LinuxTarget) -> int:
     """runtime.json's max_batch_size: the build's or the target's, when the model can be batched.
 
     The runtime concatenates concurrent requests along their first axis, which is right only
@@ -168,7 +167,7 @@ def batch_settings(request: BuildRequest, model: ModelInfo, spec: LinuxTarget) -
 
 
 def runtime_config(
-    request: BuildRequest, name: str, version: str, model: ModelInfo, spec: LinuxTarget
+    request: base.BuildRequest, name: str, version: str, model: ModelInfo, spec: LinuxTarget
 ) -> dict[str, Any]:
     """``runtime.json`` for the on-device runtime: the target's settings, then the build's."""
     runtime = spec.runtime
@@ -213,7 +212,7 @@ def model_layer(model: ModelInfo, config: dict[str, Any]) -> FileLayer:
 
 
 def image_spec(
-    request: BuildRequest,
+    request: base.BuildRequest,
     model: ModelInfo,
     spec: LinuxTarget,
     name: str,
@@ -225,14 +224,14 @@ def image_spec(
             f"{spec.name}: platform.arch: {spec.platform.arch} images are not supported yet",
             hint="use an arm64 or amd64 target",
         )
-    base: BaseSpec
+    base_image: BaseSpec
     if request.base:
-        base = parse_base(request.base)
+        base_image = parse_base(request.base)
     else:
         from packager.image.debian import DEFAULT_PYTHON_PACKAGES
 
         suite = spec.runtime.base.partition(":")[2] or "bookworm"
-        base = DebianBase(suite=suite, packages=DEFAULT_PYTHON_PACKAGES, slim=request.slim)
+        base_image = DebianBase(suite=suite, packages=DEFAULT_PYTHON_PACKAGES, slim=request.slim)
     config = runtime_config(request, name, version, model, spec)
     port = spec.runtime.port
     labels = (
@@ -248,7 +247,7 @@ def image_spec(
         platform_os="linux",
         arch=spec.platform.arch,
         variant=spec.platform.variant,
-        base=base,
+        base=base_image,
         wheels=WheelSet(
             requirements=runtime_requirements(),
             python_version=spec.runtime.python,
@@ -283,7 +282,7 @@ def image_spec(
             *labels,
             ("org.opencontainers.image.ref.name", version),
         ),
-        created_epoch=created_epoch(),
+        created_epoch=base.created_epoch(),
         storage=storage_budget(target, force=request.force),
         compression=request.compression,
     )
@@ -307,7 +306,7 @@ OTA_CONFIG = "/etc/edgepack/ota-agent.json"
 OTA_STATE = "/var/lib/edgepack-ota"
 
 
-def check_ota_flags(request: BuildRequest) -> bool:
+def check_ota_flags(request: base.BuildRequest) -> bool:
     """Check --ota-repo/--ota-root/--ota-channel (before any work); True when OTA is wanted.
 
     UsageError (exit 2) for a lone flag, a URL that :func:`packager.targets.ota_repo_problem`
@@ -338,7 +337,9 @@ def check_ota_flags(request: BuildRequest) -> bool:
     return True
 
 
-def ota_files(request: BuildRequest) -> tuple[tuple[RenderedFile, ...], tuple[CopiedFile, ...]]:
+def ota_files(
+    request: base.BuildRequest,
+) -> tuple[tuple[base.RenderedFile, ...], tuple[base.CopiedFile, ...]]:
     """The device agent, its trusted root and units, when the bundle is built for OTA."""
     if not check_ota_flags(request):
         return (), ()
@@ -346,23 +347,23 @@ def ota_files(request: BuildRequest) -> tuple[tuple[RenderedFile, ...], tuple[Co
     from packager.ota.wheels import agent_source_dir
 
     source = agent_source_dir()
-    copied = [CopiedFile(path=f"{OTA_DIR}/root.json", source=request.ota_root)]
+    copied = [base.CopiedFile(path=f"{OTA_DIR}/root.json", source=request.ota_root)]
     for path in sorted(source.rglob("*.py")):
         rel = path.relative_to(source).as_posix()
         if "__pycache__" not in rel:
-            copied.append(CopiedFile(path=f"{OTA_DIR}/lib/edgepack_agent/{rel}", source=path))
+            copied.append(base.CopiedFile(path=f"{OTA_DIR}/lib/edgepack_agent/{rel}", source=path))
     rendered = (
-        RenderedFile(
+        base.RenderedFile(
             path=f"{OTA_DIR}/edgepack-ota-agent.service", template="linux/ota-agent.service.jinja"
         ),
-        RenderedFile(
+        base.RenderedFile(
             path=f"{OTA_DIR}/edgepack-ota-agent.timer", template="linux/ota-agent.timer.jinja"
         ),
     )
     return rendered, tuple(copied)
 
 
-def copy_files(files: tuple[CopiedFile, ...], root: Path) -> tuple[str, ...]:
+def copy_files(files: tuple[base.CopiedFile, ...], root: Path) -> tuple[str, ...]:
     written = []
     for item in files:
         dest = root / item.path
@@ -373,7 +374,7 @@ def copy_files(files: tuple[CopiedFile, ...], root: Path) -> tuple[str, ...]:
     return tuple(written)
 
 
-def ota_wheels(plan: BuildPlan, staging: Path, cache_dir: Path) -> tuple[str, ...]:
+def ota_wheels(plan: base.PackagePlan, staging: Path, cache_dir: Path) -> tuple[str, ...]:
     """The agent's wheels for the device's platform, downloaded once into the cache."""
     from packager.ota.wheels import download_agent_wheels
 
@@ -400,18 +401,44 @@ def ota_wheels(plan: BuildPlan, staging: Path, cache_dir: Path) -> tuple[str, ..
     return tuple(written)
 
 
-def container_confinement(spec: LinuxTarget) -> tuple[str, ...]:
-    """The runtime container's run flags from the target's ``[service]`` limits."""
-    return confinement.from_target(spec.service.memory_max_mb, spec.service.cpu_quota_percent)
+def container_confinement(spec: LinuxTarget, device: Sequence[str] = ()) -> tuple[str, ...]:
+    """The runtime container's run flags from the target's ``[service]`` limits, then
+    ``device`` (a derived class's device access, e.g. the Jetson backend's
+    packager.agent.confinement.NVIDIA_JETSON; allow-listed there)."""
+    return confinement.from_target(
+        spec.service.memory_max_mb, spec.service.cpu_quota_percent, device=device
+    )
 
 
-def write_confinement(spec: LinuxTarget, staging: Path) -> str:
-    """``confinement.json``: the flags the OTA agent starts this bundle's runtime with."""
-    (staging / confinement.FILE).write_bytes(confinement.to_bytes(container_confinement(spec)))
+def device_args(plan: base.PackagePlan) -> tuple[str, ...]:
+    """The plan's ``device_args`` context entry (set by a class that reuses this backend through
+    a Linux view of its target, e.g. Jetson's GPU access); () for a Linux bundle."""
+    return tuple(plan.context_dict().get("device_args") or ())
+
+
+def prepare_step(plan: base.PackagePlan) -> confinement.Prepare | None:
+    """The plan's ``prepare`` context entry (a derived class's step the OTA agent runs before
+    starting a release, e.g. Jetson's engine build); None for a Linux bundle."""
+    step = plan.context_dict().get("prepare")
+    assert step is None or isinstance(step, confinement.Prepare)
+    return step
+
+
+def write_confinement(
+    spec: LinuxTarget,
+    staging: Path,
+    device: Sequence[str] = (),
+    prepare: confinement.Prepare | None = None,
+) -> str:
+    """``confinement.json``: the flags the OTA agent starts this bundle's runtime with, and the
+    prepare step it runs first, if any (none: the file is as before the step existed)."""
+    (staging / confinement.FILE).write_bytes(
+        confinement.to_bytes(container_confinement(spec, device), prepare=prepare)
+    )
     return confinement.FILE
 
 
-def template_context(plan: BuildPlan, image: ImageResult) -> dict[str, Any]:
+def template_context(plan: base.PackagePlan, image: ImageResult) -> dict[str, Any]:
     """The one place the Linux templates' context is built."""
     spec = plan.target.spec
     assert isinstance(spec, LinuxTarget)
@@ -442,7 +469,9 @@ def template_context(plan: BuildPlan, image: ImageResult) -> dict[str, Any]:
         "restart_sec": spec.service.restart_sec,
         # One list of run flags for the unit's supervisor, install.sh and the OTA agent
         # (confinement.json): packager.agent.confinement.
-        "confinement_args": list(container_confinement(spec)),
+        "confinement_args": list(container_confinement(spec, device_args(plan))),
+        # The OTA agent's device class (a class reusing this backend sets its own).
+        "device_class": plan.context_dict().get("device_class") or spec.device_class,
         "restart_policy": confinement.RESTART_POLICY,
         "watchdog_sec": spec.service.watchdog_sec,
         "edgepack_version": __version__,
@@ -459,7 +488,7 @@ def template_context(plan: BuildPlan, image: ImageResult) -> dict[str, Any]:
     }
 
 
-def signing_context(request: BuildRequest) -> dict[str, str] | None:
+def signing_context(request: base.BuildRequest) -> dict[str, str] | None:
     """The public half of ``--sign-key`` for install.sh: ``{"key": base64, "keyid": hex}``."""
     if request.sign_key is None:
         return None
@@ -469,7 +498,7 @@ def signing_context(request: BuildRequest) -> dict[str, str] | None:
     return {"key": public_key_base64(public), "keyid": str(public.keyid)}
 
 
-def write_sbom(plan: BuildPlan, image: ImageResult, staging: Path, cache_dir: Path) -> str:
+def write_sbom(plan: base.PackagePlan, image: ImageResult, staging: Path, cache_dir: Path) -> str:
     """``sbom.cdx.json``: the image's Debian packages, wheels, model and runtime
     (packager.bundle.sbom)."""
     from packager.bundle.sbom import SBOM_FILE, ModelEntry, build_sbom
@@ -492,7 +521,7 @@ def write_sbom(plan: BuildPlan, image: ImageResult, staging: Path, cache_dir: Pa
             if isinstance(entry.source, Path)
         },
         cache_dir=cache_dir,
-        epoch=created_epoch(),
+        epoch=base.created_epoch(),
     )
     (staging / SBOM_FILE).write_text(text, encoding="utf-8")
     return SBOM_FILE
@@ -501,17 +530,34 @@ def write_sbom(plan: BuildPlan, image: ImageResult, staging: Path, cache_dir: Pa
 class LinuxContainerBackend:
     device_class: ClassVar[str] = "linux-container"
 
-    def fit(self, request: BuildRequest, model: ModelInfo, target: LoadedTarget) -> FitReport:
+    def check_request(self, request: base.BuildRequest) -> None:
+        check_ota_flags(request)
+
+    def source_steps(
+        self, request: base.BuildRequest, source: base.SourceModel, target: LoadedTarget
+    ) -> tuple[base.SourceStep, ...]:
+        """ONNX only: made loadable by the image's onnxruntime, optimized to ``--quantize`` or
+        the target's preferred precision, and checked again after optimizing."""
+        spec = target.spec
+        assert isinstance(spec, LinuxTarget)
+        if source.format != "onnx":
+            raise UnsupportedError(
+                f"{source.path.name}: {source.format} models cannot run on {spec.name}",
+                hint="linux-container targets serve ONNX models with onnxruntime",
+            )
+        compat = base.RuntimeCompatStep(engine=spec.runtime.engine, version=onnxruntime_pin())
+        optimize = base.preferred_quantize(request, source, spec.runtime.preferred_precision)
+        return (compat,) if optimize is None else (compat, optimize, compat)
+
+    def fit(self, request: base.BuildRequest, model: ModelInfo, target: LoadedTarget) -> FitReport:
         return linux_fit(model, target)
 
     def plan(
-        self, request: BuildRequest, model: ModelInfo, target: LoadedTarget, fit: FitReport
-    ) -> BuildPlan:
+        self, request: base.BuildRequest, model: ModelInfo, target: LoadedTarget, fit: FitReport
+    ) -> base.PackagePlan:
         spec = target.spec
         assert isinstance(spec, LinuxTarget)
-        from packager.build import bundle_name
-
-        name = bundle_name(request)
+        name = base.bundle_name(request)
         if model.format != "onnx":
             raise UnsupportedError(
                 f"{model.path.name}: {model.format} models cannot run on {spec.name}",
@@ -519,18 +565,14 @@ class LinuxContainerBackend:
             )
         unit = f"edgepack-{name}"
         ota_rendered, ota_copied = ota_files(request)
-        return BuildPlan(
-            backend=self.device_class,
-            bundle_name=name,
-            version=request.version,
-            target=target,
-            model=model,
-            fit=fit,
+        return base.PackagePlan.for_request(
+            self.device_class, request, name, (target, model, fit),
             rendered=(
-                RenderedFile(path=f"{unit}.service", template="linux/service.jinja"),
-                RenderedFile(path="install.sh", template="linux/install.sh.jinja", mode=0o755),
-                RenderedFile(path="supervise.py", template="linux/supervise.py.jinja", mode=0o755),
-                RenderedFile(path="README.md", template="linux/README.md.jinja"),
+                base.RenderedFile(path=f"{unit}.service", template="linux/service.jinja"),
+                base.RenderedFile(path="install.sh", template="linux/install.sh.jinja", mode=0o755),
+                base.RenderedFile(path="supervise.py", template="linux/supervise.py.jinja",
+                                  mode=0o755),
+                base.RenderedFile(path="README.md", template="linux/README.md.jinja"),
                 *ota_rendered,
             ),
             copied=ota_copied,
@@ -544,58 +586,53 @@ class LinuxContainerBackend:
                 ("signing", signing_context(request)),
             ),
             payload=image_spec(request, model, spec, name, request.version, target),
-            offline=request.offline,
         )
 
-    def execute(self, plan: BuildPlan, staging: Path, cache_dir: Path) -> ExecuteResult:
+    def execute(self, plan: base.PackagePlan, staging: Path, cache_dir: Path) -> base.ExecuteResult:
         from packager.image.builder import build_image
 
-        spec = plan.payload
-        assert isinstance(spec, ImageSpec)
-        image = build_image(spec, staging / "image.tar", cache_dir, offline=plan.offline)
+        image_plan = plan.payload
+        assert isinstance(image_plan, ImageSpec)
+        spec = plan.target.spec
+        assert isinstance(spec, LinuxTarget)
+        image = build_image(image_plan, staging / "image.tar", cache_dir, offline=plan.offline)
         context = template_context(plan, image)
         written = render_files(plan.rendered, context, staging)
         written += copy_files(plan.copied, staging)
-        assert isinstance(plan.target.spec, LinuxTarget)
-        written += (write_confinement(plan.target.spec, staging),)
+        written += (write_confinement(spec, staging, device_args(plan), prepare_step(plan)),)
         if plan.context_dict().get("ota"):
             written += ota_wheels(plan, staging, cache_dir)
         written += (write_sbom(plan, image, staging, cache_dir),)
-        layers = [
-            {
-                "name": layer.name,
-                "digest": layer.digest,
-                "diff_id": layer.diff_id,
-                "size": layer.size,
-                "uncompressed_size": layer.uncompressed_size,
-            }
+        layers = tuple(
+            Layer(
+                name=layer.name,
+                digest=layer.digest,
+                diff_id=layer.diff_id,
+                size=layer.size,
+                uncompressed_size=layer.uncompressed_size,
+            )
             for layer in image.layers
-        ]
-        image_meta = {
-            "archive": "image.tar",
-            "digest": image.manifest_digest,
-            "config_digest": image.config_digest,
-            "ref": image.ref_name,
-            "platform": plan.target.spec.platform.oci
-            if isinstance(plan.target.spec, LinuxTarget)
-            else "",
-            "size_bytes": image.size_bytes,
-            "port": plan.target.spec.runtime.port
-            if isinstance(plan.target.spec, LinuxTarget)
-            else 8080,
-            "layers": layers,
-        }
+        )
+        section = ImageSection(
+            archive="image.tar",
+            digest=image.manifest_digest,
+            config_digest=image.config_digest,
+            ref=image.ref_name,
+            platform=spec.platform.oci,
+            size_bytes=image.size_bytes,
+            port=spec.runtime.port,
+            layers=layers,
+        )
         cached = [layer.name for layer in image.layers if layer.cached]
         # The fit the manifest records: storage from the built image's real sizes.
-        fit = with_image_storage(
-            plan.fit, plan.target, image.uncompressed_bytes, image.size_bytes
-        ).to_json()
-        return ExecuteResult(
+        fit = with_image_storage(plan.fit, plan.target, image.uncompressed_bytes, image.size_bytes)
+        return base.ExecuteResult(
             files=("image.tar", *written),
-            manifest_extra=(("image", image_meta), ("fit", fit)),
+            image=section,
+            fit=fit,
             json_extra=(
-                ("fit", fit),
-                ("platform", image_meta["platform"]),
+                ("fit", fit.to_json()),
+                ("platform", section.platform),
                 (
                     "image",
                     {
@@ -603,9 +640,84 @@ class LinuxContainerBackend:
                         "digest": image.manifest_digest,
                         "size_bytes": image.size_bytes,
                         "ref": image.ref_name,
-                        "layers": layers,
+                        "layers": [layer.model_dump(mode="json") for layer in layers],
                         "cached_layers": cached,
                     },
                 ),
             ),
         )
+
+    def evaluate_on_target(
+        self, plan: base.PackagePlan, result: base.ExecuteResult, job: base.OnTargetEval
+    ) -> dict[str, Any]:
+        """The INT8 accuracy measured in the built image on the target's emulated CPU where
+        that is another architecture (packager.optimize.on_target)."""
+        from packager.optimize.on_target import evaluate_in_image, wanted
+
+        if result.image is None or not wanted(
+            plan.target, job.quantize, job.eval_dir, plan.model.path
+        ):
+            return job.report
+        return evaluate_in_image(
+            target=plan.target,
+            image=result.image.model_dump(mode="json"),
+            bundle=job.bundle,
+            model_in_image=f"{MODEL_DIR}/{plan.model.path.name}",
+            baseline=job.baseline,
+            eval_dir=job.eval_dir,
+            report=job.report,
+            work=job.work,
+        )
+
+    def target_meta(self, target: LoadedTarget) -> TargetInfo:
+        spec = target.spec
+        assert isinstance(spec, LinuxTarget)
+        cpu = spec.cpu
+        return TargetInfo(
+            name=spec.name,
+            device_class=spec.device_class,
+            platform=spec.platform.oci,
+            # `edgepack run` emulates this CPU model (qemu-user); None: qemu models no such core.
+            cpu=None
+            if cpu is None
+            else CpuInfo(model=cpu.model, cores=cpu.cores, qemu=emulated_cpu(cpu.model, cpu.qemu)),
+        )
+
+    def target_notes(self, target: LoadedTarget) -> tuple[base.TargetNote, ...]:
+        return ()
+
+    def try_bundle(self, request: base.TryRequest, manifest: base.Manifest) -> base.TryResult:
+        from packager.backends.linux.trial import run_bundle
+
+        result = run_bundle(request, manifest)
+        lines: tuple[str, ...] = ()
+        if result.smoke:
+            where = f" on an emulated {result.cpu}" if result.cpu else ""
+            lines = (f"{request.bundle}: ready in {result.ready_after_s:.1f}s{where}, "
+                     "inference OK",)
+        return base.TryResult(document=result.to_json(), lines=lines)
+
+    def verify_bundle(self, root: Path, manifest: base.Manifest) -> tuple[str, ...]:
+        """The image (every blob, and the digest manifest.json records). A bundle relabelled
+        as this class is refused: a linux-container bundle always carries an image and never a
+        device section (another class's, e.g. an engine key this class would not check)."""
+        from packager.backends.linux.verify import check_image
+
+        if manifest.image is None:
+            raise VerifyError(
+                f"{root / MANIFEST}: image: is required for a {self.device_class} bundle",
+                hint="rebuild the bundle with 'edgepack build'",
+            )
+        if manifest.device is not None:
+            raise VerifyError(
+                f"{root / MANIFEST}: device: a {self.device_class} bundle has no device section",
+                hint="was target.device_class changed? rebuild the bundle with 'edgepack build'",
+            )
+        return tuple(check_image(root, manifest))
+
+    def release_compatibility(self, root: Path, manifest: base.Manifest) -> dict[str, str]:
+        """Platform and device class say it all: no further requirements."""
+        return {}
+
+    def check_publishable(self, root: Path, manifest: base.Manifest) -> None:
+        """Every verified container bundle may be published: the agent runs its image."""

@@ -16,15 +16,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from packager.bundle.manifest import read_manifest
-from packager.bundle.verify import verify_bundle
+from packager.backends.base import TryRequest
+from packager.bundle.manifest import Manifest, TargetInfo, Tensor
 from packager.console import console
 from packager.errors import RuntimeCheckError, ToolMissingError, UsageError, VerifyError
 from packager.image.emulation import cpuinfo_text
@@ -54,16 +54,6 @@ _V2_DATATYPES = {
     "uint64": "UINT64",
     "bool": "BOOL",
 }
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    bundle: Path
-    port: int = 8080
-    engine: str | None = None
-    smoke_test: bool = False  # start, check ready and one inference, stop
-    timeout_s: float = 300.0
-    cpu: str | None = None  # qemu CPU model to emulate instead of the target's (--cpu)
 
 
 @dataclass(frozen=True)
@@ -101,7 +91,7 @@ def _http(url: str, body: bytes | None = None, timeout: float = 10.0) -> tuple[i
         return 0, b""
 
 
-def choose_cpu(target: Any, override: str | None) -> tuple[str, bool]:
+def choose_cpu(target: TargetInfo | None, override: str | None) -> tuple[str, bool]:
     """(qemu CPU model, whether it is the device's own) for an emulated run of a bundle whose
     manifest ``target`` table is given: ``override`` (--cpu), else the manifest's
     ``cpu.qemu``, else the qemu model named like its ``cpu.model``; qemu's ``max`` (not the
@@ -116,12 +106,10 @@ def choose_cpu(target: Any, override: str | None) -> tuple[str, bool]:
                 hint="e.g. --cpu cortex-a72, or --cpu max for every extension qemu has",
             )
         return override, True
-    cpu = target.get("cpu") if isinstance(target, dict) else None
-    if not isinstance(cpu, dict):
+    cpu = target.cpu if target is not None else None
+    if cpu is None:
         return QEMU_DEFAULT_CPU, False
-    value = cpu.get("qemu")
-    if value is None and isinstance(cpu.get("model"), str):
-        value = emulated_cpu(cpu["model"])
+    value: object = cpu.qemu if cpu.qemu is not None else emulated_cpu(cpu.model)
     if value is None:
         return QEMU_DEFAULT_CPU, False
     if not isinstance(value, str) or not re.fullmatch(QEMU_CPU_PATTERN, value):
@@ -165,19 +153,19 @@ def wait_ready(
     )
 
 
-def smoke_inference(base_url: str, name: str, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+def smoke_inference(base_url: str, name: str, inputs: Sequence[Tensor]) -> dict[str, Any]:
     """One inference on zeros of the model's input shapes (dynamic dims as 1)."""
     tensors = []
     for tensor in inputs:
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in tensor["shape"]]
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in tensor.shape]
         count = 1
         for d in shape:
             count *= d
-        dtype = str(tensor["dtype"])
+        dtype = tensor.dtype
         value: Any = False if dtype == "bool" else 0
         tensors.append(
             {
-                "name": tensor["name"],
+                "name": tensor.name,
                 "shape": shape,
                 "datatype": _V2_DATATYPES.get(dtype, "FP32"),
                 "data": [value] * count,
@@ -220,14 +208,13 @@ class Emulation:
 
 
 def plan_emulation(
-    manifest: dict[str, Any], arch: str, override: str | None, scratch: Path
+    manifest: Manifest, arch: str, override: str | None, scratch: Path
 ) -> Emulation:
     """QEMU_CPU for the container, and a /proc/cpuinfo of that core written into ``scratch``
     (onnxruntime reads /proc/cpuinfo at import and crashes on the host's x86 text).
 
     Raises ToolMissingError when this host's qemu does not emulate the chosen CPU."""
-    target = manifest.get("target")
-    cpu, own = choose_cpu(target, override)
+    cpu, own = choose_cpu(manifest.target, override)
     if not own:
         console.warn(
             f"the bundle's manifest names no CPU model qemu emulates; running on qemu's "
@@ -242,9 +229,8 @@ def plan_emulation(
             "with one of: " + ", ".join(sorted(available)),
         )
     cpuinfo = CPUINFO / f"cpuinfo-{arch}.txt"
-    target_cpu = target.get("cpu") if isinstance(target, dict) else None
-    cores = target_cpu.get("cores") if isinstance(target_cpu, dict) else None
-    text = cpuinfo_text(cpu, cores if isinstance(cores, int) and 0 < cores <= 256 else 4)
+    cores = manifest.target.cpu.cores if manifest.target.cpu is not None else None
+    text = cpuinfo_text(cpu, cores if cores is not None and 0 < cores <= 256 else 4)
     if text is not None:
         cpuinfo = scratch / "cpuinfo"
         cpuinfo.write_text(text, encoding="ascii")
@@ -252,18 +238,17 @@ def plan_emulation(
     return Emulation(cpu=cpu, env=((QEMU_CPU_ENV, cpu),), volumes=volumes)
 
 
-def run_bundle(request: RunRequest) -> RunResult:
-    problems = verify_bundle(request.bundle)
-    if problems:
-        raise VerifyError(f"{request.bundle}: {problems[0]}", hint="rebuild or copy it again")
-    manifest = read_manifest(request.bundle)
-    image = manifest.get("image")
-    if not isinstance(image, dict):
+def run_bundle(request: TryRequest, manifest: Manifest) -> RunResult:
+    """Start the image of a bundle ``edgepack run`` has verified on 127.0.0.1 ``request.port``
+    (emulated by qemu-user on the device's CPU model when foreign): with ``smoke_test`` one
+    inference on zeros, then stop; else serve until Ctrl-C / SIGTERM."""
+    image = manifest.image
+    if image is None:
         raise UsageError(
-            f"{request.bundle}: this {manifest['target']['device_class']} bundle has no image",
-            hint="edgepack run tries Linux container bundles",
+            f"{request.bundle}: this {manifest.target.device_class} bundle has no image",
+            hint="rebuild it with 'edgepack build'",
         )
-    platform = str(image["platform"])
+    platform = image.platform
     arch = platform.split("/")[1]
     engine = find_engine(request.engine)
     emulated = needs_emulation(arch)
@@ -273,18 +258,18 @@ def run_bundle(request: RunRequest) -> RunResult:
             ensure_binfmt(arch)
             emulation = plan_emulation(manifest, arch, request.cpu, Path(scratch))
         cpu = emulation.cpu if emulation else None
-        console.status(f"loading {image['ref']} into {engine.name}")
-        engine.load(request.bundle / str(image["archive"]))
-        container = f"edgepack-run-{manifest['name']}-{request.port}"
+        console.status(f"loading {image.ref} into {engine.name}")
+        engine.load(request.bundle / image.archive)
+        container = f"edgepack-run-{manifest.name}-{request.port}"
         engine.remove(container)
-        container_port = int(image.get("port", 8080))
+        container_port = image.port
         base_url = f"http://127.0.0.1:{request.port}"
         console.status(
             f"starting {container} ({platform}"
             f"{f', emulated by qemu-user on a {cpu} CPU' if emulated else ''})"
         )
         engine.run_detached(
-            str(image["ref"]),
+            image.ref,
             name=container,
             publish=[f"127.0.0.1:{request.port}:{container_port}"],
             volumes=emulation.volumes if emulation else (),
@@ -295,12 +280,12 @@ def run_bundle(request: RunRequest) -> RunResult:
             with _stop_on_sigterm():
                 ready_after = wait_ready(engine, container, base_url, request.timeout_s, cpu)
                 console.status(
-                    f"ready after {ready_after:.1f}s: {base_url}/v2/models/{manifest['name']}"
+                    f"ready after {ready_after:.1f}s: {base_url}/v2/models/{manifest.name}"
                 )
                 smoke = None
                 if request.smoke_test:
                     smoke = smoke_inference(
-                        base_url, str(manifest["name"]), manifest["model"]["inputs"]
+                        base_url, manifest.name, manifest.model.inputs
                     )
                     console.status(f"inference OK in {smoke['latency_s']}s")
                 else:
@@ -315,7 +300,7 @@ def run_bundle(request: RunRequest) -> RunResult:
         bundle=request.bundle,
         engine=engine.name,
         emulated=emulated,
-        url=f"{base_url}/v2/models/{manifest['name']}",
+        url=f"{base_url}/v2/models/{manifest.name}",
         ready_after_s=ready_after,
         smoke=smoke,
         cpu=cpu,

@@ -17,17 +17,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-import jinja2
-
 from packager import __version__
-from packager.backends.base import BuildPlan, BuildRequest, ExecuteResult, RenderedFile
-from packager.backends.mcu.emulate import board_context, default_kernels
+from packager.backends import base
+from packager.backends.mcu.emulate import board_context, default_kernels, proof_note
+from packager.bundle.manifest import MANIFEST, TargetInfo
 from packager.console import capture_fd
-from packager.errors import FitError, InputError, UnsupportedError
+from packager.errors import FitError, InputError, UnsupportedError, UsageError
 from packager.fit import FitReport, Resource, human_bytes
 from packager.models.info import ModelInfo
 from packager.models.tflite import TfliteModel, TfliteTensor, analyze_tflite
-from packager.render import environment
+from packager.render import render_files
 from packager.targets import LoadedTarget, McuTarget
 
 KIB = 1024
@@ -284,7 +283,7 @@ class ResolverOp:
 
 @dataclass(frozen=True)
 class McuProject:
-    """The frozen payload of an MCU BuildPlan."""
+    """The frozen payload of an MCU PackagePlan."""
 
     model_bytes: bytes
     model_file: str  # bundle-relative path of the .tflite copy
@@ -328,7 +327,7 @@ def _spec(target: LoadedTarget) -> McuTarget:
     return target.spec
 
 
-def _options(request: BuildRequest) -> dict[str, str]:
+def _options(request: base.BuildRequest) -> dict[str, str]:
     known = {"update", "emulate"}
     options = dict(request.options)
     for key in options:
@@ -343,21 +342,47 @@ def _options(request: BuildRequest) -> dict[str, str]:
     return options
 
 
-def load_tflite(request: BuildRequest, model: ModelInfo) -> tuple[bytes, TfliteModel]:
-    """The TFLite bytes to deploy: the inspected .tflite as is, or a Keras/SavedModel model
-    converted to a fully int8 model with the calibration data (TensorFlow is imported only on
-    that path)."""
+def load_tflite(model: ModelInfo) -> bytes:
+    """The TFLite bytes to deploy: the inspected .tflite as is. Other formats were converted by
+    the build's :class:`ConvertStep` (:meth:`McuBackend.source_steps`) before they got here."""
     path = model.path
     if model.format != "tflite":
-        from packager.models.convert import convert_for_mcu
+        raise UnsupportedError(
+            f"{path}: an MCU bundle deploys a TFLite model, not {model.format}",
+            hint="build it with 'edgepack build', which converts ONNX, Keras/SavedModel and "
+            "PyTorch models to int8 TFLite first",
+        )
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the model ({exc.strerror})") from exc
 
-        data = convert_for_mcu(model, request.calibration)
-    else:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read the model ({exc.strerror})") from exc
-    return data, analyze_tflite(data, str(path))
+
+@dataclass(frozen=True)
+class Measurement:
+    """What fit and plan both need of a model, measured once (:func:`measure`)."""
+
+    data: bytes
+    analysis: TfliteModel
+    ops: tuple[ResolverOp, ...]
+    arena: ArenaSize
+
+
+@lru_cache(maxsize=8)
+def measure(data: bytes, source: str, core: str, margin_percent: int) -> Measurement:
+    """The model's analysis, resolver and tensor arena (measured with the TFLM interpreter,
+    :func:`measure_arena`) for a target of ``core`` with ``margin_percent``: cached, so a
+    build's fit and plan share one measurement."""
+    analysis = analyze_tflite(data, source)
+    ops = resolver_ops(analysis, source)
+    measured = measure_arena(data, source)
+    arena = ArenaSize(
+        measured_bytes=measured,
+        margin_percent=margin_percent,
+        margin_reason=ARENA_MARGIN_REASONS.get(core, "kernel scratch buffers"),
+        chosen_bytes=chosen_arena(measured, margin_percent),
+    )
+    return Measurement(data=data, analysis=analysis, ops=ops, arena=arena)
 
 
 def check_int8(analysis: TfliteModel, source: str, target: LoadedTarget) -> None:
@@ -679,15 +704,10 @@ def emulate_files(board: str | None) -> tuple[tuple[str, str], ...]:
 
 def rendered_files(
     sdk: str, *, update: bool, board: str | None = None
-) -> tuple[RenderedFile, ...]:
+) -> tuple[base.RenderedFile, ...]:
     files = (_COMMON_FILES + (_UPDATE_FILES if update else ()) + _SDK_FILES.get(sdk, ())
              + emulate_files(board))
-    return tuple(RenderedFile(path=p, template=t) for p, t in files)
-
-
-def _environment() -> jinja2.Environment:
-    # The one environment (with its escaping filters); the C templates keep their own layout.
-    return environment(trim_blocks=False)
+    return tuple(base.RenderedFile(path=p, template=t) for p, t in files)
 
 
 class McuBackend:
@@ -695,82 +715,83 @@ class McuBackend:
 
     device_class: ClassVar[str] = "mcu"
 
-    def _measure(
-        self, request: BuildRequest, model: ModelInfo, target: LoadedTarget
-    ) -> tuple[bytes, TfliteModel, tuple[ResolverOp, ...], ArenaSize]:
-        source = str(model.path)
-        data, analysis = load_tflite(request, model)
-        check_int8(analysis, source, target)
-        ops = resolver_ops(analysis, source)
-        spec = _spec(target)
-        measured = measure_arena(data, source)
-        margin = spec.runtime.arena_margin_percent
-        arena = ArenaSize(
-            measured_bytes=measured,
-            margin_percent=margin,
-            margin_reason=ARENA_MARGIN_REASONS.get(spec.mcu.core, "kernel scratch buffers"),
-            chosen_bytes=chosen_arena(measured, margin),
-        )
-        return data, analysis, ops, arena
+    def check_request(self, request: base.BuildRequest) -> None:
+        """The options (``--opt update|emulate``), and no OTA flags: the OTA agent installs
+        container images; an MCU updates its model through its flash slots."""
+        _options(request)
+        if request.ota_repo is not None or request.ota_root is not None:
+            flag = "--ota-repo" if request.ota_repo is not None else "--ota-root"
+            raise UsageError(
+                f"{flag}: MCU bundles are not installed by the OTA agent",
+                hint="leave out --ota-repo/--ota-root; the firmware takes model updates "
+                "through its update slots (--opt update=on)",
+            )
 
-    def fit(self, request: BuildRequest, model: ModelInfo, target: LoadedTarget) -> FitReport:
+    def source_steps(
+        self, request: base.BuildRequest, source: base.SourceModel, target: LoadedTarget
+    ) -> tuple[base.SourceStep, ...]:
+        """A TFLite model as it is; ONNX, Keras/SavedModel and PyTorch converted to a fully
+        int8 TFLite model (calibrated on --calibration) first."""
+        _spec(target)
+        steps: tuple[base.SourceStep, ...] = ()
+        if source.format != "tflite":
+            steps = (base.ConvertStep(route=source.format),)
+        # MCU targets prefer no optimizer precision of their own: --quantize only.
+        optimize = base.preferred_quantize(request, source, "fp32")
+        return steps if optimize is None else (*steps, optimize)
+
+    def _measure(self, model: ModelInfo, target: LoadedTarget) -> Measurement:
+        source = str(model.path)
+        spec = _spec(target)
+        found = measure(load_tflite(model), source, spec.mcu.core,
+                        spec.runtime.arena_margin_percent)
+        check_int8(found.analysis, source, target)
+        return found
+
+    def fit(self, request: base.BuildRequest, model: ModelInfo, target: LoadedTarget) -> FitReport:
         update = _options(request).get("update", "on") == "on"
-        _, analysis, ops, arena = self._measure(request, model, target)
-        report = mcu_fit(analysis, ops, arena, target, update=update)
+        m = self._measure(model, target)
+        report = mcu_fit(m.analysis, m.ops, m.arena, target, update=update)
         if update and not request.force:
-            refuse_update_slots(report, mcu_fit(analysis, ops, arena, target, update=False),
+            refuse_update_slots(report, mcu_fit(m.analysis, m.ops, m.arena, target, update=False),
                                 request.model.name)
         return report
 
     def plan(
-        self, request: BuildRequest, model: ModelInfo, target: LoadedTarget, fit: FitReport
-    ) -> BuildPlan:
+        self, request: base.BuildRequest, model: ModelInfo, target: LoadedTarget, fit: FitReport
+    ) -> base.PackagePlan:
         update = _options(request).get("update", "on") == "on"
-        data, analysis, ops, arena = self._measure(request, model, target)
-        name = request.name or _c_identifier(request.model.name.split(".")[0]).lower()
+        m = self._measure(model, target)
+        name = base.bundle_name(request)
+        spec = _spec(target)
         project = McuProject(
-            model_bytes=data,
+            model_bytes=m.data,
             model_file=f"model/{name}.tflite",
-            analysis=analysis,
-            arena=arena,
-            ops=ops,
-            sdk=_spec(target).runtime.sdk,
-            update_slot_size=update_slot_size(analysis.size_bytes),
+            analysis=m.analysis,
+            arena=m.arena,
+            ops=m.ops,
+            sdk=spec.runtime.sdk,
+            update_slot_size=update_slot_size(m.analysis.size_bytes),
             update_enabled=update,
-            flash=flash_map(_spec(target), analysis.size_bytes) if update else None,
+            flash=flash_map(spec, m.analysis.size_bytes) if update else None,
         )
         context = template_context(name, project, target, fit)
-        spec = _spec(target)
         emulate = board_context(spec.mcu.core, spec.memory.flash_kb, spec.memory.ram_kb,
                                 int(context["main_stack_bytes"]))
         context["emulate"] = emulate
         context["proof"] = _options(request).get("emulate", "on")
-        return BuildPlan(
-            backend="mcu",
-            bundle_name=name,
-            version=request.version,
-            target=target,
-            model=model,
-            fit=fit,
+        return base.PackagePlan.for_request(
+            self.device_class, request, name, (target, model, fit),
             rendered=rendered_files(project.sdk, update=update,
                                     board=emulate.get("board") if emulate else None),
             payload=project,
             context=tuple(sorted(context.items())),
         )
 
-    def execute(self, plan: BuildPlan, staging: Path, cache_dir: Path) -> ExecuteResult:
+    def execute(self, plan: base.PackagePlan, staging: Path, cache_dir: Path) -> base.ExecuteResult:
         project = plan.payload
         assert isinstance(project, McuProject)
-        env = _environment()
-        context = plan.context_dict()
-        written: list[str] = []
-        for item in plan.rendered:
-            text = env.get_template(item.template).render(context)
-            path = staging / item.path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8", newline="\n")
-            path.chmod(item.mode)
-            written.append(item.path)
+        written = list(render_files(plan.rendered, plan.context_dict(), staging))
         model_path = staging / project.model_file
         model_path.parent.mkdir(parents=True, exist_ok=True)
         model_path.write_bytes(project.model_bytes)
@@ -787,14 +808,113 @@ class McuBackend:
             summary["proof"] = prove_firmware(plan, staging, set(written), project)
         else:
             summary["proof"] = {"emulated": False, "note": "skipped: --opt emulate=off"}
-        return ExecuteResult(
+        written.append(write_sbom(plan, staging))
+        return base.ExecuteResult(
             files=tuple(sorted(written)),
-            manifest_extra=(("mcu", summary),),
+            device=summary,
             json_extra=(("mcu", summary),),
+            summary=summary_lines(summary),
+        )
+
+    def evaluate_on_target(
+        self, plan: base.PackagePlan, result: base.ExecuteResult, job: base.OnTargetEval
+    ) -> dict[str, Any]:
+        return job.report  # the firmware proof (execute) is this class's on-target measurement
+
+    def target_meta(self, target: LoadedTarget) -> TargetInfo:
+        spec = _spec(target)
+        return TargetInfo(name=spec.name, device_class=spec.device_class)
+
+    def target_notes(self, target: LoadedTarget) -> tuple[base.TargetNote, ...]:
+        provable, note = proof_note(_spec(target).mcu.core)
+        what = "proof before flash" if provable else "not proven"
+        return (base.TargetNote(key="proof", value={"emulated": provable, "note": note},
+                           line=f"{what}: {note}"),)
+
+    def try_bundle(self, request: base.TryRequest, manifest: base.Manifest) -> base.TryResult:
+        """Build the bundle's firmware and run it on the emulated board of its core."""
+        from packager.backends.mcu.emulate import emulate_bundle, load_inputs
+        from packager.console import console
+
+        inputs = load_inputs(request.bundle, list(request.inputs)) if request.inputs else None
+        console.status(f"building and emulating {request.bundle} "
+                       f"({request.kernels or 'default'} kernels)")
+        doc = emulate_bundle(request.bundle, inputs, tree=request.toolchain_tree,
+                             kernels=request.kernels).to_json()
+        lines = [f"inference {n}: outputs {outs}, {doc['instructions'][n]:,} instructions"
+                 for n, outs in enumerate(doc["outputs"])]
+        linked = doc["linked"]
+        lines.append(
+            f"{doc['board']}: arena {doc['arena_used_bytes']:,} of {doc['arena_bytes']:,} B used; "
+            f"linked flash {linked['flash_bytes']:,} B, RAM {linked['ram_bytes']:,} B (static); "
+            f"latency ~{doc['latency_estimate_ms']} ms ({doc['latency_estimate_basis']}); "
+            f"instructions +-{doc['instructions_resolution']} ({doc['instructions_source']})")
+        return base.TryResult(document=doc, lines=tuple(lines))
+
+    def verify_bundle(self, root: Path, manifest: base.Manifest) -> tuple[str, ...]:
+        """The ``device`` section must be an MCU's (VerifyError, exit 8, otherwise)."""
+        from packager.backends.mcu.manifest import McuSection
+
+        manifest.device_as(McuSection, str(root / MANIFEST))
+        return ()
+
+    def release_compatibility(self, root: Path, manifest: base.Manifest) -> dict[str, str]:
+        """Never asked in practice (check_publishable refuses every MCU bundle first)."""
+        return {}
+
+    def check_publishable(self, root: Path, manifest: base.Manifest) -> None:
+        raise UnsupportedError(
+            f"{root / MANIFEST}: target.device_class is {manifest.target.device_class!r}; OTA "
+            "installs linux-container bundles only",
+            hint="an MCU takes model updates through its firmware's update slots",
         )
 
 
-def prove_firmware(plan: BuildPlan, staging: Path, written: set[str],
+def summary_lines(summary: dict[str, Any]) -> tuple[str, ...]:
+    """``edgepack build``'s lines on the firmware proof before flash and where slot A goes."""
+    lines = []
+    proof = summary.get("proof")
+    if isinstance(proof, dict):
+        if not proof.get("emulated"):
+            line = f"not proven: {proof.get('note', 'no emulation')}"
+        else:
+            linked = proof.get("linked", {})
+            line = (f"firmware run on {proof.get('board')} ({proof.get('kernels')} kernels), "
+                    f"outputs equal the interpreter's; linked flash "
+                    f"{linked.get('flash_bytes', 0):,} B, RAM {linked.get('ram_bytes', 0):,} B")
+        lines.append(f"proof:    {line}")
+    slots = summary.get("update_slots")
+    if isinstance(slots, dict):
+        lines.append(f"slot A:   flash {slots['slot_a_image']} at {slots['slot_a_addr']}")
+    return tuple(lines)
+
+
+def write_sbom(plan: base.PackagePlan, staging: Path) -> str:
+    """``sbom.cdx.json`` for an MCU bundle: its model, TFLite Micro and generated sources
+    (packager.bundle.sbom), over every file written so far."""
+    from packager.backends.mcu.sbom import build_mcu_sbom
+    from packager.bundle.sbom import SBOM_FILE
+    from packager.digest import sha256_path
+
+    files = {
+        p.relative_to(staging).as_posix(): sha256_path(p)[0]
+        for p in sorted(staging.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+    model_file = next((f for f in files if f.endswith(".tflite")), "")
+    text = build_mcu_sbom(
+        name=plan.bundle_name,
+        version=plan.version,
+        files=files,
+        model_file=model_file,
+        sdk=_spec(plan.target).runtime.sdk,
+        epoch=base.created_epoch(),
+    )
+    (staging / SBOM_FILE).write_text(text, encoding="utf-8")
+    return SBOM_FILE
+
+
+def prove_firmware(plan: base.PackagePlan, staging: Path, written: set[str],
                    project: McuProject) -> dict[str, Any]:
     """Proof before flash (issue 14): compile and link the rendered project's firmware, run one
     input on the emulated board of the target's core, compare with the TFLM interpreter, and
@@ -855,7 +975,9 @@ def _interpreter_outputs(model: bytes, arena: int, inputs: list[Any],
     return [np.array(interpreter.get_output(i)) for i in range(outputs)]
 
 
-def _check_linked(plan: BuildPlan, flash_fw: int, ram_static: int, project: McuProject) -> None:
+def _check_linked(
+    plan: base.PackagePlan, flash_fw: int, ram_static: int, project: McuProject
+) -> None:
     """The fit check on linked sizes: firmware (text + data) plus the update slots against the
     usable flash; static RAM (data + bss, the arena included) plus the stack/IO allowance."""
     spec = _spec(plan.target)

@@ -44,6 +44,7 @@ from packager.errors import ToolFailedError, UsageError, VerifyError
 from packager.tools import gcc_arm, qemu
 
 if TYPE_CHECKING:
+    from packager.bundle.manifest import Manifest
     from packager.targets import McuTarget
 
 # Target core -> the QEMU board that emulates it, and the CPUID PartNo of that core (Arm
@@ -400,16 +401,19 @@ def run_firmware(elf: Path, board: str, io_blob: bytes, work: Path) -> str:
 
 # --- the whole thing -----------------------------------------------------------------------------
 
-def _manifest(bundle: Path) -> dict[str, Any]:
-    from packager.bundle.manifest import check_files, read_manifest
+def _manifest(bundle: Path) -> Manifest:
+    """``bundle``'s manifest with its files checked and its ``device`` section an MCU's
+    (:class:`~packager.backends.mcu.manifest.McuSection`); VerifyError otherwise."""
+    from packager.backends.mcu.manifest import McuSection
+    from packager.bundle.manifest import MANIFEST, check_files, read_manifest
 
     manifest = read_manifest(bundle)
     problems = check_files(bundle, manifest)
     if problems:
         raise VerifyError(f"{bundle}: {problems[0]}", hint="rebuild or copy it again")
-    mcu = manifest.get("mcu")
-    if not isinstance(mcu, dict):
-        raise VerifyError(f"{bundle}: not an MCU bundle (manifest has no 'mcu' section)")
+    if manifest.device is None:
+        raise VerifyError(f"{bundle}: not an MCU bundle (manifest has no 'device' section)")
+    manifest.device_as(McuSection, str(bundle / MANIFEST))
     return manifest
 
 
@@ -431,11 +435,10 @@ def emulate_bundle(bundle: Path, inputs: Sequence[Sequence[np.ndarray]] | None, 
     from packager.targets import McuTarget, resolve_target
 
     manifest = _manifest(bundle)
-    meta = manifest["target"]
-    target = resolve_target(str(meta["name"] if isinstance(meta, dict) else meta))
+    target = resolve_target(manifest.target.name)
     # Only what the manifest lists (and check_files verified) is compiled: never a stray or
     # linked file that happens to sit in src/.
-    listed = {str(e["path"]) for e in manifest["files"]}
+    listed = {e.path for e in manifest.files}
     if not isinstance(target.spec, McuTarget):
         raise VerifyError(f"{bundle}: target {target.name} is not an MCU")
     return emulate_project(bundle, listed, target.spec, inputs, tree=tree, kernels=kernels,

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from packager.agent.agent import init_device
 from packager.ota.repo import Repository
 from tests.process_guard import pids_with_env, stop
-from tests.unit.agent.helpers import kill_containers, make_engine
+from tests.unit.agent.helpers import Device, free_port, kill_containers, make_engine
 
 
 @pytest.fixture
@@ -26,3 +27,26 @@ def engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 @pytest.fixture
 def repo(tmp_path: Path) -> Repository:
     return Repository.init(tmp_path / "repo")
+
+
+@pytest.fixture
+def bundle_confinement() -> bytes | None:
+    """The confinement.json the bundles of ``device`` carry (a module overrides it)."""
+    return None
+
+
+@pytest.fixture
+def device(
+    tmp_path: Path, repo: Repository, engine: Path, bundle_confinement: bytes | None
+) -> Device:
+    """A device initialised to trust ``repo``, nothing installed yet."""
+    root = tmp_path / "device"
+    init_device(root, repo.trusted_root)
+    return Device(tmp_path, repo, engine, root, free_port(), bundle_confinement)
+
+
+@pytest.fixture
+def installed(device: Device) -> Device:
+    """``device`` with release 1 (version 1.0.0) installed from the repository directory."""
+    device.install_v1()
+    return device

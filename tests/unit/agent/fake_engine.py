@@ -72,6 +72,41 @@ def _port_taken(port: int) -> bool:
     return False
 
 
+# A foreground container (`run --rm` without -d, the agent's prepare step): what it does is set by
+# $FAKE_ENGINE_STATE/prepare-mode: "ok" (default), "fail" (exit 4 with a builder's last line) or
+# "hang" (runs until removed). Its process stands for the container: `rm -f NAME` kills it.
+FOREGROUND = """
+import sys, time
+mode = sys.argv[1]
+print("engine build: building the plan (stand-in container)", flush=True)
+if mode == "hang":
+    time.sleep(300)
+if mode == "fail":
+    print("engine build: TensorRT: expected 8.6.2, found 8.5.2 (stand-in)", flush=True)
+    sys.exit(4)
+print("engine build: built (stand-in)", flush=True)
+"""
+
+
+def _run_foreground(argv: list[str]) -> int:
+    name = argv[argv.index("--name") + 1]
+    ref = argv[argv.index("-m") - 1]
+    if not (STATE / "images" / f"{_key(ref)}.json").exists():
+        print(f"no image {ref}", file=sys.stderr)
+        return 125
+    record = STATE / "containers" / f"{_key(name)}.json"
+    if record.exists():
+        print(f"the container name {name!r} is already in use", file=sys.stderr)
+        return 125
+    mode_file = STATE / "prepare-mode"
+    mode = mode_file.read_text().strip() if mode_file.exists() else "ok"
+    proc = subprocess.Popen([sys.executable, "-c", FOREGROUND, mode], start_new_session=True)
+    record.write_text(json.dumps({"pid": proc.pid, "ref": ref, "port": None}))
+    code = proc.wait()
+    record.unlink(missing_ok=True)  # --rm
+    return code
+
+
 def main(argv: list[str]) -> int:
     (STATE / "images").mkdir(parents=True, exist_ok=True)
     (STATE / "containers").mkdir(parents=True, exist_ok=True)
@@ -92,8 +127,14 @@ def main(argv: list[str]) -> int:
             config = json.loads(read("blobs/sha256/" + manifest["config"]["digest"][7:]))
             for layer in manifest["layers"]:
                 read("blobs/sha256/" + layer["digest"][7:])  # every layer must be there
-        ref = entry["annotations"]["org.opencontainers.image.ref.name"]
-        ready = config["config"]["Labels"]["edgepack.test.ready"]
+            # As `podman load` of the archive names it: the docker manifest's RepoTags (a real
+            # build's OCI ref.name is only the tag).
+            names = tar.getnames()
+            legacy = json.loads(read("manifest.json")) if "manifest.json" in names else []
+            tags = legacy[0].get("RepoTags") if legacy else None
+            ref = tags[0] if tags else entry["annotations"]["org.opencontainers.image.ref.name"]
+        # Synthetic bundles (tests/unit/ota/synth.py) choose; a real built image serves ready.
+        ready = (config["config"].get("Labels") or {}).get("edgepack.test.ready", "yes")
         (STATE / "images" / f"{_key(ref)}.json").write_text(json.dumps({"ready": ready}))
         return 0
     if cmd in ("stop", "rm"):
@@ -109,6 +150,8 @@ def main(argv: list[str]) -> int:
             return 0
         print("false")
         return 1 if not path.exists() else 0
+    if cmd == "run" and "-d" not in argv:
+        return _run_foreground(argv)
     if cmd == "run":
         name = argv[argv.index("--name") + 1]
         port = argv[argv.index("-p") + 1].split(":")[0]

@@ -9,16 +9,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,44 +22,20 @@ import pytest
 from tuf.api.metadata import TargetFile
 
 from packager.agent import confinement
-from packager.agent.agent import Agent, init_device
 from packager.agent.engine import ready
+from packager.agent.protocol import FILE_PREFIX
 from packager.errors import VerifyError
 from packager.ota.bundle import ObjectSource, plan_release
-from packager.ota.layout import FILE_PREFIX
-from packager.ota.repo import Repository
-from tests.unit.agent.helpers import REPO_ROOT, Server, assert_complete, config, free_port
+from tests.unit.agent.helpers import Device, Server, flip_middle_byte, largest_blob
 from tests.unit.ota.synth import make_bundle
 
-MODEL_BYTES = 256 * 1024
 CONFINEMENT = confinement.from_target(300, 50)
 
 
-def _bundle(tmp: Path, version: str, *, seed: int) -> Path:
-    return make_bundle(
-        tmp / f"bundle-{version}",
-        version=version,
-        model=random.Random(seed).randbytes(MODEL_BYTES),
-        base=random.Random(0).randbytes(128 * 1024),
-        confinement=confinement.to_bytes(CONFINEMENT),
-    ).path
-
-
-def _device(tmp: Path, repo: Repository) -> Path:
-    root = tmp / "device"
-    init_device(root, repo.trusted_root)
-    return root
-
-
-def _file_uri(repo: Repository) -> str:
-    return (repo.path / "repository").as_uri()
-
-
-def _installed_v1(tmp: Path, repo: Repository, engine: Path, port: int) -> Path:
-    root = _device(tmp, repo)
-    repo.publish(_bundle(tmp, "1.0.0", seed=1))
-    assert Agent(config(root, _file_uri(repo), engine, port)).run_once().outcome == "committed"
-    return root
+@pytest.fixture
+def bundle_confinement() -> bytes | None:
+    """Every bundle of these tests carries a confinement.json (the agent must apply it)."""
+    return confinement.to_bytes(CONFINEMENT)
 
 
 def _runs(engine: Path) -> list[list[str]]:
@@ -96,10 +68,9 @@ def _hostile(plan: Any, path: str, mode: int) -> Any:
 
 @pytest.mark.parametrize("kind", ["traversal", "absolute", "setuid", "reserved"])
 def test_signed_release_with_bad_path_or_mode_is_refused(
-    tmp_path: Path, repo: Repository, engine: Path, kind: str
+    tmp_path: Path, installed: Device, kind: str
 ) -> None:
-    port = free_port()
-    root = _installed_v1(tmp_path, repo, engine, port)
+    root, repo = installed.root, installed.repo
     victim_dir = tmp_path / "victim"
     victim_dir.mkdir()
     path, mode = {
@@ -108,13 +79,11 @@ def test_signed_release_with_bad_path_or_mode_is_refused(
         "setuid": ("bin/su", 0o4755),
         "reserved": ("release.json", 0o644),
     }[kind]
-    plan = plan_release(
-        _bundle(tmp_path, "2.0.0", seed=2), sequence=2, channel="stable", percent=100
-    )
+    v2 = installed.bundle("2.0.0", seed=2)
+    plan = plan_release(v2, sequence=2, channel="stable", percent=100)
     # Signed with the repository's real targets key: TUF accepts it; the path policy must not.
     repo.apply(_hostile(plan, path, mode))
-    cfg = config(root, _file_uri(repo), engine, port)
-    result = Agent(cfg).run_once()
+    result = installed.run_once()
     assert (result.outcome, result.sequence) == ("refused", 2), result
     assert repr(path) in result.reason
     assert list(victim_dir.iterdir()) == []
@@ -122,24 +91,21 @@ def test_signed_release_with_bad_path_or_mode_is_refused(
         p for p in root.rglob("*") if p.is_file() and p.stat().st_mode & (stat.S_ISUID | 0o2000)
     ]
     assert setuid == []
-    assert_complete(root, 1, port)
+    installed.assert_on(1)
     reports = [json.loads(line) for line in (root / "reports.jsonl").read_text().splitlines()]
     assert (reports[-1]["sequence"], reports[-1]["outcome"]) == (2, "refused")
     # Skipped (not re-downloaded, not re-reported) until a newer sequence appears.
-    again = Agent(cfg).run_once()
+    again = installed.run_once()
     assert (again.outcome, again.sequence) == ("idle", 2) and "skipped" in again.reason
     assert len((root / "reports.jsonl").read_text().splitlines()) == len(reports)
-    repo.publish(_bundle(tmp_path, "3.0.0", seed=3))
-    assert Agent(cfg).run_once().outcome == "committed"
-    assert_complete(root, 3, port)
+    repo.publish(installed.bundle("3.0.0", seed=3))
+    assert installed.run_once().outcome == "committed"
+    installed.assert_on(3)
 
 
-def test_signed_hash_that_is_a_path_never_names_a_file(
-    tmp_path: Path, repo: Repository, engine: Path
-) -> None:
-    port = free_port()
-    root = _installed_v1(tmp_path, repo, engine, port)
-    plan = repo.publish(_bundle(tmp_path, "2.0.0", seed=2))
+def test_signed_hash_that_is_a_path_never_names_a_file(tmp_path: Path, installed: Device) -> None:
+    repo = installed.repo
+    plan = repo.publish(installed.bundle("2.0.0", seed=2))
     victim_dir = tmp_path / "victim"
     victim_dir.mkdir()
     (victim_dir / "keep").write_text("keep")
@@ -150,12 +116,12 @@ def test_signed_hash_that_is_a_path_never_names_a_file(
         biggest.size, {"sha256": "../../../victim/keep"}, biggest.target
     )
     repo._commit(root_md, targets, snapshot, timestamp, new_targets=True)
-    result = Agent(config(root, _file_uri(repo), engine, port)).run_once()
+    result = installed.run_once()
     assert (result.outcome, result.sequence) == ("refused", 2), result
     assert "victim/keep" in result.reason
     assert sorted(p.name for p in victim_dir.iterdir()) == ["keep"]
     assert (victim_dir / "keep").read_text() == "keep"
-    assert_complete(root, 1, port)
+    installed.assert_on(1)
 
 
 # --- the report file -----------------------------------------------------------------------------
@@ -163,14 +129,10 @@ def test_signed_hash_that_is_a_path_never_names_a_file(
 
 @pytest.mark.parametrize("planted", ["file", "directory"])
 def test_symlinked_report_file_on_usb_is_not_followed(
-    tmp_path: Path, repo: Repository, engine: Path, planted: str
+    tmp_path: Path, device: Device, planted: str
 ) -> None:
-    port = free_port()
-    root = _device(tmp_path, repo)
-    repo.publish(_bundle(tmp_path, "1.0.0", seed=1))
-    stick = tmp_path / "usb"
-    stick.mkdir()
-    repo.export(stick, timestamp_expiry=timedelta(days=30))
+    device.repo.publish(device.bundle("1.0.0", seed=1))
+    stick = device.export_usb()
     victim = tmp_path / "etc" / "dev-usb.jsonl"
     victim.parent.mkdir()
     victim.write_text("root:x:0:0\n")
@@ -181,33 +143,24 @@ def test_symlinked_report_file_on_usb_is_not_followed(
     else:
         reports.rmdir()
         reports.symlink_to(victim.parent)
-    proc = subprocess.run(
-        [sys.executable, "-m", "packager.agent", "run", "--root", str(root), "--usb", str(stick),
-         "--device-id", "dev-usb", "--platform", "linux/amd64", "--engine", str(engine),
-         "--port", str(port), "--trial", "0.2", "--poll", "0.1", "--once"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    proc = device.run_cli(device.cli_argv("--usb", str(stick), device_id="dev-usb"))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["outcome"] == "committed"
     assert victim.read_text() == "root:x:0:0\n"
     assert "report not written" in proc.stderr
-    assert len(list((root / "outbox").glob("*.json"))) == 1  # kept for a later pickup
-    assert_complete(root, 1, port)
+    assert len(list((device.root / "outbox").glob("*.json"))) == 1  # kept for a later pickup
+    device.assert_on(1)
 
 
 # --- confinement ---------------------------------------------------------------------------------
 
 
-def test_agent_started_containers_carry_the_bundle_confinement(
-    tmp_path: Path, repo: Repository, engine: Path
-) -> None:
-    port = free_port()
-    root = _installed_v1(tmp_path, repo, engine, port)
-    staged = json.loads((root / "releases" / "1" / confinement.FILE).read_text())
+def test_agent_started_containers_carry_the_bundle_confinement(installed: Device) -> None:
+    staged = json.loads((installed.root / "releases" / "1" / confinement.FILE).read_text())
     assert staged["run_args"] == list(CONFINEMENT)
-    _kill_runtime(engine)  # the next cycle restarts it: every start path is confined
-    assert Agent(config(root, _file_uri(repo), engine, port)).run_once().outcome == "idle"
-    runs = _runs(engine)
+    _kill_runtime(installed.engine)  # the next cycle restarts it: every start path is confined
+    assert installed.run_once().outcome == "idle"
+    runs = _runs(installed.engine)
     assert len(runs) == 2
     for argv in runs:
         flags = argv[:-1]  # everything before the image reference
@@ -216,14 +169,11 @@ def test_agent_started_containers_carry_the_bundle_confinement(
         assert "--memory=300m" in flags and "--pids-limit=256" in flags
         assert "--cap-drop=ALL" in flags and "--read-only" in flags
         assert "--security-opt=no-new-privileges" in flags
-    assert_complete(root, 1, port)
+    installed.assert_on(1)
 
 
-def test_signed_confinement_cannot_loosen_the_floor(
-    tmp_path: Path, repo: Repository, engine: Path
-) -> None:
-    port = free_port()
-    root = _installed_v1(tmp_path, repo, engine, port)
+def test_signed_confinement_cannot_loosen_the_floor(tmp_path: Path, installed: Device) -> None:
+    repo = installed.repo
     loose = tmp_path / "loose.json"
     loose.write_text(
         json.dumps({"schema": confinement.SCHEMA, "run_args": ["--privileged"], "restart": "no"})
@@ -232,7 +182,7 @@ def test_signed_confinement_cannot_loosen_the_floor(
     with pytest.raises(VerifyError, match="--privileged"):  # the publisher refuses it...
         repo.publish(hostile.path)
     # ... and a release signed anyway (the targets key is online) is never run unconfined.
-    bundle = _bundle(tmp_path, "2.0.0", seed=2)
+    bundle = installed.bundle("2.0.0", seed=2)
     plan = plan_release(bundle, sequence=2, channel="stable", percent=100)
     digest = hashlib.sha256(loose.read_bytes()).hexdigest()
     doc = json.loads(plan.document)
@@ -247,57 +197,45 @@ def test_signed_confinement_cannot_loosen_the_floor(
             document=(json.dumps(doc, sort_keys=True) + "\n").encode(),
         )
     )
-    result = Agent(config(root, _file_uri(repo), engine, port)).run_once()
+    result = installed.run_once()
     assert result.outcome == "rolled-back" and "--privileged" in result.reason, result
-    assert not any("--privileged" in argv for argv in _runs(engine))
-    assert_complete(root, 1, port)
+    assert not any("--privileged" in argv for argv in _runs(installed.engine))
+    installed.assert_on(1)
 
 
 # --- the running version stays alive -------------------------------------------------------------
 
 
-def test_dead_runtime_is_restarted_while_an_update_stays_pending(
-    tmp_path: Path, repo: Repository, engine: Path
-) -> None:
-    port = free_port()
-    root = _installed_v1(tmp_path, repo, engine, port)
-    plan = repo.publish(_bundle(tmp_path, "2.0.0", seed=2))
-    blob = repo.targets_dir / max(plan.objects, key=lambda o: o.size).target
-    data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 0x01  # the mirror corrupts one blob: v2 stays pending
-    blob.write_bytes(bytes(data))
-    cfg = config(root, _file_uri(repo), engine, port)  # 3 failed verifications allowed
-    first = Agent(cfg).run_once()
+def test_dead_runtime_is_restarted_while_an_update_stays_pending(installed: Device) -> None:
+    plan = installed.repo.publish(installed.bundle("2.0.0", seed=2))
+    # The mirror corrupts one blob: v2 stays pending (3 failed verifications allowed).
+    flip_middle_byte(largest_blob(installed.repo, plan))
+    first = installed.run_once()
     assert (first.outcome, first.sequence) == ("pending", 2), first
-    _kill_runtime(engine)
-    assert not ready(port)
-    result = Agent(cfg).run_once()
+    _kill_runtime(installed.engine)
+    assert not ready(installed.port)
+    result = installed.run_once()
     assert (result.outcome, result.sequence) == ("pending", 2), result
-    assert ready(port), "the installed runtime was left dead while v2 is pending"
-    assert_complete(root, 1, port, pending_ok=True)
+    assert ready(installed.port), "the installed runtime was left dead while v2 is pending"
+    installed.assert_on(1, pending_ok=True)
 
 
-def test_release_failing_verification_n_times_is_skipped_until_newer(
-    tmp_path: Path, repo: Repository, engine: Path
-) -> None:
-    port = free_port()
-    root = _installed_v1(tmp_path, repo, engine, port)
-    plan = repo.publish(_bundle(tmp_path, "2.0.0", seed=2))
-    blob = repo.targets_dir / max(plan.objects, key=lambda o: o.size).target
+def test_release_failing_verification_n_times_is_skipped_until_newer(installed: Device) -> None:
+    blob = largest_blob(installed.repo, installed.repo.publish(installed.bundle("2.0.0", seed=2)))
     good = blob.read_bytes()
     blob.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
-    cfg = config(root, _file_uri(repo), engine, port)  # the default: 3 failed verifications
-    outcomes = [Agent(cfg).run_once().outcome for _ in range(3)]
+    # The default: 3 failed verifications.
+    outcomes = [installed.run_once().outcome for _ in range(3)]
     assert outcomes == ["pending", "pending", "failed"]
     blob.write_bytes(good)  # even repaired, the same sequence is not tried again
-    after = Agent(cfg).run_once()
+    after = installed.run_once()
     assert (after.outcome, after.sequence) == ("idle", 2) and "skipped" in after.reason
-    failed = [json.loads(line) for line in (root / "reports.jsonl").read_text().splitlines()]
-    assert [(r["sequence"], r["outcome"]) for r in failed][-1] == (2, "failed")
-    assert_complete(root, 1, port)
-    repo.publish(_bundle(tmp_path, "3.0.0", seed=3))
-    assert Agent(cfg).run_once().outcome == "committed"
-    assert_complete(root, 3, port)
+    lines = (installed.root / "reports.jsonl").read_text().splitlines()
+    assert [(r["sequence"], r["outcome"]) for r in map(json.loads, lines)][-1] == (2, "failed")
+    installed.assert_on(1)
+    installed.repo.publish(installed.bundle("3.0.0", seed=3))
+    assert installed.run_once().outcome == "committed"
+    installed.assert_on(3)
 
 
 # --- a dripping mirror ---------------------------------------------------------------------------
@@ -361,14 +299,10 @@ def _dripping(
 
 @pytest.mark.timeout(120)  # bounded either way: a drip of the whole blob would take 40 min
 @pytest.mark.parametrize("drip", ["body", "headers"])
-def test_dripping_mirror_is_cut_and_resumed(
-    tmp_path: Path, repo: Repository, engine: Path, drip: str
-) -> None:
-    port = free_port()
-    root = _device(tmp_path, repo)
-    plan = repo.publish(_bundle(tmp_path, "1.0.0", seed=1))
+def test_dripping_mirror_is_cut_and_resumed(device: Device, drip: str) -> None:
+    plan = device.repo.publish(device.bundle("1.0.0", seed=1))
     biggest = max(plan.objects, key=lambda o: o.size)
-    with Server(repo.path / "repository").running() as server:
+    with Server(device.repo.path / "repository").running() as server:
         with _dripping(server.url, biggest.sha256, 0.01) as (url, sent):
             # A window of 1 s needing 4 KiB (the drip moves about 100 B/s); for headers, a
             # deadline of 1 s on connect + header block (the drip needs several seconds).
@@ -377,13 +311,12 @@ def test_dripping_mirror_is_cut_and_resumed(
                 if drip == "body"
                 else {"http_timeout_s": 1.0, "window_s": 60.0}
             )
-            cfg = config(root, url, engine, port, **overrides)
-            result = Agent(cfg).run_once()
+            result = device.run_once(url, **overrides)
             assert (result.outcome, result.sequence) == ("pending", 1), result
             assert biggest.target in result.reason
             # Cut after a bounded number of bytes: not the blob (which would take hours).
             assert sent["drip_bytes"] < biggest.size // 10, sent
         # The same device resumes from a mirror that behaves.
-        resumed = Agent(config(root, server.url, engine, port)).run_once()
+        resumed = device.run_once(server.url)
         assert resumed.outcome == "committed", resumed
-    assert_complete(root, 1, port)
+    device.assert_on(1)

@@ -29,19 +29,12 @@ from packager.agent.__main__ import main as agent_main
 from packager.agent.agent import init_device
 from packager.agent.fetch import Transport
 from packager.agent.protocol import USB_SUBDIR
-from packager.cli import main as edgepack_main
 from packager.ota.repo import Expiry, Repository
+from tests.cli_runner import run_cli as _edgepack
 from tests.unit.agent.helpers import assert_complete, free_port
 from tests.unit.ota.synth import make_bundle
 
 DAY = timedelta(days=1)
-
-
-def _edgepack(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        edgepack_main(argv)
-    out = capsys.readouterr()
-    return int(exited.value.code or 0), out.out, out.err
 
 
 def _export(

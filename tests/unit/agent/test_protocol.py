@@ -1,17 +1,40 @@
 from __future__ import annotations
 
+import typing
+
+import pytest
+
 from packager.agent import protocol
-from packager.agent.protocol import BUCKETS, ReleaseInfo, cohort_bucket, in_cohort
-from packager.ota import layout
+from packager.agent.protocol import BUCKETS, ReleaseInfo, check_percent, cohort_bucket, in_cohort
+from packager.errors import VerifyError
+from packager.ota import bundle as ota_bundle
+from packager.ota import repo
 
 
-def test_agent_and_publisher_agree_on_the_layout() -> None:
-    for name in (
-        "METADATA_DIR", "TARGETS_DIR", "RELEASE_PREFIX", "BLOB_PREFIX", "FILE_PREFIX",
-        "RELEASE_SCHEMA", "CUSTOM_KEY", "USB_SUBDIR",
-    ):  # fmt: skip
-        assert getattr(protocol, name) == getattr(layout, name), name
-    assert protocol.release_target("beta", 7) == layout.release_target("beta", 7)
+def test_the_publisher_uses_the_agents_contract_not_a_copy() -> None:
+    """One OTA contract: the publisher's release type and layout names are the agent's."""
+    for name in ("CUSTOM_KEY", "METADATA_DIR", "TARGETS_DIR", "USB_SUBDIR", "release_target"):
+        assert getattr(repo, name) is getattr(protocol, name), name
+    for name in ("BLOB_PREFIX", "FILE_PREFIX", "RELEASE_SCHEMA", "CUSTOM_KEY"):
+        assert getattr(ota_bundle, name) is getattr(protocol, name), name
+    assert not hasattr(repo, "Release")
+    assert typing.get_type_hints(repo.Repository.release)["return"] is ReleaseInfo
+
+
+def test_percent_is_one_whole_number_type_on_both_sides() -> None:
+    custom = {"edgepack": {"kind": "release", "channel": "stable", "sequence": 3, "name": "m",
+                           "version": "1", "compat": {"platform": "linux/arm64",
+                                                      "device_class": "linux-container"},
+                           "percent": 25, "halted": False}}  # fmt: skip
+    release = ReleaseInfo.from_custom("t", custom)
+    assert release is not None and release.percent == 25 and type(release.percent) is int
+    assert release.to_json()["percent"] == 25
+    for bad in (25.5, True, "25", 101, -1, float("nan")):
+        custom["edgepack"]["percent"] = bad  # type: ignore[index]
+        assert ReleaseInfo.from_custom("t", custom) is None, bad
+    assert check_percent(50.0) == 50
+    with pytest.raises(VerifyError, match="whole number"):
+        ota_bundle.check_percent(12.5)
 
 
 def test_raising_the_percentage_only_adds_devices() -> None:

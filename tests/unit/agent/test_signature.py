@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from packager.agent.agent import Agent, init_device
-from packager.bundle.manifest import MANIFEST, write_manifest
+from packager.bundle.manifest import read_manifest, write_manifest
 from packager.bundle.signing import generate_keypair, load_signer, sign_manifest
 from packager.ota.repo import Repository
 from tests.unit.agent.helpers import assert_complete, config, free_port, reports
@@ -51,8 +51,7 @@ def test_agent_installs_only_releases_the_bundle_key_signed(
     # Signed, then a file changed and the manifest regenerated: TUF signs what it is given.
     tampered = _bundle(tmp_path, "3.0.0", good.private)
     (tampered / "install.sh").write_text("#!/bin/sh\necho owned\n")
-    manifest = json.loads((tampered / MANIFEST).read_text())
-    write_manifest(tampered, {k: v for k, v in manifest.items() if k not in ("schema", "files")})
+    write_manifest(tampered, read_manifest(tampered).meta())
     repo.publish(tampered)
     refused("changed after signing")
     repo.publish(_bundle(tmp_path, "4.0.0", good.private))

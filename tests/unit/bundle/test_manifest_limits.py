@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from packager.bundle.manifest import MAX_DOCUMENT_BYTES, MAX_FILES
+from packager.bundle.manifest import MAX_DOCUMENT_BYTES, MAX_FILES, SCHEMA
 from packager.cli import main
 from packager.errors import ExitCode
 from tests.unit.ota.synth import make_bundle
@@ -33,11 +35,17 @@ def _with_files_entry(bundle: Path, field: str, literal: str) -> None:
     (bundle / "manifest.json").write_text(text)
 
 
+def _edit(bundle: Path, change: Callable[[dict[str, Any]], object]) -> None:
+    doc = json.loads((bundle / "manifest.json").read_text())
+    change(doc)
+    (bundle / "manifest.json").write_text(json.dumps(doc, indent=2))
+
+
 CRAFTED = {
     "deep": lambda b: (b / "manifest.json").write_text(
-        '{"schema": "edgepack.bundle/v1", "x": ' + "[" * 200_000 + "]" * 200_000 + "}"),
+        '{"schema": "' + SCHEMA + '", "x": ' + "[" * 200_000 + "]" * 200_000 + "}"),
     "moderately-deep": lambda b: (b / "manifest.json").write_text(
-        '{"schema": "edgepack.bundle/v1", "files": [], "x": ' + "[" * 900 + "]" * 900 + "}"),
+        '{"schema": "' + SCHEMA + '", "files": [], "x": ' + "[" * 900 + "]" * 900 + "}"),
     "sha256-int": lambda b: _with_files_entry(b, "sha256", "5"),
     "sha256-not-hex": lambda b: _with_files_entry(b, "sha256", '"' + "z" * 64 + '"'),
     "size-5000-digits": lambda b: _with_files_entry(b, "size", "1" * 5000),
@@ -45,7 +53,17 @@ CRAFTED = {
     "size-bool": lambda b: _with_files_entry(b, "size", "true"),
     "path-int": lambda b: _with_files_entry(b, "path", "7"),
     "files-dict": lambda b: (b / "manifest.json").write_text(
-        '{"schema": "edgepack.bundle/v1", "files": {}}'),
+        '{"schema": "' + SCHEMA + '", "files": {}}'),
+    # The typed manifest (packager.bundle.manifest.Manifest): unknown, missing and mistyped
+    # fields, and other schemas.
+    "unknown-key": lambda b: _edit(b, lambda d: d["image"].update(prot=8080)),
+    "unknown-top-key": lambda b: _edit(b, lambda d: d.update(mcu={})),
+    "missing-key": lambda b: _edit(b, lambda d: d["model"].pop("digest")),
+    "missing-section": lambda b: _edit(b, lambda d: d.pop("fit")),
+    "port-string": lambda b: _edit(b, lambda d: d["image"].update(port="8080")),
+    "schema-v1": lambda b: _edit(b, lambda d: d.update(schema="edgepack.bundle/v1")),
+    "schema-missing": lambda b: _edit(b, lambda d: d.pop("schema")),
+    "not-an-object": lambda b: (b / "manifest.json").write_text("[]"),
 }
 
 

@@ -25,6 +25,7 @@ from packager.agent.paths import (
 from packager.bundle.manifest import write_manifest
 from packager.errors import VerifyError
 from packager.ota.repo import Repository
+from tests.unit.bundle.meta import sample_meta
 from tests.unit.ota.synth import make_bundle
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -136,12 +137,12 @@ def test_build_manifest_masks_modes_and_refuses_links(tmp_path: Path) -> None:
     (root / "run.sh").chmod(0o6777)
     (root / "data.txt").write_text("x")
     (root / "data.txt").chmod(0o666)
-    write_manifest(root, {})
+    write_manifest(root, sample_meta())
     assert (root / "run.sh").stat().st_mode & 0o7777 == 0o755
     assert (root / "data.txt").stat().st_mode & 0o7777 == 0o644
     (root / "link").symlink_to("/etc/passwd")
     with pytest.raises(VerifyError, match="'link': is a symbolic link"):
-        write_manifest(root, {})
+        write_manifest(root, sample_meta())
 
 
 @pytest.mark.parametrize(

@@ -117,19 +117,3 @@ def test_provenance_is_signed_and_reported(tmp_path: Path) -> None:
     definition = statement["predicate"]["buildDefinition"]
     assert definition["internalParameters"] == {"SOURCE_DATE_EPOCH": 5}
     assert "startedOn" not in json.dumps(statement)
-
-
-def test_mcu_sbom_lists_model_tflm_and_sources() -> None:
-    from packager.bundle.sbom import build_mcu_sbom, tflite_micro_version
-
-    files = {"model/demo.tflite": "1" * 64, "src/main.cc": "2" * 64, "CMakeLists.txt": "3" * 64}
-    text = build_mcu_sbom(name="demo", version="1.0.0", files=files,
-                          model_file="model/demo.tflite", sdk="cmake", epoch=0)
-    assert validate(text) is None
-    doc = json.loads(text)
-    kinds = {c["name"]: c["type"] for c in doc["components"]}
-    assert kinds["model/demo.tflite"] == "machine-learning-model"
-    assert kinds["src/main.cc"] == "file" and kinds["CMakeLists.txt"] == "file"
-    if tflite_micro_version() is not None:  # the mcu extra is installed by `make setup`
-        assert kinds["tflite-micro"] == "framework"
-    assert doc["metadata"]["component"]["type"] == "firmware"

@@ -17,7 +17,7 @@ from packager.agent.signature import (
     check_bundle_signature,
     check_statement,
 )
-from packager.bundle.manifest import MANIFEST, check_files, write_manifest
+from packager.bundle.manifest import check_files, read_manifest, write_manifest
 from packager.bundle.signing import (
     decode_payload,
     generate_keypair,
@@ -77,7 +77,7 @@ def test_signature_is_deterministic_and_covers_manifest_and_sums(
     assert statement["predicateType"] == BUNDLE_PREDICATE
     assert [s["name"] for s in statement["subject"]] == ["SHA256SUMS", "manifest.json"]
     # The envelope is beside the manifest, not in it, and not "unexpected".
-    assert check_files(bundle, json.loads((bundle / MANIFEST).read_text())) == []
+    assert check_files(bundle, read_manifest(bundle)) == []
     check_bundle_signature(bundle, [load_public_key(keys["pub"])])
 
 
@@ -106,8 +106,7 @@ def test_verify_key_refuses_regenerated_manifest_wrong_key_and_unsigned(
     # One byte of install.sh, then SHA256SUMS and manifest.json regenerated: checksums hold.
     script = bundle / "install.sh"
     script.write_bytes(script.read_bytes().replace(b"#", b"$", 1))
-    manifest = json.loads((bundle / MANIFEST).read_text())
-    write_manifest(bundle, {k: v for k, v in manifest.items() if k not in ("schema", "files")})
+    write_manifest(bundle, read_manifest(bundle).meta())
     assert _cli(capsys, "verify", str(bundle))[0] == 0
     code, out, _ = _cli(capsys, "verify", str(bundle), "--key", str(keys["pub"]), "--json")
     error = json.loads(out)

@@ -4,9 +4,7 @@ are not, and layers that inflate far past the device's storage. Generated here, 
 from __future__ import annotations
 
 import gzip
-import io
 import subprocess
-import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,19 +31,13 @@ from packager.image.spec import (
     ImageSpec,
     StorageBudget,
 )
-from tests.image_factory import MIB, Blob, base_archive, gzip_bomb, plain_blob
+from tests.image_factory import MIB, Blob, base_archive, gzip_bomb, one_file_tar, plain_blob
 
 DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 
 def small_tar() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        data = b"base\n"
-        info = tarfile.TarInfo("etc/base-release")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return one_file_tar("etc/base-release", b"base\n")
 
 
 def gzip_blob(tmp: Path, name: str = "layer.tgz") -> Blob:

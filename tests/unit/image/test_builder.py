@@ -18,13 +18,7 @@ from packager.image.layer import TarEntry, with_parents, write_layer
 from packager.image.oci import (
     MEDIA_CONFIG,
     MEDIA_LAYER_GZIP,
-    MEDIA_MANIFEST,
-    Descriptor,
-    index_document,
-    legacy_manifest,
-    manifest_document,
     sha256_of,
-    write_archive,
 )
 from packager.image.spec import (
     ArchiveBase,
@@ -34,31 +28,22 @@ from packager.image.spec import (
     ImageConfig,
     ImageSpec,
 )
+from tests.image_factory import Blob, base_archive
 
 EPOCH = 1_700_000_000
 
 
 def make_base(tmp: Path, arch: str = "arm64") -> Path:
     """A one-layer OCI archive with its own Env and WorkingDir, written by our own writer."""
-    blob = write_layer(with_parents([
+    layer = write_layer(with_parents([
         TarEntry("etc/base-release", "file", 0o644, size=5, data=b"base\n"),
     ]), tmp / "base-layer.tgz", mtime=0)
-    config = canonical_json({
-        "architecture": arch, "os": "linux",
-        "config": {"Env": ["PATH=/bin", "BASE=1"], "WorkingDir": "/srv", "Cmd": ["sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [blob.diff_id]},
-        "history": [{"created_by": "base layer"}],
-    })
-    cdesc = Descriptor(MEDIA_CONFIG, sha256_of(config), len(config))
-    ldesc = Descriptor(MEDIA_LAYER_GZIP, blob.digest, blob.size)
-    manifest = canonical_json(manifest_document(cdesc, [ldesc], {}))
-    mdesc = Descriptor(MEDIA_MANIFEST, sha256_of(manifest), len(manifest))
-    out = tmp / f"base-{arch}.tar"
-    write_archive(out, blobs=[(blob.digest, blob.path), (cdesc.digest, config),
-                              (mdesc.digest, manifest)],
-                  index=index_document(mdesc, "base:1", arch=arch, variant=None),
-                  legacy=legacy_manifest(cdesc, [ldesc], "base:1"), mtime=0)
-    return out
+    blob = Blob(layer.path, layer.digest, layer.size, layer.diff_id, layer.uncompressed_size)
+    return base_archive(
+        tmp / f"base-{arch}.tar", [(blob, MEDIA_LAYER_GZIP)], arch=arch,
+        run_config={"Env": ["PATH=/bin", "BASE=1"], "WorkingDir": "/srv", "Cmd": ["sh"]},
+        history=["base layer"],
+    )
 
 
 def make_spec(tmp: Path, base: Path, model: bytes = b"model-v1" * 1000) -> ImageSpec:

@@ -13,6 +13,7 @@ import pytest
 from packager.image.builder import build_image
 from packager.image.layer import TarEntry, with_parents, write_layer
 from packager.image.oci import MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, layer_diff_id
+from packager.tools import skopeo
 from tests.unit.image.test_builder import make_base, make_spec
 
 
@@ -83,25 +84,9 @@ def test_build_image_writes_zstd_layers_with_their_media_type(tmp_path: Path) ->
 def test_skopeo_reads_a_zstd_image(tmp_path: Path) -> None:
     spec = replace(make_spec(tmp_path, make_base(tmp_path)), compression="zstd")
     image = build_image(spec, tmp_path / "z.tar", tmp_path / "cache")
-    info = json.loads(
-        subprocess.run(
-            ["skopeo", "inspect", f"oci-archive:{image.archive}"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
+    info = skopeo.inspect_oci_archive(image.archive)
     assert info["Digest"] == image.manifest_digest
-    raw = subprocess.run(
-        ["skopeo", "inspect", "--raw", f"oci-archive:{image.archive}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert json.loads(raw)["layers"][-1]["mediaType"] == MEDIA_LAYER_ZSTD
+    raw = skopeo.inspect_oci_archive(image.archive, raw=True)
+    assert raw["layers"][-1]["mediaType"] == MEDIA_LAYER_ZSTD
     # skopeo copies (and digest-checks) every blob.
-    subprocess.run(
-        ["skopeo", "copy", f"oci-archive:{image.archive}", f"dir:{tmp_path / 'copy'}"],
-        capture_output=True,
-        check=True,
-    )
+    skopeo.copy(f"oci-archive:{image.archive}", f"dir:{tmp_path / 'copy'}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from packager.image.cache import ContentCache, cached_layer
 from packager.image.layer import tree_entries, with_parents, write_layer
 from packager.image.spec import WheelSet
-from packager.image.wheels import compiles_bytecode, install_wheels, lock_key, scheme
+from packager.image.wheels import bytecode_compiler, install_wheels, lock_key, scheme
 from packager.tools.pip import platform_tags
 
 
@@ -84,8 +84,8 @@ def test_lock_key_tracks_platform_and_pins() -> None:
 
 def test_bytecode_only_for_the_hosts_python() -> None:
     host = f"{sys.version_info.major}.{sys.version_info.minor}"
-    assert compiles_bytecode(WheelSet(requirements=(), python_version=host))
-    assert not compiles_bytecode(WheelSet(requirements=(), python_version="3.9"))
+    assert bytecode_compiler(WheelSet(requirements=(), python_version=host)) == sys.executable
+    assert bytecode_compiler(WheelSet(requirements=(), python_version="3.9")) is None
 
 
 def test_cache_drops_corrupt_blobs_and_stale_layer_records(tmp_path: Path) -> None:

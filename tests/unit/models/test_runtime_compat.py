@@ -18,6 +18,7 @@ from packager.errors import UnsupportedError
 from packager.models import onnx_save
 from packager.models.runtime_compat import (
     ONNXRUNTIME_SUPPORT,
+    Loadable,
     RuntimeSupport,
     check,
     make_loadable,
@@ -130,18 +131,28 @@ def test_a_model_the_runtime_loads_is_kept_as_it_is(tmp_path: Path) -> None:
     assert not (tmp_path / "work").exists()
 
 
-@same_runtime
-def test_ir_20_is_lowered_and_the_result_loads_in_the_shipped_runtime(tmp_path: Path) -> None:
-    path = save(relu_model(20, 21), tmp_path / "m.onnx")
-    assert not loads(onnx.load(path)), "premise: onnxruntime refuses IR 20"
+def _made_loadable(
+    tmp: Path, model: ModelProto, name: str, premise: str
+) -> tuple[RuntimeSupport, Loadable, ModelProto]:
+    """``model``, which the pinned runtime refuses (``premise``), made loadable for it: the
+    result loads in onnxruntime and still computes Relu. (support, result, converted model)"""
+    path = save(model, tmp / name)
+    assert not loads(onnx.load(path)), f"premise: {premise}"
     support = support_for(PINNED)
-    result = make_loadable(path, tmp_path / "work", support, label="m.onnx")
-    assert result.converted and result.loaded_with == PINNED
-    converted = onnx.load(result.path)
-    assert converted.ir_version == support.max_ir_version
+    result = make_loadable(path, tmp / "work", support, label=name)
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     x = np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], np.maximum(x, 0))
+    return support, result, onnx.load(result.path)
+
+
+@same_runtime
+def test_ir_20_is_lowered_and_the_result_loads_in_the_shipped_runtime(tmp_path: Path) -> None:
+    support, result, converted = _made_loadable(
+        tmp_path, relu_model(20, 21), "m.onnx", "onnxruntime refuses IR 20"
+    )
+    assert result.converted and result.loaded_with == PINNED
+    assert converted.ir_version == support.max_ir_version
     assert any("IR version lowered from 20" in n for n in result.notes)
 
 
@@ -191,15 +202,10 @@ def test_opset_conversion_down_to_an_older_runtime(tmp_path: Path) -> None:
 
 @same_runtime
 def test_an_opset_5_model_is_converted_up_to_what_the_runtime_guarantees(tmp_path: Path) -> None:
-    path = save(relu_model(3, 5), tmp_path / "old.onnx")
-    assert not loads(onnx.load(path)), "premise: onnxruntime has no kernel for Relu-1"
-    support = support_for(PINNED)
-    result = make_loadable(path, tmp_path / "work", support, label="old.onnx")
-    converted = onnx.load(result.path)
+    support, result, converted = _made_loadable(
+        tmp_path, relu_model(3, 5), "old.onnx", "onnxruntime has no kernel for Relu-1"
+    )
     assert [o.version for o in converted.opset_import] == [support.min_opset]
-    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-    x = np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)
-    np.testing.assert_array_equal(session.run(None, {"x": x})[0], np.maximum(x, 0))
     assert any("from ai.onnx opset 5 to 7" in n for n in result.notes)
 
 

@@ -21,7 +21,7 @@ from packager.optimize.plan import (
     describe_step,
     plan_optimize,
 )
-from packager.optimize.request import OptimizeRequest
+from packager.optimize.request import EvalOnTarget, OptimizeRequest
 from packager.targets import parse_target, resolve_target
 
 SMALL = SourceInfo(Path("m.onnx"), "onnx", opset=17, size_bytes=60_000)
@@ -45,6 +45,19 @@ def _x86_vnni_target() -> CpuProfile:
     cpu = target_cpu(parse_target(data, "vnni-box.toml"))
     assert cpu is not None
     return cpu
+
+
+def _evaluated_request(target: str, eval_on_target: EvalOnTarget = "auto") -> OptimizeRequest:
+    """int8-static with calibration and an evaluation folder, for ``target``'s CPU."""
+    return OptimizeRequest(
+        Path("m.onnx"),
+        Path("o"),
+        "int8-static",
+        calibration=Path("cal"),
+        eval_dir=Path("ev"),
+        cpu=_target(target),
+        eval_on_target=eval_on_target,
+    )
 
 
 def _quantize_step(cpu: CpuProfile, **kw: object) -> QuantizeInt8:
@@ -95,14 +108,7 @@ def test_arm64_targets_use_s8s8_without_reduce_range(name: str) -> None:
 
 
 def test_accuracy_is_measured_on_emulated_non_vnni_kernels_for_a_non_vnni_target() -> None:
-    req = OptimizeRequest(
-        Path("m.onnx"),
-        Path("o"),
-        "int8-static",
-        calibration=Path("cal"),
-        eval_dir=Path("ev"),
-        cpu=_target("industrial-pc"),
-    )
+    req = _evaluated_request("industrial-pc")
     step = next(s for s in plan_optimize(req, SMALL, VNNI_HOST).steps if isinstance(s, Evaluate))
     assert step.emulate == "Haswell-v4" and "EPYC" in step.measured_on
     # A host without VNNI already runs the saturating kernels: measured natively, said so.
@@ -122,15 +128,7 @@ def test_accuracy_is_measured_on_emulated_non_vnni_kernels_for_a_non_vnni_target
 
 
 def test_arm64_eval_on_target_in_optimize_points_at_build() -> None:
-    req = OptimizeRequest(
-        Path("m.onnx"),
-        Path("o"),
-        "int8-static",
-        calibration=Path("cal"),
-        eval_dir=Path("ev"),
-        cpu=_target("rpi4"),
-        eval_on_target="on",
-    )
+    req = _evaluated_request("rpi4", eval_on_target="on")
     with pytest.raises(UsageError, match="edgepack build"):
         plan_optimize(req, SMALL, VNNI_HOST)
 

@@ -11,7 +11,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from packager.bundle.manifest import write_manifest
+from packager.bundle.manifest import BundleMeta, write_manifest
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ def make_bundle(
     ref = f"edgepack/{name}:{version}"
     blobs: dict[str, bytes] = {}
     layers = []
+    records = []  # the bundle manifest's image.layers
     sizes: dict[str, int] = {}
     diff_ids = []
     for layer_name, path, content in (
@@ -68,6 +69,8 @@ def make_bundle(
         blobs[digest] = blob
         sizes[layer_name] = len(blob)
         diff_ids.append(diff_id)
+        records.append({"name": layer_name, "digest": f"sha256:{digest}", "diff_id": diff_id,
+                        "size": len(blob), "uncompressed_size": len(gzip.decompress(blob))})
         layers.append(
             {
                 "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -133,7 +136,7 @@ def make_bundle(
         (out / "confinement.json").write_bytes(confinement)
     write_manifest(
         out,
-        {
+        BundleMeta.model_validate({
             "name": name,
             "version": version,
             "target": {
@@ -141,13 +144,25 @@ def make_bundle(
                 "device_class": "linux-container",
                 "platform": platform,
             },
-            "model": {"digest": "sha256:" + hashlib.sha256(model).hexdigest()},
+            "model": {
+                "source": "model.onnx",
+                "format": "onnx",
+                "digest": "sha256:" + hashlib.sha256(model).hexdigest(),
+                "size_bytes": len(model),
+                "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
+                "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 2]}],
+            },
+            "fit": {"target": "industrial-pc", "fits": True, "resources": []},
             "image": {
                 "archive": "image.tar",
                 "digest": f"sha256:{manifest_digest}",
+                "config_digest": f"sha256:{config_digest}",
                 "ref": ref,
-                "layers": layers,
+                "platform": platform,
+                "size_bytes": (out / "image.tar").stat().st_size,
+                "port": 8080,
+                "layers": records,
             },
-        },
+        }),
     )
     return SynthBundle(out, ref, sizes)

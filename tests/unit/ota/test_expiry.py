@@ -12,17 +12,10 @@ from typing import Any
 import pytest
 from tuf.api.metadata import Metadata
 
-from packager.cli import main
 from packager.ota.repo import Expiry, Repository
+from tests.cli_runner import run_cli as _cli
 
 DAY = timedelta(days=1)
-
-
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(argv)
-    out = capsys.readouterr()
-    return int(exited.value.code or 0), out.out, out.err
 
 
 def _on_disk(repo: Repository) -> dict[str, datetime]:

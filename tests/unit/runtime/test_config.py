@@ -50,6 +50,10 @@ def _config_entry(options: Any, key: str) -> str | None:
         return None
 
 
+# The session's memory settings: the config fields load_model takes under the same names.
+MEMORY_SETTINGS = ("cpu_mem_arena", "mem_pattern", "arena_extend_strategy")
+
+
 @pytest.mark.parametrize(
     "memory",
     [
@@ -62,14 +66,8 @@ def _config_entry(options: Any, key: str) -> str | None:
 )
 def test_a_session_starts_with_each_memory_setting(memory: dict[str, Any]) -> None:
     config = parse_config({**BASE, "model_path": str(MNIST), **memory}, "c.json", Path("."))
-    model = load_model(
-        config.model_path,
-        config.model_name,
-        config.model_version,
-        cpu_mem_arena=config.cpu_mem_arena,
-        mem_pattern=config.mem_pattern,
-        arena_extend_strategy=config.arena_extend_strategy,
-    )
+    settings = {key: getattr(config, key) for key in MEMORY_SETTINGS}
+    model = load_model(config.model_path, config.model_name, config.model_version, **settings)
     options = model.session.get_session_options()
     assert options.enable_cpu_mem_arena is config.cpu_mem_arena
     assert options.enable_mem_pattern is config.mem_pattern

@@ -1,6 +1,6 @@
 """`edgepack run` emulates the device's CPU model, chosen from what the bundle's manifest says.
 
-The manifest's target table comes from the build's own writer (packager.build._target_meta) for
+The manifest's target table comes from the build's own writer (the backend's target_meta) for
 the shipped targets, so these tests follow the real path from target file to QEMU_CPU.
 """
 
@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import pytest
 
+from packager.backends import get_backend
 from packager.backends.linux.trial import choose_cpu
-from packager.build import _target_meta
+from packager.bundle.manifest import CpuInfo, TargetInfo
 from packager.errors import TargetError, UsageError, VerifyError
 from packager.image.emulation import cpuinfo_text
-from packager.targets import parse_target, resolve_target
+from packager.targets import LoadedTarget, parse_target, resolve_target
 from packager.tools.qemu import QEMU_CPU_ENV, QEMU_DEFAULT_CPU, emulated_cpu
+
+
+def _target_meta(target: LoadedTarget) -> TargetInfo:
+    return get_backend(target.device_class).target_meta(target)
 
 
 @pytest.mark.parametrize(
@@ -28,17 +33,18 @@ from packager.tools.qemu import QEMU_CPU_ENV, QEMU_DEFAULT_CPU, emulated_cpu
 )
 def test_run_emulates_the_targets_own_cpu(target: str, cpu: str) -> None:
     meta = _target_meta(resolve_target(target))
-    assert meta["cpu"]["qemu"] == cpu
+    assert meta.cpu is not None and meta.cpu.qemu == cpu
     assert choose_cpu(meta, None) == (cpu, True)
     assert QEMU_CPU_ENV == "QEMU_CPU"
 
 
 def test_a_core_qemu_does_not_model_falls_back_to_max_and_says_so() -> None:
-    meta = _target_meta(resolve_target("jetson-xavier-nx"))  # NVIDIA Carmel
-    assert meta["cpu"]["qemu"] is None
-    assert choose_cpu(meta, None) == (QEMU_DEFAULT_CPU, False)
-    assert choose_cpu({"name": "old", "device_class": "linux-container"}, None) == ("max", False)
-    assert choose_cpu(meta, "cortex-a72") == ("cortex-a72", True)
+    target = _target_meta(resolve_target("jetson-xavier-nx"))  # NVIDIA Carmel
+    assert target.cpu is not None and target.cpu.qemu is None
+    assert choose_cpu(target, None) == (QEMU_DEFAULT_CPU, False)
+    old = TargetInfo(name="old", device_class="linux-container")
+    assert choose_cpu(old, None) == ("max", False)
+    assert choose_cpu(target, "cortex-a72") == ("cortex-a72", True)
 
 
 @pytest.mark.parametrize(
@@ -46,13 +52,16 @@ def test_a_core_qemu_does_not_model_falls_back_to_max_and_says_so() -> None:
 )
 def test_a_hostile_manifest_cpu_is_refused(value: object) -> None:
     with pytest.raises(VerifyError) as err:
-        choose_cpu({"cpu": {"model": "cortex-a72", "qemu": value}}, None)
+        # model_construct: past the manifest's own type check (an int is refused there), to
+        # show the reader refuses a string that is no qemu CPU name.
+        cpu = CpuInfo.model_construct(model="cortex-a72", cores=4, qemu=value)
+        choose_cpu(TargetInfo(name="t", device_class="x", cpu=cpu), None)
     assert "target.cpu.qemu" in err.value.one_line()
 
 
 def test_a_bad_cpu_option_is_a_usage_error() -> None:
     with pytest.raises(UsageError) as err:
-        choose_cpu({}, "max,pauth=off;reboot")
+        choose_cpu(None, "max,pauth=off;reboot")
     assert "--cpu" in err.value.one_line()
 
 
@@ -70,7 +79,7 @@ def _linux_target(cpu: dict[str, object]) -> dict[str, object]:
 
 def test_cpu_qemu_in_a_target_overrides_the_model_and_is_allow_listed() -> None:
     loaded = parse_target(_linux_target({"model": "cortex-a55", "qemu": "cortex-a53"}), "b.toml")
-    assert _target_meta(loaded)["cpu"] == {"model": "cortex-a55", "cores": 4, "qemu": "cortex-a53"}
+    assert _target_meta(loaded).cpu == CpuInfo(model="cortex-a55", cores=4, qemu="cortex-a53")
     assert emulated_cpu("cortex-a55") is None
     for bad in ("cortex-a53\n", "cortex-a53 -strace", "Cortex-A53", "a" * 33):
         with pytest.raises(TargetError) as err:

@@ -219,7 +219,8 @@ def test_update_on_writes_slot_a_image_and_no_model_array(tmp_path: Path) -> Non
     backend = McuBackend()
     plan = backend.plan(request, info, target, backend.fit(request, info, target))
     result = backend.execute(plan, tmp_path, tmp_path)
-    slots = dict(result.manifest_extra)["mcu"]["update_slots"]
+    assert result.device is not None
+    slots = result.device["update_slots"]
     image = (tmp_path / slots["slot_a_image"]).read_bytes()
     assert image[: path.stat().st_size] == path.read_bytes()
     assert slots["slot_a_image"] in result.files
@@ -244,5 +245,22 @@ def test_no_emulate_flag_skips_the_proof_even_with_a_tree(
         main(["build", str(TFLM / "hello_world_int8.tflite"), "--target", "nrf52840-dk",
               "--out", str(out), "--opt", "update=off", "--no-emulate", "--json"])
     assert exited.value.code == 0
-    proof = json.loads((out / "manifest.json").read_text())["mcu"]["proof"]
+    proof = json.loads((out / "manifest.json").read_text())["device"]["proof"]
     assert proof == {"emulated": False, "note": "skipped: --opt emulate=off"}
+
+
+def test_fit_and_plan_share_one_measurement() -> None:
+    """The arena bisection (real TFLM runs) happens once per build: plan reuses fit's."""
+    from packager.backends.mcu import backend as mcu
+
+    path = TFLM / "micro_speech_quantized.tflite"
+    target = resolve_target("stm32f746-disco")
+    request = BuildRequest(model=path, target="stm32f746-disco")
+    info = inspect_tflite(path)
+    mcu.measure.cache_clear()
+    mcu.measure_arena.cache_clear()
+    backend = McuBackend()
+    report = backend.fit(request, info, target)
+    backend.plan(request, info, target, report)
+    assert mcu.measure_arena.cache_info().misses == 1
+    assert (mcu.measure.cache_info().misses, mcu.measure.cache_info().hits) == (1, 1)

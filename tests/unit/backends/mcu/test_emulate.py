@@ -102,8 +102,9 @@ def test_generated_cmake_defaults_to_cmsis_nn() -> None:
     """The rendered CMake glue carries the core's default kernel set as a cache option that
     can be switched to reference; the Xtensa target's glue defaults to reference."""
     from packager.backends.base import BuildRequest
-    from packager.backends.mcu.backend import McuBackend, _environment
+    from packager.backends.mcu.backend import McuBackend
     from packager.models.tflite import inspect_tflite
+    from packager.render import render
     from packager.targets import resolve_target
 
     model = Path(__file__).resolve().parents[5] / "shared/testdata/tflm/hello_world_int8.tflite"
@@ -117,7 +118,7 @@ def test_generated_cmake_defaults_to_cmsis_nn() -> None:
         info = inspect_tflite(model)
         plan = backend.plan(request, info, target, backend.fit(request, info, target))
         assert plan.context_dict()["kernels"] == kernels
-        glue = _environment().get_template("mcu/CMakeLists.txt.jinja").render(plan.context_dict())
+        glue = render("mcu/CMakeLists.txt.jinja", plan.context_dict())
         assert f'set(EDGEPACK_KERNELS "{kernels}" CACHE STRING' in glue
         assert 'if(EDGEPACK_KERNELS STREQUAL "cmsis-nn")\n  target_compile_definitions(' \
             'edgepack_model PUBLIC CMSIS_NN)' in glue

@@ -1,3 +1,6 @@
+"""packager.calibration: sample directories checked against the model's signature, and the one
+minimum sample count every quantizer (ONNX int8-static, the int8 TFLite converters) applies."""
+
 from __future__ import annotations
 
 import re
@@ -6,10 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from packager.calibration import (
+    MIN_CALIBRATION_SAMPLES,
+    ImagePreprocessing,
+    load_samples,
+    representative_rows,
+    require_calibration,
+    require_min_samples,
+)
 from packager.errors import InputError
 from packager.models.info import TensorInfo
-from packager.optimize.data import load_samples, require_min_samples
-from packager.optimize.request import ImagePreprocessing
 
 FIXED = (TensorInfo("Input3", "float32", (1, 1, 4, 4)),)
 DYNAMIC = (TensorInfo("x", "float32", ("batch", 3)),)
@@ -96,3 +105,30 @@ def test_images_follow_the_declared_preprocessing(tmp_path: Path) -> None:
     nchw = (TensorInfo("img", "float32", (1, 1, 2, 2)),)
     gray = load_samples(tmp_path, nchw, purpose="calibration").feeds[0]["img"]
     assert gray.shape == (1, 1, 2, 2) and float(gray.max()) > 0
+
+
+def test_one_calibration_floor_for_onnx_and_tflite(tmp_path: Path) -> None:
+    """ONNX int8-static (packager.optimize) and the int8 TFLite converters (packager.models) refuse
+    below the same count: 15 samples are too few for both, 16 are enough."""
+    from packager.models import keras, onnx_tflite, torch_tflite
+    from packager.optimize.request import OptimizeRequest
+
+    assert MIN_CALIBRATION_SAMPLES == 16
+    assert OptimizeRequest(Path("m.onnx"), Path("o"), "int8-static").min_calibration_samples == 16
+    for module in (keras, onnx_tflite, torch_tflite):
+        assert not hasattr(module, "MIN_CALIBRATION_SAMPLES"), module.__name__
+    np.save(tmp_path / "a.npy", np.zeros((15, 1, 1, 4, 4), np.float32))
+    with pytest.raises(InputError, match="15 calibration sample"):
+        representative_rows(tmp_path, FIXED)
+    np.save(tmp_path / "b.npy", np.zeros((1, 1, 4, 4), np.float64))
+    rows = representative_rows(tmp_path, FIXED)
+    assert len(rows) == 16
+    for (row,) in rows:
+        assert row.dtype == np.float32 and row.shape == (1, 1, 4, 4) and row.flags.c_contiguous
+
+
+def test_a_missing_calibration_directory_names_the_model() -> None:
+    with pytest.raises(InputError, match=r"m\.pt: a fully int8 model needs representative") as info:
+        require_calibration(Path("m.pt"), None, files=".npy")
+    assert ".npy samples" in (info.value.hint or "")
+    assert require_calibration(Path("m.onnx"), Path("cal")) == Path("cal")

@@ -1,6 +1,10 @@
 """Calibration and evaluation sets: directories of ``.npy``/``.npz`` tensors or images, checked
 against the model's input signature before anything is quantized.
 
+Below both ``packager.models`` (the int8 TFLite converters calibrate with it) and
+``packager.optimize`` (int8-static ONNX quantization and the accuracy gate); it knows models only
+through their tensor signature (:class:`~packager.models.info.TensorInfo`).
+
 Layout of a directory (files are read in sorted name order, so results are repeatable):
 
 * ``*.npy`` - one array per file, for single-input models;
@@ -18,13 +22,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 from packager.errors import InputError
 from packager.models.info import TensorInfo
-from packager.optimize.request import ImagePreprocessing
 
 TENSOR_SUFFIXES = frozenset({".npy", ".npz"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".webp"})
@@ -32,6 +36,24 @@ LABEL_FILES = ("labels.npy", "labels.txt", "labels.csv")
 LABEL_KEYS = ("label", "labels")
 
 Feed = dict[str, NDArray[np.generic]]
+Layout = Literal["NCHW", "NHWC"]
+# The fewest calibration samples edgepack quantizes with, for ONNX int8-static and for the fully
+# int8 TFLite converters alike: fewer give int8 ranges that describe a handful of inputs and clip
+# real ones. TensorFlow's post-training integer quantization guide asks for "around 100-500"
+# representative samples; 16 is the floor below which edgepack refuses (the stricter of the two
+# floors it had, 16 for TFLite and 8 for ONNX).
+MIN_CALIBRATION_SAMPLES = 16
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How image files become input tensors: ``((pixels * scale) - mean) / std``."""
+
+    resize: tuple[int, int] | None = None  # (height, width); None: the model's input size
+    layout: Layout = "NCHW"
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    scale: float = 1.0
 
 
 @dataclass
@@ -94,7 +116,8 @@ def load_samples(
     return samples
 
 
-def require_min_samples(samples: SampleSet, minimum: int) -> None:
+def require_min_samples(samples: SampleSet, minimum: int = MIN_CALIBRATION_SAMPLES) -> None:
+    """InputError unless ``samples`` holds at least ``minimum`` samples (batch rows)."""
     if samples.sample_count < minimum:
         raise InputError(
             f"{samples.directory}: {samples.sample_count} calibration sample(s), at least "
@@ -107,6 +130,32 @@ def iter_rows(feed: Feed) -> Iterator[Feed]:
     first = next(iter(feed.values()))
     for i in range(first.shape[0]):
         yield {name: value[i : i + 1] for name, value in feed.items()}
+
+
+def require_calibration(model: Path, calibration: Path | None, *, files: str = ".npy/.npz") -> Path:
+    """``calibration``, or InputError when a fully int8 conversion of ``model`` has none."""
+    if calibration is None:
+        raise InputError(
+            f"{model}: a fully int8 model needs representative inputs",
+            hint=f"pass --calibration DIR with {files} samples of real inputs",
+        )
+    return calibration
+
+
+def representative_rows(
+    calibration: Path, inputs: Sequence[TensorInfo]
+) -> list[tuple[NDArray[np.float32], ...]]:
+    """Every calibration sample as one float32 array per input (in ``inputs`` order, batch 1,
+    C-contiguous): what the int8 TFLite converters feed. InputError for a bad directory or fewer
+    than :data:`MIN_CALIBRATION_SAMPLES` samples."""
+    samples = load_samples(calibration, inputs, purpose="calibration")
+    require_min_samples(samples)
+    names = [t.name for t in inputs]
+    return [
+        tuple(np.ascontiguousarray(row[n], dtype=np.float32) for n in names)
+        for feed in samples.feeds
+        for row in iter_rows(feed)
+    ]
 
 
 # --- files --------------------------------------------------------------------------------------

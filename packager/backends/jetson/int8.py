@@ -1,0 +1,190 @@
+"""The model a Jetson bundle ships for TensorRT: which precision the engine is built in, which
+optimization (if any) runs on the host, and the checks the ONNX file passes before it is packed.
+
+Precisions (the engine key's ``precision``):
+
+``int8``
+    TensorRT-ready explicit quantization: the existing optimizer (``OptimizeStep("int8-static")``,
+    run by the core through ``packager.optimize.optimize_for_build``) with the TensorRT settings
+    profile (:func:`packager.optimize.cpu.tensorrt_int8_settings`, chosen because the target's
+    runtime engine is ``tensorrt``), measured against the FP32 model by its accuracy gate; then
+    :func:`prepare_for_engine` folds constants and runs the Q/DQ lint for the target's TensorRT.
+``fp16`` (the Jetson targets' default)
+    **The FP32 ONNX model is shipped and the device builds the engine with ``trtexec --fp16``**;
+    the host does not convert the file to float16. That is how TensorRT users do it, because:
+
+    - ``--fp16`` lets TensorRT choose per layer and keep FP32 where a layer has no FP16 kernel or
+      would overflow; an FP16 ONNX file (onnxruntime's ``convert_float_to_float16`` with
+      ``keep_io_types``) pins every layer to FP16 and adds Cast nodes at the inputs/outputs that
+      TensorRT must honour (literally so in TensorRT 10's strongly typed networks) and that get in
+      the way of layer fusion;
+    - an accuracy gate on onnxruntime's CPU FP16 would judge kernels the device never runs, so
+      the host gate would be a stand-in that proves nothing about the engine; TensorRT's FP16
+      is checked on the device against the references (:mod:`.reference`);
+    - the same ONNX file serves the onnxruntime-CPU fallback, which is slow on FP16 files (CPU
+      kernels mostly compute float32, so the converted graph adds casts).
+``fp32``
+    The FP32 ONNX model, built without reduced precision.
+
+INT8 dynamic quantization and QOperator output are refused (UnsupportedError): onnxruntime writes
+integer operators (DynamicQuantizeLinear, MatMulInteger, QLinear*) that TensorRT's parser
+rejects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from packager.backends.base import OptimizeStep
+from packager.backends.jetson.qdq_lint import QDQ_OPS, Finding, check_qdq, parser_profile
+from packager.backends.jetson.reference import FoldResult, fold_constants
+from packager.errors import InputError, UnsupportedError, UsageError
+from packager.optimize.cpu import Int8Profile
+
+EnginePrecision = Literal["fp16", "int8", "fp32"]
+INT8_PROFILE: Int8Profile = "tensorrt"  # the optimizer's INT8 settings profile for TensorRT
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What :func:`plan_model` decided: the host ``optimize`` step the core runs (None: the
+    model is shipped as given, FP32), the engine ``precision`` and the ``reason`` in words."""
+
+    optimize: OptimizeStep | None
+    precision: EnginePrecision
+    reason: str
+
+
+def _float_plan(fp16: bool, why: str) -> ModelPlan:
+    """No host step: the FP32 ONNX is shipped and trtexec builds the engine in FP16 or FP32;
+    ``why`` names what chose the precision."""
+    return ModelPlan(
+        None,
+        "fp16" if fp16 else "fp32",
+        f"{why}: FP32 ONNX shipped, the device builds the engine with "
+        f"trtexec{' --fp16' if fp16 else ''}",
+    )
+
+
+def plan_model(
+    quantize: str | None, preferred: str, *, calibration: Path | None = None
+) -> ModelPlan:
+    """The precision of a Jetson build, pure: ``quantize`` (the ``--quantize`` flag, None when
+    not given), else the target's ``preferred`` precision (``runtime.preferred_precision``).
+
+    - ``fp16`` / ``fp32``: no host step; the engine is built in that precision from FP32 ONNX;
+    - ``int8-static`` (or ``int8`` preferred with ``calibration``): ``OptimizeStep("int8-static")``
+      with the TensorRT profile, engine precision ``int8``;
+    - ``int8-dynamic``: UnsupportedError (exit 10); ``int8`` preferred without calibration:
+      UsageError naming ``--calibration``."""
+    if quantize is None:
+        if preferred in ("fp16", "fp32"):
+            return _float_plan(preferred == "fp16", f"the target prefers {preferred}")
+        if preferred == "int8":
+            if calibration is None:
+                raise UsageError(
+                    "the target prefers int8: TensorRT INT8 is static Q/DQ, so pass "
+                    "--calibration DIR (or --quantize fp16)"
+                )
+            quantize = "int8-static"
+        else:
+            raise UsageError(f"target precision '{preferred}': expected fp16, fp32 or int8")
+    if quantize in ("fp16", "fp32"):
+        return _float_plan(quantize == "fp16", f"--quantize {quantize}")
+    if quantize == "int8-static":
+        reason = "TensorRT explicit Q/DQ INT8 (symmetric int8, per-channel weights, float bias)"
+        return ModelPlan(OptimizeStep("int8-static", reason), "int8", reason)
+    if quantize == "int8-dynamic":
+        raise UnsupportedError(
+            "--quantize int8-dynamic: TensorRT takes INT8 only as static Q/DQ; dynamic "
+            "quantization writes DynamicQuantizeLinear/MatMulInteger, which its parser rejects",
+            hint="use --quantize int8-static --calibration DIR, or fp16",
+        )
+    raise UsageError(f"--quantize {quantize}: choose fp16, fp32 or int8-static for Jetson")
+
+
+def quantize_for_tensorrt(
+    model: Path,
+    calibration: Path,
+    work_dir: Path,
+    *,
+    eval_dir: Path | None = None,
+    max_accuracy_drop: float | None = None,
+    min_top1_agreement: float | None = None,
+) -> tuple[Path, dict[str, object]]:
+    """``model`` (ONNX or PyTorch) -> TensorRT-ready Q/DQ INT8 through the existing optimizer
+    with the TensorRT profile and its accuracy gate (``max_accuracy_drop`` /
+    ``min_top1_agreement`` as fractions, measured on ``eval_dir``): the optimized ONNX path in
+    ``work_dir`` and the optimization report. The same as the core's ``OptimizeStep`` for a
+    Jetson target; for callers that run the optimizer themselves (tests, the engine command).
+    AccuracyError when the gate fails, nothing written."""
+    from packager.optimize import optimize_for_build
+
+    return optimize_for_build(
+        model,
+        "int8-static",
+        calibration,
+        eval_dir,
+        work_dir,
+        int8_profile=INT8_PROFILE,
+        max_accuracy_drop=max_accuracy_drop,
+        min_top1_agreement=min_top1_agreement,
+    )
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """:func:`prepare_for_engine`'s result: the ONNX ``path`` to ship, whether it holds Q/DQ
+    (explicit quantization: TensorRT 8.x then needs ``--int8``, 10.x ``--stronglyTyped``), the
+    lint's warnings and the folding counts."""
+
+    path: Path
+    precision: EnginePrecision
+    explicit_quantization: bool
+    warnings: tuple[Finding, ...]
+    fold: FoldResult
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "explicit_quantization": self.explicit_quantization,
+            "constants_folded": self.fold.folded,
+            "lint_warnings": [w.to_json() for w in self.warnings],
+        }
+
+
+def prepare_for_engine(
+    model: Path,
+    dest: Path,
+    *,
+    precision: EnginePrecision,
+    tensorrt: str,
+    sm: int | None = None,
+) -> PreparedModel:
+    """The ONNX file the bundle ships: ``model`` with its constants folded (polygraphy) written
+    to ``dest``, then, when it holds Q/DQ (edgepack's INT8 output, or a user's QAT model), the
+    Q/DQ lint for TensorRT ``tensorrt`` ("8.6.2") and the GPU's ``sm`` (87 for 8.7).
+
+    UnsupportedError (exit 10, one line naming the rule, node and tensor) when TensorRT would
+    refuse it, or when ``precision`` is ``int8`` but the model holds no Q/DQ (TensorRT's
+    implicit INT8 calibration is not what edgepack ships); InputError for a bad file."""
+    import onnx
+
+    parser_profile(tensorrt)  # a malformed version fails before any work
+    fold = fold_constants(model, dest)
+    try:
+        loaded = onnx.load(str(dest), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ValueError for bad files
+        raise InputError(f"{dest}: cannot load the folded ONNX model ({exc})") from exc
+    explicit = any(node.op_type in QDQ_OPS for node in loaded.graph.node)
+    if precision == "int8" and not explicit:
+        raise UnsupportedError(
+            f"{model.name}: int8 engine requested but the model holds no Q/DQ nodes",
+            hint="build with --quantize int8-static --calibration DIR",
+        )
+    warnings: tuple[Finding, ...] = ()
+    if explicit or any(n.op_type.startswith("QLinear") for n in loaded.graph.node):
+        warnings = check_qdq(dest, tensorrt, sm=sm)
+    return PreparedModel(dest, precision, explicit, warnings, fold)
