@@ -8,7 +8,10 @@ Precisions (the engine key's ``precision``):
     run by the core through ``packager.optimize.optimize_for_build``) with the TensorRT settings
     profile (:func:`packager.optimize.cpu.tensorrt_int8_settings`, chosen because the target's
     runtime engine is ``tensorrt``), measured against the FP32 model by its accuracy gate; then
-    :func:`prepare_for_engine` folds constants and runs the Q/DQ lint for the target's TensorRT.
+    the backend's plan runs the Q/DQ lint for the target's TensorRT (:func:`.qdq_lint.check_qdq`)
+    on the model it ships. :func:`prepare_for_engine` (constant folding with polygraphy, then the
+    lint) is not applied by ``edgepack build`` yet: folding changes the shipped bytes, so it has
+    to run as a source step before the model is inspected and its digest keyed.
 ``fp16`` (the Jetson targets' default)
     **The FP32 ONNX model is shipped and the device builds the engine with ``trtexec --fp16``**;
     the host does not convert the file to float16. That is how TensorRT users do it, because:
