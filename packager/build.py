@@ -1,8 +1,8 @@
 """The build: ``plan_build`` (packager.plan) decides, :func:`execute` runs the plan.
 
-execute: source steps (convert / runtime-compat / optimize, as the backend chose) -> inspect ->
-fit (once) -> refuse what does not fit -> the backend's plan and execution -> on-target
-measurement -> manifest -> provenance -> signature -> atomic move into place.
+execute: source steps (convert / runtime-compat / optimize / fold constants, as the backend
+chose) -> inspect -> fit (once) -> refuse what does not fit -> the backend's plan and execution
+-> on-target measurement -> manifest -> provenance -> signature -> atomic move into place.
 
 Everything is written into a temporary directory beside the output and moved into place only when
 the bundle is complete, so a failure at any step leaves nothing half-written. This module reaches
@@ -23,6 +23,7 @@ from packager.backends.base import (
     BuildRequest,
     ConvertStep,
     ExecuteResult,
+    FoldConstantsStep,
     OnTargetEval,
     OptimizeStep,
     PackagePlan,
@@ -86,6 +87,11 @@ class BuildResult:
             "fit": self.package.fit.to_json(),
             "manifest": str(self.bundle / "manifest.json"),
         }
+        folding = self.manifest.model.constant_folding
+        if folding is not None:  # what a FoldConstantsStep did, as the manifest records it
+            document["model"]["constant_folding"] = folding.model_dump(
+                mode="json", exclude_none=True
+            )
         document.update(dict(self.json_extra))
         image = document.get("image")
         if isinstance(image, dict) and "archive" in image:
@@ -103,6 +109,9 @@ class SourceOutcome:
     optimization: dict[str, Any] | None  # the optimize report, when a step optimized
     optimized: OptimizeStep | None  # the optimize step that ran
     baseline: Path  # the model before optimization
+    # What constant folding did (packager.models.fold; the manifest's model.constant_folding):
+    # None when no step folded, ``ran`` False when polygraphy could not fold the model.
+    folding: dict[str, Any] | None = None
 
 
 def build(request: BuildRequest) -> BuildResult:
@@ -203,6 +212,7 @@ def bundle_meta(
                 "outputs": [t.to_json() for t in model.outputs],
                 "runtime_compatibility": list(source.compatibility) or None,
                 "conversion": source.conversion or None,
+                "constant_folding": source.folding,
             }
         ),
         fit=FitSection.from_report(result.fit or package.fit),
@@ -309,12 +319,15 @@ def run_source_steps(plan: BuildPlan, work: Path) -> SourceOutcome:
     notes: list[str] = []
     optimization: dict[str, Any] | None = None
     optimized: OptimizeStep | None = None
-    for step in plan.steps:
+    folding: dict[str, Any] | None = None
+    for index, step in enumerate(plan.steps):
         if isinstance(step, ConvertStep):
             path = _convert(step, request, work, conversion)
         elif isinstance(step, RuntimeCompatStep):
-            folder = work / ("compat" if optimized is None else "compat-opt")
-            path = _runtime_loadable(step, request, path, folder, notes)
+            # One folder per step: a later check must not write over an earlier one's output.
+            path = _runtime_loadable(step, request, path, work / f"compat-{index}", notes)
+        elif isinstance(step, FoldConstantsStep):
+            path, folding = _fold_constants(path, work / f"fold-{index}")
         else:
             if step.reason:
                 console.status(step.reason)
@@ -328,7 +341,39 @@ def run_source_steps(plan: BuildPlan, work: Path) -> SourceOutcome:
         optimization=optimization,
         optimized=optimized,
         baseline=baseline,
+        folding=folding,
     )
+
+
+def _fold_constants(path: Path, work_dir: Path) -> tuple[Path, dict[str, Any] | None]:
+    """``path`` with its constants folded (packager.models.fold), written to ``work_dir``, and
+    the manifest's record of it; one progress line with the node counts. A model with nothing
+    to fold is kept as it is (its bytes, hence its digest, unchanged). When polygraphy cannot
+    fold the model the build goes on with it unfolded (folding is an optimisation, the engine
+    builder parses the model either way), with a warning and ``ran: false`` in the record.
+    Other formats pass through, recorded as nothing."""
+    if path.suffix.lower() != ".onnx":
+        return path, None
+    from packager.models.fold import TOOL, fold_constants, tool_version
+
+    tool = f"{TOOL} {tool_version()}"
+    work_dir.mkdir(parents=True)
+    try:
+        result = fold_constants(path, work_dir / path.name)
+    except UnsupportedError as exc:
+        # The build's own directory (named for this process) never reaches the manifest.
+        error = exc.one_line().replace(str(work_dir.parent), "<build>")
+        console.warn(f"{error}; the model ships unfolded")
+        return path, {"tool": TOOL, "version": tool_version(), "ran": False, "error": error}
+    record = result.to_json()
+    if result.folded == 0:
+        console.status(f"folding constants ({tool}): {result.nodes_before} -> "
+                       f"{result.nodes_after} nodes, nothing to fold: model kept as it is")
+        return path, record
+    console.status(
+        f"folding constants ({tool}): {result.nodes_before} -> {result.nodes_after} nodes"
+    )
+    return work_dir / path.name, record
 
 
 def _convert(

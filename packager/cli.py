@@ -106,7 +106,7 @@ def _aborted(*, wants_json: bool) -> NoReturn:
 def _main(argv: list[str] | None, *, wants_json: bool) -> NoReturn:
     import click
 
-    from packager.console import console
+    from packager.console import console, printable
     from packager.errors import EdgepackError, ExitCode
 
     try:
@@ -119,7 +119,7 @@ def _main(argv: list[str] | None, *, wants_json: bool) -> NoReturn:
         else:
             console.error(_escape(exc.one_line()))
             for line in exc.details:  # the further problems, indented under the one error line
-                console.err.print("  " + _escape(line))
+                console.err.print("  " + _escape(printable(line)))
         sys.exit(int(exc.exit_code))
     except click.exceptions.Abort:
         raise KeyboardInterrupt from None  # click's Ctrl-C at a prompt: the same as ours

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from rich import table as rich_table
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -24,6 +27,36 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
+
+# C0 and C1 control characters but tab and newline (ESC and CSI start terminal escape sequences,
+# which rich passes through), DEL, and the Unicode bidirectional overrides and isolates (they
+# reorder what a reader sees: CVE-2021-42574).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character (:data:`_CONTROL`) shown as ``\\xNN`` /
+    ``\\uNNNN``: names and values read from target files, bundles, reports and devices never drive
+    the terminal they are shown on. Tab and newline are kept."""
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+class Table(rich_table.Table):
+    """rich's Table whose title and string cells pass through :func:`printable` (every table the
+    commands print shows values from files edgepack does not trust) and are plain text, never
+    rich markup (a tensor named "[/x]" would stop the command with a MarkupError, one named
+    "[link=URL]" would print a hyperlink escape sequence)."""
+
+    def __init__(self, *headers: Any, title: str | None = None, **options: Any) -> None:
+        shown = None if title is None else Text(printable(title), style="table.title")
+        super().__init__(*headers, title=shown, **options)
+
+    def add_row(self, *renderables: Any, **options: Any) -> None:
+        super().add_row(
+            *(Text(printable(cell)) if isinstance(cell, str) else cell for cell in renderables),
+            **options,
+        )
 
 
 class Reporter:
@@ -37,19 +70,21 @@ class Reporter:
     def configure(self, *, quiet: bool) -> None:
         self.quiet = quiet
 
+    # status and warn take plain text (a device's output line, an error naming a model's node),
+    # never rich markup: printable, then escaped. error takes markup: its callers escape.
     def status(self, message: str) -> None:
         if not self.quiet:
-            self.err.print(f"[bold cyan]>[/] {message}")
+            self.err.print(f"[bold cyan]>[/] {escape(printable(message))}")
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[bold yellow]warning:[/] {message}")
+        self.err.print(f"[bold yellow]warning:[/] {escape(printable(message))}")
 
     def error(self, message: str) -> None:
-        self.err.print(f"[bold red]error:[/] {message}", markup=True)
+        self.err.print(f"[bold red]error:[/] {printable(message)}", markup=True)
 
     def result(self, text: str) -> None:
         """Human-readable command result on stdout."""
-        self.out.print(text, markup=False)
+        self.out.print(printable(text), markup=False)
 
     def table(self, renderable: Any) -> None:
         self.out.print(renderable)

@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from packager.bounded import read_bounded
 from packager.errors import TargetError
 from packager.resources import targets_dir
 
@@ -624,15 +625,12 @@ def parse_target(data: dict[str, Any], source: str) -> LoadedTarget:
 
 def load_target_file(path: Path) -> LoadedTarget:
     shown = _display_path(path)
-    if not path.is_file():
+    # Only a path that is not there is "not found": a directory, FIFO or device is there, and
+    # read_bounded says what it is (never waiting on a FIFO).
+    if not path.exists():
         raise TargetError(f"{shown}: target file not found", hint="check the path to --target")
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_TARGET_FILE_BYTES + 1)
-    except OSError as exc:
-        raise TargetError(f"{shown}: cannot be read: {exc.strerror or exc}") from exc
-    if len(raw) > MAX_TARGET_FILE_BYTES:
-        raise TargetError(f"{shown}: larger than {MAX_TARGET_FILE_BYTES} bytes: not a target file")
+    raw = read_bounded(path, MAX_TARGET_FILE_BYTES, error=TargetError, shown=shown,
+                       what="not a target file")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:

@@ -51,11 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--platform", help="linux/amd64 or linux/arm64 (default: this machine)")
     run.add_argument("--device-class", help="the bundles' device class (default linux-container)")
     run.add_argument(
-        "--sysroot",
-        type=Path,
-        help="read the device's facts for release requirements (/etc/nv_tegra_release, the"
-        " device tree) under this directory instead of / (tests)",
+        "--facts-probe-arg",
+        action="append",
+        dest="facts_probe",
+        default=None,
+        metavar="ARG",
+        help="one word of the program that prints this device's facts for release"
+        " requirements (repeat, in order; an absolute program path first), e.g."
+        " --facts-probe-arg /usr/bin/python3 --facts-probe-arg /opt/edgepack/NAME/"
+        "jetson_preflight.py --facts-probe-arg=--facts",
     )
+    run.add_argument("--facts-timeout", type=float, dest="facts_timeout_s")
     run.add_argument("--channel")
     run.add_argument("--engine", help="docker or podman (or a path)")
     run.add_argument("--engine-arg", action="append", dest="engine_args", default=None)
@@ -78,7 +84,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
     for key in (
         "root", "repo", "usb", "device_id", "platform", "channel", "engine", "engine_args",
         "port", "report_url", "report_file", "ready_timeout_s", "trial_s", "poll_s",
-        "device_class", "sysroot",
+        "device_class", "facts_probe", "facts_timeout_s",
     ):  # fmt: skip
         value = getattr(args, key)
         if value is not None:
@@ -105,8 +111,10 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
     values["engine_args"] = tuple(values.get("engine_args") or ())
     if values.get("bundle_key") is not None:
         values["bundle_key"] = Path(values["bundle_key"])
-    if values.get("sysroot") is not None:
-        values["sysroot"] = Path(values["sysroot"])
+    if isinstance(values.get("facts_probe"), list):
+        # Anything else (a string, a number) is kept as given: the probe's own check
+        # (packager.agent.engine.argv_problem) names it, and the facts are unknown.
+        values["facts_probe"] = tuple(values["facts_probe"])
     return AgentConfig(
         root=Path(values.pop("root")), repo_url=repo, device_id=device_id, platform=plat, **values
     )

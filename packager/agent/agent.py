@@ -43,7 +43,7 @@ from tuf.api.exceptions import DownloadError, LengthOrHashMismatchError
 
 from .confinement import ConfinementError, detached_args, prepare_argv
 from .confinement import read as read_confinement
-from .device import DeviceFacts, read_facts, unmet
+from .device import DeviceFacts, probe_facts, unmet
 from .engine import Engine, EngineError, ready
 from .fetch import Transport, download_resumable
 from .paths import PathError, create_file, open_append
@@ -106,9 +106,13 @@ class AgentConfig:
     # manifest.dsse.json verifies with it and the signed manifest.json matches what was staged
     # (signature.check_release_bundle), in addition to TUF. install.sh pins the key it checked.
     bundle_key: Path | None = None
-    # Where the device's own facts are read for a release's compat.requires (packager.agent.
-    # device: /etc/nv_tegra_release, the device tree): "/" on a device, a fixture tree in tests.
-    sysroot: Path = Path("/")
+    # The program that prints this device's facts for a release's compat.requires (packager.
+    # agent.device): the bundle's own preflight, e.g. ("/usr/bin/python3", "/opt/edgepack/NAME/
+    # jetson_preflight.py", "--facts"), written by install-container.sh for a Jetson bundle;
+    # tests add "--root", FIXTURE. () (none): a release with requirements is skipped, unknown.
+    facts_probe: tuple[str, ...] = ()
+    # The longest the probe may run (seconds) before it is killed and the facts are unknown.
+    facts_timeout_s: float = 30.0
     # The longest this device lets a release's prepare step run (seconds); the bundle's own
     # timeout_s (at most confinement.MAX_PREPARE_TIMEOUT_S) applies when it is shorter.
     prepare_max_s: float = 7200.0
@@ -180,7 +184,8 @@ class Agent:
             window_s=config.window_s,
         )
         self._repo: Repo | None = None
-        self._facts: DeviceFacts | None = None
+        # The device's facts, or why they are unknown: probed once per agent, when first needed.
+        self._facts: DeviceFacts | str | None = None
         self._accounted = 0
         self.timings: dict[str, float] = {}  # seconds per phase in this cycle (benchmarks)
         for sub in ("store/objects", "store/partial", "store/releases", "releases", "outbox"):
@@ -306,11 +311,15 @@ class Agent:
 
     def _unmet(self, release: ReleaseInfo) -> str:
         """'' when this device meets the release's ``requires`` (packager.agent.device), else
-        why not; the device's files are read once per agent, and only when a release asks."""
+        why not. The facts probe (the bundle's preflight, ``cfg.facts_probe``) runs once per
+        agent, and only when a release asks; when it fails the facts are unknown and every
+        release with requirements is skipped with that one reason."""
         if not release.requires:
             return ""
         if self._facts is None:
-            self._facts = read_facts(self.cfg.sysroot)
+            self._facts = probe_facts(self.cfg.facts_probe, self.cfg.facts_timeout_s)
+            if isinstance(self._facts, str):
+                log.warning("device facts unknown: %s", self._facts)
         return unmet(release.requires, self._facts)
 
     def _meeting_requirements(
@@ -559,6 +568,9 @@ class Agent:
         target = f"releases/{pending['sequence']}"
         try:
             confinement = read_confinement(self.root / target)
+            # The bundle's device access as this engine gives it (docker: --runtime=nvidia,
+            # podman: CDI): the engine is told by its file name, any other refused here.
+            run_args = confinement.for_engine(self.engine.executable)
         except ConfinementError as exc:
             pending["reason"] = f"runtime not started: {exc}"
             self._set_phase(pending, "rollback")
@@ -582,7 +594,7 @@ class Agent:
                  timeout_s)  # fmt: skip
         checkpoint("prepare-start")
         outcome = self.engine.run_foreground(
-            name, prepare_argv(name, ref, confinement.run_args, step), timeout_s
+            name, prepare_argv(name, ref, run_args, step), timeout_s
         )
         checkpoint("prepare-ran")
         if outcome.ok:
@@ -600,7 +612,7 @@ class Agent:
     def _start(self, name: str, ref: str, release_dir: str) -> None:
         """Start ``ref`` with the confinement its bundle's unit uses (``confinement.json``)."""
         try:
-            confinement = detached_args(self.root / release_dir)
+            confinement = detached_args(self.root / release_dir, self.engine.executable)
         except ConfinementError as exc:
             raise EngineError(str(exc)) from exc
         self.engine.start(name, ref, self.cfg.port, confinement)

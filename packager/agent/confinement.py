@@ -10,9 +10,18 @@ under systemd is the unit's own ``Restart=always``. Standard library only (runs 
 
 Every flag is one ``--name=value`` token from a whole-string allow-list (:data:`FLAGS`): a
 document, even in a validly signed release, cannot add ``--privileged``, a volume, a device or
-a capability, and cannot drop the floor (:data:`REQUIRED`). The only device access a bundle may
-ask for is :data:`NVIDIA_JETSON`, each flag as one exact string (no other runtime, group or
-bind, and the bind read-only).
+a capability, and cannot drop the floor (:data:`REQUIRED`).
+
+The only device access a bundle may ask for is :data:`NVIDIA_JETSON`, each flag as one exact
+string (no other runtime, CDI device, group or bind, and the bind read-only). How a container
+gets the GPU depends on the engine that starts it (:data:`GPU`: docker's NVIDIA runtime,
+podman's CDI device), so device access is per engine: ``device_args`` of a
+``edgepack.confinement/v2`` document, one list per engine of :data:`ENGINES`, each checked
+against that engine's own flags (podman given docker's ``--runtime=nvidia`` is refused). Every
+starter picks the list by the engine's file name (:func:`engine_name`): the agent here
+(:meth:`Confinement.for_engine`), and the supervisor and install-container.sh, rendered with the
+same lists (their ``device_access`` context). A document without device access (every Linux
+bundle) is ``edgepack.confinement/v1`` exactly as before; both are read.
 
 A bundle may also declare a ``prepare`` step (:class:`Prepare`): one command the OTA agent runs in
 the release's image before it starts the release's serving container, e.g. a Jetson bundle's
@@ -26,13 +35,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 FILE = "confinement.json"
+# A document without device access (every Linux bundle): unchanged since v1.
 SCHEMA = "edgepack.confinement/v1"
+# v1 plus "device_args": the device access per container engine (a Jetson bundle).
+SCHEMA_DEVICE = "edgepack.confinement/v2"
 # Docker's and podman's names; "unless-stopped": an engine restart (reboot) or a crash brings the
 # runtime back, an explicit stop (the agent replacing a version) does not.
 RESTART_POLICY = "unless-stopped"
@@ -48,14 +60,26 @@ REQUIRED: tuple[str, ...] = (
 # Where a Jetson's first-boot unit writes the TensorRT plans the runtime loads
 # (/work/brief/jetson.md; packager.backends.jetson.backend.ENGINES_DIR is this value).
 ENGINES_DIR = "/var/lib/edgepack/engines"
-# A Jetson runtime's GPU access: the NVIDIA container runtime (it mounts the GPU's devices and,
-# on JetPack 4, the host's CUDA/TensorRT), the video group that owns /dev/nvhost-* and /dev/nvmap,
-# and the engines directory READ-ONLY (the container loads plans, never writes them).
-NVIDIA_JETSON: tuple[str, ...] = (
-    "--runtime=nvidia",
-    "--group-add=video",
-    f"--volume={ENGINES_DIR}:{ENGINES_DIR}:ro",
-)
+# The engines a bundle's device access is written for, known by their file name.
+ENGINES = ("docker", "podman")
+# How each engine gives a container the Jetson's GPU: the ONE table every starter's flags come
+# from. docker: the NVIDIA container runtime (nvidia-container-toolkit registers it as "nvidia";
+# it mounts the GPU's devices and, on JetPack 4, the host's CUDA/TensorRT). podman: CDI, the spec
+# `nvidia-ctk cdi generate` writes for nvidia.com/gpu (what packager/runtime/jetson_preflight.py
+# checks for); podman has no "nvidia" OCI runtime ("default OCI runtime nvidia not found").
+# The engine unit (templates/jetson/engine-build.service.jinja) makes the same choice.
+GPU: dict[str, str] = {
+    "docker": "--runtime=nvidia",
+    "podman": "--device=nvidia.com/gpu=all",
+}
+# A Jetson runtime's GPU access with each engine: its GPU flag, the video group that owns
+# /dev/nvhost-* and /dev/nvmap, and the engines directory READ-ONLY (the container loads plans,
+# never writes them).
+NVIDIA_JETSON: dict[str, tuple[str, ...]] = {
+    engine: (gpu, "--group-add=video", f"--volume={ENGINES_DIR}:{ENGINES_DIR}:ro")
+    for engine, gpu in GPU.items()
+}
+# The flags every engine takes alike (device access is not among them: it is per engine).
 FLAGS: tuple[re.Pattern[str], ...] = tuple(
     re.compile(pattern)
     for pattern in (
@@ -67,7 +91,6 @@ FLAGS: tuple[re.Pattern[str], ...] = tuple(
         r"--memory-swap=[1-9][0-9]{0,6}m",
         r"--cpus=[0-9]{1,3}\.[0-9]{2}",
         r"--pids-limit=[1-9][0-9]{0,5}",
-        *(re.escape(flag) for flag in NVIDIA_JETSON),
     )
 )
 RESTART = re.compile(r"no|always|unless-stopped|on-failure(:[1-9][0-9]{0,2})?")
@@ -92,13 +115,16 @@ PREPARE_PYTHON = re.compile(r"/usr/bin/python3\.[0-9]{1,2}")
 # (3600 s) + 900 s, as its first-boot unit's TimeoutStartSec. Two hours at most.
 MAX_PREPARE_TIMEOUT_S = 7200
 PREPARE_KEYS = ("args", "binds", "module", "python", "timeout_s")
-# The GPU access a prepare container gets: the bundle's own device flags minus their read-only
-# bind of the engines directory (PREPARE_BINDS replaces it).
-PREPARE_DEVICE_FLAGS = tuple(flag for flag in NVIDIA_JETSON if not flag.startswith("--volume="))
+# The GPU access a prepare container gets: the bundle's own device flags for the engine minus
+# their read-only bind of the engines directory (PREPARE_BINDS replaces it).
+PREPARE_DEVICE_FLAGS = tuple(dict.fromkeys(
+    flag for flags in NVIDIA_JETSON.values() for flag in flags if not flag.startswith("--volume=")
+))
 # Root in the container (the image's user 10001 cannot write the root-owned engines directory),
 # with every capability dropped and no new privileges (the floor, REQUIRED).
 PREPARE_USER = "--user=0:0"
 _DOCUMENT_KEYS = ("prepare", "restart", "run_args", "schema")
+_DEVICE_KEY = "device_args"
 
 
 class ConfinementError(ValueError):
@@ -123,11 +149,37 @@ class Prepare:
 
 @dataclass(frozen=True)
 class Confinement:
-    """A release's ``confinement.json``, checked: the detached start's flags (restart policy
-    last) and the prepare step, if any."""
+    """A release's ``confinement.json``, checked: the flags every engine starts it with (floor
+    and limits), its restart policy, the prepare step, if any, and its device access per engine
+    (``(engine, flags)`` pairs in :data:`ENGINES` order; () for none)."""
 
     run_args: tuple[str, ...]
+    restart: str
     prepare: Prepare | None
+    device_args: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def for_engine(self, engine: str) -> tuple[str, ...]:
+        """The detached start's flags with ``engine`` (its path or file name): the shared flags,
+        the engine's device flags, the restart policy last. ConfinementError (one line) when
+        the bundle has device access and ``engine`` is neither docker nor podman
+        (:func:`engine_name`); without device access every engine gets the same flags."""
+        device: tuple[str, ...] = ()
+        if self.device_args:
+            device = dict(self.device_args)[engine_name(engine)]
+        return (*self.run_args, *device, f"--restart={self.restart}")
+
+
+def engine_name(engine: str) -> str:
+    """``engine``'s name among :data:`ENGINES`: the file name of its path (``/usr/bin/podman``
+    -> ``podman``), as install-container.sh and the supervisor tell it. ConfinementError for any
+    other (a wrapper's name says nothing about how it gives a container the GPU)."""
+    name = engine.rstrip("/").rsplit("/", 1)[-1]
+    if name not in ENGINES:
+        raise ConfinementError(
+            f"container engine {engine!r}: this bundle's device access is set for "
+            f"{' or '.join(ENGINES)} (the engine's file name), not {name!r}"
+        )
+    return name
 
 
 def engine_build_step(python: str, timeout_s: int) -> Prepare:
@@ -184,9 +236,10 @@ def check_prepare(value: object) -> Prepare:
 def prepare_argv(name: str, ref: str, run_args: Sequence[str], step: Prepare) -> tuple[str, ...]:
     """The engine's arguments (after ``docker``/``podman``) that run ``step`` in ``ref`` as the
     foreground container ``name``, removed when it ends: root without capabilities (the floor),
-    read-only root filesystem, the GPU flags found in the bundle's ``run_args``
-    (:data:`PREPARE_DEVICE_FLAGS`), no network, the step's binds, the image's interpreter."""
-    device = [flag for flag in PREPARE_DEVICE_FLAGS if flag in run_args]
+    read-only root filesystem, the GPU flags found in the bundle's ``run_args`` for this engine
+    (:meth:`Confinement.for_engine`; :data:`PREPARE_DEVICE_FLAGS`, in their order there), no
+    network, the step's binds, the image's interpreter."""
+    device = [flag for flag in run_args if flag in PREPARE_DEVICE_FLAGS]
     volumes = [f"--volume={bind}" for bind in step.binds]
     return (
         "run", "--rm", "--name", name, PREPARE_USER, *REQUIRED, *device, "--network=none",
@@ -195,14 +248,10 @@ def prepare_argv(name: str, ref: str, run_args: Sequence[str], step: Prepare) ->
 
 
 def from_target(
-    memory_max_mb: int | None,
-    cpu_quota_percent: int | None,
-    *,
-    pids_limit: int = PIDS_LIMIT,
-    device: Sequence[str] = (),
+    memory_max_mb: int | None, cpu_quota_percent: int | None, *, pids_limit: int = PIDS_LIMIT
 ) -> tuple[str, ...]:
-    """The run flags for a target's ``[service]`` limits (MiB, percent of one CPU), then
-    ``device``: the device access the device class needs (:data:`NVIDIA_JETSON` or nothing).
+    """The run flags every engine gets for a target's ``[service]`` limits (MiB, percent of one
+    CPU); a device class's device access is per engine (``device`` of :func:`document`).
     ConfinementError for a flag outside the allow-list."""
     args = list(REQUIRED)
     if memory_max_mb:
@@ -211,14 +260,20 @@ def from_target(
     if cpu_quota_percent:
         args.append(f"--cpus={cpu_quota_percent / 100:.2f}")
     args.append(f"--pids-limit={pids_limit}")
-    args += device
     return check_args(args)
 
 
 def check_args(args: Sequence[object]) -> tuple[str, ...]:
     """``args`` when every one is an allowed flag and the floor (:data:`REQUIRED`) is there."""
     checked: list[str] = []
+    device = {flag for flags in NVIDIA_JETSON.values() for flag in flags}
     for arg in args:
+        if isinstance(arg, str) and arg in device:
+            # A v1 document of a Jetson bundle built before device access was per engine.
+            raise ConfinementError(
+                f"run flag {arg!r} is device access, which depends on the engine: it belongs in "
+                f"{_DEVICE_KEY} ({SCHEMA_DEVICE}); rebuild the bundle with this edgepack"
+            )
         if not isinstance(arg, str) or not any(f.fullmatch(arg) for f in FLAGS):
             raise ConfinementError(f"run flag {arg!r} is not an allowed confinement flag")
         checked.append(arg)
@@ -228,24 +283,73 @@ def check_args(args: Sequence[object]) -> tuple[str, ...]:
     return tuple(checked)
 
 
+def check_device(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``device_args`` checked: an object with exactly the keys :data:`ENGINES`, each a list of
+    that engine's flags of :data:`NVIDIA_JETSON` (exact strings, once each), the lists the same
+    access (equal but for each engine's own :data:`GPU` flag). ``(engine, flags)`` pairs in
+    :data:`ENGINES` order; ConfinementError naming the engine and the flag otherwise."""
+    if not isinstance(value, dict) or sorted(value) != sorted(ENGINES):
+        raise ConfinementError(
+            f"{_DEVICE_KEY}: expected an object with exactly the keys {', '.join(ENGINES)}"
+        )
+    checked: list[tuple[str, tuple[str, ...]]] = []
+    for engine in ENGINES:
+        flags = value[engine]
+        if not isinstance(flags, list):
+            raise ConfinementError(f"{_DEVICE_KEY}.{engine}: expected a list of flags")
+        for flag in flags:
+            others = [other for other in ENGINES if other != engine and flag == GPU[other]]
+            if others:
+                raise ConfinementError(
+                    f"{_DEVICE_KEY}.{engine}: {flag!r} is {others[0]}'s GPU flag; {engine} "
+                    f"takes {GPU[engine]!r}"
+                )
+            if not isinstance(flag, str) or flag not in NVIDIA_JETSON[engine]:
+                raise ConfinementError(
+                    f"{_DEVICE_KEY}.{engine}: {flag!r} is not an allowed device flag for {engine}"
+                )
+        if len(set(flags)) != len(flags):
+            raise ConfinementError(f"{_DEVICE_KEY}.{engine}: a flag is repeated")
+        checked.append((engine, tuple(flags)))
+    shapes = {tuple("GPU" if f == GPU[e] else f for f in flags) for e, flags in checked}
+    if len(shapes) > 1:
+        raise ConfinementError(
+            f"{_DEVICE_KEY}: the engines' lists differ beyond their GPU flag: "
+            + "; ".join(f"{engine} {list(flags)}" for engine, flags in checked)
+        )
+    return tuple(checked)
+
+
 def document(
-    args: Sequence[str], restart: str = RESTART_POLICY, prepare: Prepare | None = None
+    args: Sequence[str],
+    restart: str = RESTART_POLICY,
+    prepare: Prepare | None = None,
+    device: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """The document; ``prepare`` only when there is one (a bundle without it is unchanged)."""
+    """The document; ``prepare`` only when there is one, and ``device`` (engine -> flags, e.g.
+    :data:`NVIDIA_JETSON`) only when there is device access: then the schema is
+    :data:`SCHEMA_DEVICE`. A bundle with neither is the v1 document of before, byte for byte."""
     doc: dict[str, Any] = {
         "schema": SCHEMA, "run_args": list(check_args(args)), "restart": _restart(restart)
     }
     if prepare is not None:
         doc["prepare"] = check_prepare(prepare.to_json()).to_json()
+    if device:
+        checked = check_device({engine: list(flags) for engine, flags in device.items()})
+        doc["schema"] = SCHEMA_DEVICE
+        doc[_DEVICE_KEY] = {engine: list(flags) for engine, flags in checked}
     return doc
 
 
 def to_bytes(
-    args: Sequence[str], restart: str = RESTART_POLICY, prepare: Prepare | None = None
+    args: Sequence[str],
+    restart: str = RESTART_POLICY,
+    prepare: Prepare | None = None,
+    device: Mapping[str, Sequence[str]] | None = None,
 ) -> bytes:
     """``confinement.json`` as the build writes it (byte-identical for the same flags)."""
     return (
-        json.dumps(document(args, restart, prepare), indent=2, sort_keys=True) + "\n"
+        json.dumps(document(args, restart, prepare, device), indent=2, sort_keys=True) + "\n"
     ).encode()
 
 
@@ -259,30 +363,42 @@ def _restart(value: object) -> str:
 
 def read(release_dir: Path) -> Confinement:
     """The ``confinement.json`` of the release (or bundle) in ``release_dir``, every part
-    checked; the floor and no prepare step when the bundle predates the file.
-    ConfinementError naming the file and the first problem."""
+    checked (v1: no device access; v2: ``device_args`` for every engine, :func:`check_device`);
+    the floor and no prepare step when the bundle predates the file. ConfinementError naming
+    the file and the first problem (an unknown schema, e.g. a newer edgepack's, included)."""
     path = release_dir / FILE
     if not path.exists():
-        return Confinement((*from_target(None, None), f"--restart={RESTART_POLICY}"), None)
+        return Confinement(from_target(None, None), RESTART_POLICY, None)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfinementError(f"{path}: not readable JSON ({exc})") from exc
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise ConfinementError(f"{path}: schema: expected {SCHEMA!r}")
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if schema not in (SCHEMA, SCHEMA_DEVICE):
+        raise ConfinementError(f"{path}: schema: expected {SCHEMA!r} or {SCHEMA_DEVICE!r}")
+    assert isinstance(doc, dict)
     try:
-        unknown = sorted(set(doc) - set(_DOCUMENT_KEYS))
+        keys = (*_DOCUMENT_KEYS, _DEVICE_KEY) if schema == SCHEMA_DEVICE else _DOCUMENT_KEYS
+        unknown = sorted(set(doc) - set(keys))
         if unknown:
             raise ConfinementError(f"unknown key {unknown[0]!r}")
+        if schema == SCHEMA_DEVICE and _DEVICE_KEY not in doc:
+            raise ConfinementError(f"missing key {_DEVICE_KEY!r} ({SCHEMA_DEVICE})")
         args = check_args(doc.get("run_args") or [])
         prepare = check_prepare(doc["prepare"]) if "prepare" in doc else None
-        return Confinement((*args, f"--restart={_restart(doc.get('restart'))}"), prepare)
+        device = check_device(doc[_DEVICE_KEY]) if schema == SCHEMA_DEVICE else ()
+        return Confinement(args, _restart(doc.get("restart")), prepare, device)
     except ConfinementError as exc:
         raise ConfinementError(f"{path}: {exc}") from exc
 
 
-def detached_args(release_dir: Path) -> tuple[str, ...]:
-    """The flags for a detached start of the release staged in ``release_dir``: its
-    ``confinement.json`` (checked whole, prepare step included, :func:`read`), or the floor
-    when the bundle predates the file."""
-    return read(release_dir).run_args
+def detached_args(release_dir: Path, engine: str | None = None) -> tuple[str, ...]:
+    """The flags for a detached start with ``engine`` (its path or file name) of the release
+    staged in ``release_dir``: its ``confinement.json`` (checked whole, prepare step and every
+    engine's device access included, :func:`read`; :meth:`Confinement.for_engine`), or the
+    floor when the bundle predates the file. ``engine`` None: the check alone (``edgepack
+    verify``, the publisher), returning the flags every engine shares (no device access)."""
+    confinement = read(release_dir)
+    if engine is None:
+        return (*confinement.run_args, f"--restart={confinement.restart}")
+    return confinement.for_engine(engine)

@@ -182,7 +182,16 @@ class OptimizeStep:
     reason: str = ""
 
 
-SourceStep = ConvertStep | RuntimeCompatStep | OptimizeStep
+@dataclass(frozen=True)
+class FoldConstantsStep:
+    """Fold an ONNX model's constant subgraphs into initializers with polygraphy
+    (packager.models.fold.fold_constants), so the folded file is what is inspected, digested and
+    shipped. Folding is an optimisation a build can do without: when polygraphy cannot fold the
+    model, the core warns and keeps it unfolded, and the manifest says so
+    (``model.constant_folding.ran`` false). Other formats pass through."""
+
+
+SourceStep = ConvertStep | RuntimeCompatStep | OptimizeStep | FoldConstantsStep
 
 
 def preferred_quantize(

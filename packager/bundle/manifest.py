@@ -23,7 +23,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    model_validator,
+)
 
 from packager import __version__
 from packager.agent.paths import (
@@ -34,6 +41,7 @@ from packager.agent.paths import (
     tree_problems,
 )
 from packager.agent.signature import SIGNATURE_FILE
+from packager.bounded import read_bounded
 from packager.digest import sha256_path
 from packager.errors import InputError, VerifyError
 
@@ -100,6 +108,29 @@ class Tensor(_Section):
     shape: tuple[Dim, ...]
 
 
+class ConstantFolding(_Section):
+    """``model.constant_folding``: what the FoldConstantsStep did (packager.build
+    _fold_constants, packager.models.fold): the tool and its version, whether it folded and then
+    the top-level node counts before and after (after may be the larger: an If on a constant
+    is replaced by its branch's nodes), else why not (``error``)."""
+
+    tool: Literal["polygraphy"]
+    version: Str
+    ran: Flag
+    nodes_before: Count | None = None
+    nodes_after: Count | None = None
+    error: Str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ConstantFolding:
+        counts = (self.nodes_before, self.nodes_after)
+        if self.ran and (None in counts or self.error is not None):
+            raise ValueError("ran: true needs nodes_before and nodes_after and no error")
+        if not self.ran and (counts != (None, None) or self.error is None):
+            raise ValueError("ran: false needs an error and no node counts")
+        return self
+
+
 class ModelSection(_Section):
     source: Str  # the model file's name as given to edgepack build
     format: Str
@@ -109,6 +140,8 @@ class ModelSection(_Section):
     outputs: tuple[Tensor, ...]
     runtime_compatibility: tuple[Str, ...] | None = None
     conversion: JsonObject | None = None
+    # What the FoldConstantsStep did (packager.build: tool, version, ran, node counts or error).
+    constant_folding: ConstantFolding | None = None
 
 
 class Resource(_Section):
@@ -466,11 +499,8 @@ def read_manifest(root: Path) -> Manifest:
     if not path.is_file():
         raise VerifyError(f"{path}: missing", hint="rebuild the bundle with 'edgepack build'")
     check_document_sizes(root)
+    data = read_bounded(path, MAX_DOCUMENT_BYTES, error=VerifyError, what="not a bundle manifest")
     try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_DOCUMENT_BYTES + 1)
-        if len(data) > MAX_DOCUMENT_BYTES:
-            raise VerifyError(f"{path}: more than {MAX_DOCUMENT_BYTES} bytes")
         document = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, an int of 5,000 digits
         raise VerifyError(f"{path}: not valid JSON ({' '.join(str(exc).split())[:200]})"

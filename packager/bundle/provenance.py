@@ -26,6 +26,8 @@ from packager.agent.signature import (
     check_statement,
     open_envelope,
 )
+from packager.bounded import read_bounded
+from packager.bundle.manifest import MAX_DOCUMENT_BYTES
 from packager.bundle.signing import envelope_bytes, statement_bytes
 from packager.errors import VerifyError
 
@@ -93,12 +95,15 @@ def provenance_summary(root: Path, key: SSlibKey | None) -> dict[str, Any] | Non
     path = root / PROVENANCE_FILE
     if path.is_symlink() or not path.is_file():
         return None
-    data = path.read_bytes()[: 4 * 1024 * 1024]
+    data = read_bounded(path, MAX_DOCUMENT_BYTES, error=VerifyError, what="not a bundle document")
+    malformed = f"{root}: provenance: {PROVENANCE_FILE} is malformed"
     if key is not None:
         try:
             statement, _ = open_envelope(data, [key], PROVENANCE_FILE)
         except SignatureError as exc:
             raise VerifyError(f"{root}: provenance: {exc}") from exc
+        except RecursionError as exc:  # a payload nested deeper than the JSON parser goes
+            raise VerifyError(malformed) from exc
         status = "verified"
     else:
         try:
@@ -107,10 +112,22 @@ def provenance_summary(root: Path, key: SSlibKey | None) -> dict[str, Any] | Non
             envelope = json.loads(data)
             statement = check_statement(json.loads(base64.b64decode(envelope["payload"])))
             status = "signed, not checked" if envelope.get("signatures") else "unsigned"
-        except (ValueError, KeyError, TypeError, SignatureError) as exc:
-            raise VerifyError(f"{root}: provenance: {PROVENANCE_FILE} is malformed") from exc
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
+                SignatureError) as exc:
+            raise VerifyError(malformed) from exc
     if statement.get("predicateType") != SLSA_PREDICATE:
         raise VerifyError(f"{root}: provenance: predicateType is not {SLSA_PREDICATE}")
+    try:
+        return _summary(statement, status)
+    except (AttributeError, KeyError, TypeError) as exc:
+        # Unverified (no --key), the predicate is anyone's: a dependency that is not an object,
+        # a missing name or digest is one line, never a traceback.
+        raise VerifyError(f"{malformed} ({type(exc).__name__} in its predicate)") from exc
+
+
+def _summary(statement: dict[str, Any], status: str) -> dict[str, Any]:
+    """provenance_summary's document from a checked SLSA statement; AttributeError, KeyError or
+    TypeError where the predicate does not have the shape edgepack writes."""
     definition = statement["predicate"].get("buildDefinition", {})
     deps = definition.get("resolvedDependencies", [])
     counts: dict[str, int] = {}

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from packager import __version__
+from packager.bounded import read_bounded
+from packager.bundle.manifest import MAX_DOCUMENT_BYTES
 from packager.errors import VerifyError
 from packager.image.spec import PackageRecord
 
@@ -310,7 +312,10 @@ def validate(text: str) -> str | None:
     from cyclonedx.schema import SchemaVersion
     from cyclonedx.validation.json import JsonStrictValidator
 
-    error = JsonStrictValidator(SchemaVersion.V1_6).validate_str(text)
+    try:
+        error = JsonStrictValidator(SchemaVersion.V1_6).validate_str(text)
+    except RecursionError:  # the validator parses with json.loads: a bundle's "[[[[..."
+        return "nested too deeply to parse"
     return None if error is None else str(error)[:300]
 
 
@@ -320,14 +325,19 @@ def sbom_summary(root: Path) -> dict[str, Any] | None:
     path = root / SBOM_FILE
     if path.is_symlink() or not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_bounded(path, MAX_DOCUMENT_BYTES, error=VerifyError,
+                        what="not a bundle document").decode("utf-8", "replace")
     try:
         components = json.loads(text).get("components", [])
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: "[[[[..." 16 MiB deep
         components = []
     kinds: dict[str, int] = {}
     for component in components if isinstance(components, list) else []:
-        props = {p.get("name"): p.get("value") for p in component.get("properties", [])}
+        # Untrusted: a component or property that is not an object counts as "other" (the
+        # schema check below reports the document invalid), never a traceback.
+        listed = component.get("properties", []) if isinstance(component, dict) else []
+        props = {p.get("name"): p.get("value")
+                 for p in (listed if isinstance(listed, list) else []) if isinstance(p, dict)}
         kind = str(props.get(PROP_KIND, "other"))
         kinds[kind] = kinds.get(kind, 0) + 1
     return {

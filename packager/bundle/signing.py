@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from securesystemslib.signer import CryptoSigner, SSlibKey  # type: ignore[attr-
 from packager.agent.signature import (
     BUNDLE_PREDICATE,
     MANIFEST_FILE,
+    MAX_ENVELOPE_BYTES,
     PAYLOAD_TYPE,
     SIGNATURE_FILE,
     STATEMENT_TYPE,
@@ -33,6 +35,7 @@ from packager.agent.signature import (
     check_statement,
     public_key_from_pem,
 )
+from packager.bounded import read_bounded
 from packager.digest import sha256_path
 from packager.errors import InputError, UsageError, VerifyError
 
@@ -40,6 +43,8 @@ from packager.errors import InputError, UsageError, VerifyError
 SIGN_KEY_ENV = "EDGEPACK_SIGN_KEY"
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
+# An Ed25519 PEM key is a few hundred bytes; anything near this is not a key file.
+MAX_KEY_FILE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -124,11 +129,11 @@ def load_public_key(path: Path, where: str = "--key") -> SSlibKey:
 
 
 def _read_key_file(path: Path, where: str) -> bytes:
-    if not path.is_file():
+    # Only a path that is not there is "no such key file": a directory, FIFO or device is
+    # there, and read_bounded says what it is (never waiting on a FIFO).
+    if not path.exists():
         raise InputError(f"{where}: {path}: no such key file", hint="check the path")
-    if path.stat().st_size > 64 * 1024:
-        raise InputError(f"{where}: {path}: too large for a key file")
-    return path.read_bytes()
+    return read_bounded(path, MAX_KEY_FILE_BYTES, shown=f"{where}: {path}", what="not a key file")
 
 
 def statement_bytes(
@@ -183,13 +188,20 @@ class SignatureReport:
         }
 
 
+# A keyid as securesystemslib computes it (sha256 hex of the key's canonical JSON).
+_KEYID = re.compile(r"[0-9a-f]{64}")
+
+
 def envelope_keyids(root: Path) -> list[str]:
-    """The keyids an envelope names, unverified (for a report without --key)."""
+    """The keyids an envelope names, unverified (for a report without --key): only those of the
+    form securesystemslib computes (:data:`_KEYID`), since they are printed as they are; [] for
+    an envelope that cannot be read or parsed (nested too deeply included)."""
     try:
-        data = json.loads((root / SIGNATURE_FILE).read_bytes()[: 1024 * 1024])
-        return [str(s["keyid"]) for s in data["signatures"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        data = json.loads(read_bounded(root / SIGNATURE_FILE, MAX_ENVELOPE_BYTES))
+        keyids = [s["keyid"] for s in data["signatures"]]
+    except (InputError, ValueError, KeyError, TypeError, RecursionError):
         return []
+    return [k for k in keyids if isinstance(k, str) and _KEYID.fullmatch(k)]
 
 
 def verify_signature(root: Path, key: SSlibKey | None, *, require: bool) -> SignatureReport:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.table import Table
 
-from packager.console import console
+from packager.console import Table, console
 from packager.fit import human_bytes
 from packager.models import inspect_model
 from packager.models.info import ModelInfo, TensorInfo

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from packager.calibration import ImagePreprocessing
-from packager.console import console
+from packager.console import Table, console
 from packager.errors import UsageError
 from packager.models.torch_export import InputSpec
 from packager.optimize import OptimizeRequest, optimize

@@ -6,12 +6,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import click
-from rich.table import Table
 
-from packager.console import console
+from packager.console import Table, console
 from packager.errors import UsageError
 from packager.ota.repo import ROOT_KEYS, ROOT_THRESHOLD, Renewal, Repository, RoleExpiry
-from packager.ota.reports import latest_by_device, read_reports, release_health, should_halt
+from packager.ota.reports import read_reports, should_halt, summarize
 
 _repo_option = click.option(
     "--repo", "repo_path", type=click.Path(path_type=Path), required=True, help="repository dir"
@@ -138,10 +137,10 @@ def status_cmd(
         raise UsageError(f"--halt-if {halt_if}: give a failure rate between 0 and 1")
     repo = Repository(repo_path)
     releases = [r for r in repo.releases() if r.channel == channel]
-    reports = read_reports([repo.path / "reports", *report_paths])
-    devices = latest_by_device(reports)
+    summary = summarize(read_reports([repo.path / "reports", *report_paths]),
+                        releases[-1].sequence if releases else None)
+    devices, health = summary.devices, summary.health
     halted = False
-    health = release_health(reports, releases[-1].sequence) if releases else None
     if health and halt_if is not None and should_halt(health, halt_if) and not releases[-1].halted:
         repo.set_release(channel, health.sequence, halted=True)
         halted = True

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from rich.table import Table
 
 from packager.backends import get_backend
-from packager.console import console
+from packager.console import Table, console
 from packager.targets import catalogue, resolve_target
 
 

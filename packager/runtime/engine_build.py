@@ -62,6 +62,7 @@ from typing import IO
 
 from .engine_key import (
     ENGINES_DIR,
+    MAX_DLA_CORE,
     PRECISIONS,
     EngineKey,
     EngineKeyError,
@@ -422,18 +423,8 @@ def _build_locked(
             _unlink(cache_tmp)
 
 
-def _sm(text: str) -> int:
-    if not re.fullmatch(r"[0-9]{2,3}", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a compute capability like 87")
-    return int(text)
-
-
-def _dla(text: str) -> int | None:
-    if text in ("", "none"):
-        return None
-    if not re.fullmatch(r"[0-9]", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a DLA core number or 'none'")
-    return int(text)
+# --dla-core: the GPU (none) or one of the cores EngineKey allows; argparse lists the choices.
+DLA_CHOICES = ("none", *(str(core) for core in range(MAX_DLA_CORE + 1)))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -448,9 +439,9 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--model", type=Path, help="the bundle's ONNX file")
     cli.add_argument("--model-sha256", help="its sha256 (the key's model_sha256)")
     cli.add_argument("--tensorrt", help="major.minor.patch, e.g. 8.6.2")
-    cli.add_argument("--sm", type=_sm, help="compute capability, e.g. 87")
+    cli.add_argument("--sm", type=positive_int, help="compute capability, e.g. 87")
     cli.add_argument("--precision", choices=PRECISIONS)
-    cli.add_argument("--dla-core", type=_dla, default=None, help="DLA core, or none")
+    cli.add_argument("--dla-core", choices=DLA_CHOICES, default=None, help="DLA core, or none")
     cli.add_argument("--workspace-mib", type=positive_int)
     cli.add_argument("--engines-dir", type=Path, default=None,
                      help=f"default: the config's engines_dir, else {ENGINES_DIR}")
@@ -501,7 +492,8 @@ def _expected(args: argparse.Namespace) -> tuple[EngineKey, Path, Path]:
         raise EngineKeyError(f"{flag} is required (or --from-config RUNTIME_JSON)")
     key = EngineKey(
         model_sha256=args.model_sha256, tensorrt=args.tensorrt, sm=args.sm,
-        precision=args.precision, dla_core=args.dla_core, workspace_mib=args.workspace_mib,
+        precision=args.precision, workspace_mib=args.workspace_mib,
+        dla_core=None if args.dla_core in (None, "none") else int(args.dla_core),
     )
     return key, args.model, args.engines_dir or Path(ENGINES_DIR)
 

@@ -34,8 +34,21 @@ Checks, each mismatch ONE line ``preflight: <check>: expected <E>, found <F>[ (<
 
 ``--root`` points every file read at a fixture tree (tests); commands still run for real.
 
-Exit codes: 0 every check passed; 1 the device does not match (the lines say how); 2 bad
-arguments (argparse's own code).
+Facts mode, ``jetson_preflight.py --facts [--root DIR]``: no checks, ONE JSON object on stdout
+(sorted keys, ASCII, one line) and exit 0 whatever the device is::
+
+    {"l4t": "r36.3.0" | null, "l4t_found": "...", "schema": "edgepack.device-facts/v1",
+     "sm": 87 | null, "sm_found": "..."}
+
+``l4t``/``sm`` are what :func:`read_l4t`/:func:`read_sm` read (null when they could not), the
+``*_found`` texts what they say was there. The OTA agent (packager/agent/device.py) learns the
+device's facts for a release's ``compat.requires`` by running this file, the bundle's copy
+installed at /opt/edgepack/<name>/ (templates/jetson/install.sh.jinja), so the SoC and L4T
+rules live here only; they change on a device when a bundle's install.sh runs there (not with a
+release installed over the air). Only ``--root`` goes with ``--facts``.
+
+Exit codes: 0 every check passed (facts mode: the facts were printed); 1 the device does not
+match (the lines say how); 2 bad arguments (argparse's own code).
 """
 
 import argparse
@@ -77,6 +90,10 @@ LIB_DIRS = ("/usr/lib/aarch64-linux-gnu", "/usr/lib/aarch64-linux-gnu/nvidia")
 INFO_TIMEOUT_S = 60
 PROBE_TIMEOUT_S = 300
 MAX_READ = 1 << 20
+# The facts mode's output (packager/agent/device.py parses exactly this schema).
+FACTS_SCHEMA = "edgepack.device-facts/v1"
+# The check mode's options; none of them goes with --facts.
+CHECK_REQUIRED = ("l4t_min", "l4t_below", "tensorrt", "sm", "engine")
 
 _RELEASE_LINE = re.compile(r"# R([0-9]{1,3}) \(release\), REVISION: ([0-9]{1,3})\.([0-9]{1,3})\b")
 _VERSION3 = re.compile(r"r?(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})")
@@ -214,6 +231,20 @@ def read_sm(root: str) -> "tuple[int | None, str]":
             return SOC_SM[name], f"sm{SOC_SM[name]} ({name}, chip id {text})"
         return None, f"an unknown Tegra chip id {text[:16]!r}"
     return None, "no Tegra SoC (no nvidia,tegra* in /proc/device-tree/compatible, no tegra_chip_id)"
+
+
+def facts(root: str) -> "dict[str, object]":
+    """The facts mode's object: this device's L4T release and SM (None where unreadable) and
+    what was found, as :data:`FACTS_SCHEMA` (see the module docstring)."""
+    l4t, l4t_found = read_l4t(root)
+    sm, sm_found = read_sm(root)
+    return {
+        "schema": FACTS_SCHEMA,
+        "l4t": show(l4t) if l4t is not None else None,
+        "l4t_found": l4t_found,
+        "sm": sm,
+        "sm_found": sm_found,
+    }
 
 
 def _run(argv: "list[str]", timeout: int) -> "tuple[int | None, str]":
@@ -356,25 +387,56 @@ def positive_int(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line. The check mode's options are required without ``--facts`` and refused
+    with it: :func:`parse_args` checks that (argparse's required=True cannot depend on a flag)."""
     cli = argparse.ArgumentParser(
         prog="jetson_preflight.py",
-        description="Check that this Jetson matches the edgepack bundle (exit 0 yes, 1 no).",
+        description="Check that this Jetson matches the edgepack bundle (exit 0 yes, 1 no); "
+        "with --facts, print what this device is as JSON.",
     )
-    cli.add_argument("--l4t-min", required=True, type=_version_arg, help="lowest L4T, e.g. r36.0.0")
-    cli.add_argument("--l4t-below", required=True, type=_version_arg,
+    cli.add_argument("--facts", action="store_true",
+                     help="print this device's L4T release and SM as JSON, check nothing")
+    cli.add_argument("--l4t-min", type=_version_arg, help="lowest L4T, e.g. r36.0.0")
+    cli.add_argument("--l4t-below", type=_version_arg,
                      help="first L4T above the range, e.g. r36.4.0")
-    cli.add_argument("--tensorrt", required=True, type=_version_arg, help="e.g. 8.6.2")
-    cli.add_argument("--sm", required=True, type=positive_int, help="compute capability, e.g. 87")
-    cli.add_argument("--engine", required=True, help="path of docker or podman")
-    cli.add_argument("--image", default="", help="check this image's TensorRT too")
-    cli.add_argument("--engines-dir", default=ENGINES_DIR)
-    cli.add_argument("--min-free-mib", type=positive_int, default=1024)
+    cli.add_argument("--tensorrt", type=_version_arg, help="e.g. 8.6.2")
+    cli.add_argument("--sm", type=positive_int, help="compute capability, e.g. 87")
+    cli.add_argument("--engine", help="path of docker or podman")
+    cli.add_argument("--image", default=None, help="check this image's TensorRT too")
+    cli.add_argument("--engines-dir", default=None, help="default " + ENGINES_DIR)
+    cli.add_argument("--min-free-mib", type=positive_int, default=None, help="default 1024")
     cli.add_argument("--root", default="/", help="read device files under this directory")
     return cli
 
 
+def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
+    """The parsed command line; a usage error (exit 2, argparse's message) when a check-mode
+    option is missing without ``--facts`` or given with it."""
+    cli = parser()
+    args = cli.parse_args(argv)
+    optional = ("image", "engines_dir", "min_free_mib")
+    if args.facts:
+        given = [name for name in CHECK_REQUIRED + optional if getattr(args, name) is not None]
+        if given:
+            cli.error("--facts takes only --root, not " + ", ".join(
+                "--" + name.replace("_", "-") for name in given))
+        return args
+    missing = [name for name in CHECK_REQUIRED if getattr(args, name) is None]
+    if missing:
+        cli.error("the following arguments are required: " + ", ".join(
+            "--" + name.replace("_", "-") for name in missing))
+    defaults = (("image", ""), ("engines_dir", ENGINES_DIR), ("min_free_mib", 1024))
+    for name, value in defaults:
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
 def main(argv: "list[str] | None" = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
+    if args.facts:
+        print(json.dumps(facts(args.root), sort_keys=True), flush=True)  # noqa: T201
+        return EXIT_OK
     if parse_version(args.l4t_min) >= parse_version(args.l4t_below):
         print("preflight: --l4t-min must be below --l4t-below", file=sys.stderr)  # noqa: T201
         return EXIT_USAGE

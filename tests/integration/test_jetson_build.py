@@ -22,6 +22,7 @@ What cannot exist here, and its stand-in (named so everywhere below):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
 from packager.backends.jetson.container import WHEEL_PINS
@@ -42,6 +44,7 @@ from packager.resources import targets_dir
 from tests.integration.conftest import REPO, build_json, edgepack, free_port_in
 from tests.integration.dockerd import Registry, running_registry
 from tests.jetson_standin import stand_in_spec, target_copy
+from tests.oci_files import model_files, model_layer_files
 from tests.process_guard import Processes, terminate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -146,6 +149,19 @@ def test_jetson_bundle_on_a_stand_in_base_pulled_by_digest_verifies_and_rebuilds
     key = device["engine_key"]
     assert key["precision"] == precision
     assert key["model_sha256"] == manifest["model"]["digest"].removeprefix("sha256:")
+    # The constants were folded (polygraphy) before the model was keyed and shipped; mnist's
+    # constant weight Reshape folds in FP32 (INT8: onnxruntime's pre-processing already has).
+    folding = manifest["model"]["constant_folding"]
+    assert folding["tool"] == "polygraphy" and folding["ran"] is True
+    assert doc["model"]["constant_folding"] == folding
+    if precision == "fp16":
+        assert (folding["nodes_before"], folding["nodes_after"]) == (12, 11)
+    (name,) = [Path(p).name for p in model_layer_files(bundle / "image.tar")
+               if p.endswith(".onnx")]  # fmt: skip
+    (tmp_path / "shipped").mkdir()
+    shipped = model_files(bundle / "image.tar", [name], tmp_path / "shipped")[name]
+    assert len(onnx.load(str(shipped)).graph.node) == folding["nodes_after"]
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() == key["model_sha256"]
     assert (bundle / f"edgepack-{manifest['name']}-engine.service").is_file()
     service = (bundle / f"edgepack-{manifest['name']}.service").read_text()
     assert f"After=edgepack-{manifest['name']}-engine.service" in service

@@ -21,8 +21,9 @@ LAYERS: tuple[tuple[int, tuple[str, ...], str], ...] = (
     (0, ("packager.agent", "packager.runtime"),
      "device code, shipped alone: imports nothing else from packager; anything may import it"),
     (1, ("packager", "packager.__init__", "packager.errors", "packager.console", "packager.digest",
-         "packager.resources", "packager.extras", "packager.staging"),
-     "mechanics with no domain knowledge: errors, output, hashing, data files, staged writes"),
+         "packager.resources", "packager.extras", "packager.staging", "packager.bounded"),
+     "mechanics with no domain knowledge: errors, output, hashing, data files, staged writes, "
+     "bounded reads"),
     (2, ("packager.render", "packager.tools"),
      "the one Jinja environment and the one wrapper per external program"),
     (3, ("packager.targets", "packager.models.info", "packager.fit", "packager.calibration"),

@@ -19,6 +19,7 @@ import packager.plan
 from packager.backends.base import (
     BuildRequest,
     ConvertStep,
+    FoldConstantsStep,
     OptimizeStep,
     RuntimeCompatStep,
     SourceModel,
@@ -88,6 +89,28 @@ def test_a_targets_preferred_precision_is_a_planned_step(
     optimize = plan.steps[1]
     assert isinstance(optimize, OptimizeStep) and optimize.quantize == "fp16"
     assert "prefers fp16" in optimize.reason
+
+
+@pytest.mark.parametrize("quantize", [None, "fp32", "int8-static"])
+def test_jetson_plan_folds_constants_after_optimizing_and_before_the_last_runtime_check(
+    quiet_cwd: Path, onnx_dir: Path, quantize: str | None
+) -> None:
+    """The folded model is what is inspected, linted, keyed and shipped (issue 12): fold after
+    the optimizer, then check once more that the image's onnxruntime loads the result."""
+    calibration = quiet_cwd.parent / "calibration"
+    calibration.mkdir(exist_ok=True)
+    plan = _plan(onnx_dir / "mnist.onnx", "jetson-orin-nano", quantize=quantize,
+                 calibration=calibration if quantize == "int8-static" else None,
+                 base=f"oci-archive:{quiet_cwd.parent / 'base.tar'}")
+    assert plan.backend.device_class == "jetson"
+    compat = plan.steps[0]
+    assert isinstance(compat, RuntimeCompatStep) and compat.engine == "onnxruntime"
+    if quantize == "int8-static":
+        optimize = plan.steps[1]
+        assert isinstance(optimize, OptimizeStep) and optimize.quantize == "int8-static"
+        assert plan.steps == (compat, optimize, FoldConstantsStep(), compat)
+    else:  # FP16 (the target's preference) and FP32: no optimizer, trtexec sets the precision
+        assert plan.steps == (compat, FoldConstantsStep(), compat)
 
 
 @pytest.mark.parametrize(

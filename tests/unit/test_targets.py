@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 from packager.errors import TargetError
 from packager.targets import (
+    MAX_TARGET_FILE_BYTES,
     JetsonTarget,
     LinuxTarget,
     McuTarget,
@@ -209,6 +211,17 @@ def test_load_target_file_rejects_binary(tmp_path: Path) -> None:
         load_target_file(bad)
 
 
+def test_load_target_file_reads_at_most_its_cap(rpi4_copy: Path) -> None:
+    """A target padded past MAX_TARGET_FILE_BYTES is refused (read through packager.bounded),
+    even though it is valid TOML."""
+    with rpi4_copy.open("ab") as handle:
+        handle.write(b"#" * MAX_TARGET_FILE_BYTES + b"\n")
+    with pytest.raises(TargetError) as raised:
+        load_target_file(rpi4_copy)
+    assert raised.value.message.endswith(
+        f": larger than {MAX_TARGET_FILE_BYTES} bytes: not a target file")
+
+
 def test_integer_tops_is_still_a_number(rpi4_copy: Path) -> None:
     _edit(rpi4_copy, 'kind = "none"', 'kind = "npu"\ntops = 13')
     spec = load_target_file(rpi4_copy).spec
@@ -236,3 +249,16 @@ def test_jetson_versions_with_leading_zeros_name_their_field(
     _edit(copy, old, new)
     assert _error(copy).startswith(f"targets/jetson-orin-nano.toml: {field}: must match"), (
         _error(copy))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_target_path_that_is_not_a_file_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Before: a FIFO or directory named *.toml was "target file not found (check the path)";
+    now read_bounded says what is there (and never waits on the FIFO)."""
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("board.toml") if kind == "fifo" else os.mkdir("board.toml")
+    with pytest.raises(TargetError) as raised:
+        resolve_target("board.toml")
+    assert raised.value.message == "board.toml: not a regular file"

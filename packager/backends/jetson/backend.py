@@ -15,7 +15,8 @@ only what differs:
   packager/runtime/tensorrt_runner.py;
 - the units: the serving unit starts after ``edgepack-<name>-engine.service`` (the first-boot
   preflight and trtexec build, templates/jetson/engine-build.service.jinja), and runs the
-  container with the NVIDIA runtime and the engines directory bound read-only;
+  container with the GPU as its engine gives it (docker's NVIDIA runtime, podman's CDI
+  device) and the engines directory bound read-only;
 - the manifest's ``device`` section: engine key, L4T range, SM, TensorRT, serving mode.
 """
 
@@ -32,6 +33,7 @@ from packager.backends.base import (
     BuildRequest,
     CopiedFile,
     ExecuteResult,
+    FoldConstantsStep,
     OnTargetEval,
     PackagePlan,
     RenderedFile,
@@ -92,13 +94,15 @@ TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
 MIN_FREE_MIB = 1024
 BUILD_TIMEOUT_S = 3600
 PROGRESS_S = 30
-# The serving container's flags beyond the confinement, allow-listed exactly there
-# (packager.agent.confinement.NVIDIA_JETSON): the NVIDIA container runtime (the JetPack docker's
-# default on r32/r35 only when set in daemon.json, so it is named), the video group that owns
-# /dev/nvhost-* and /dev/nvmap, and the engines read-only. The Linux backend appends them to the
-# confinement (plan context "device_args"), so the unit's supervise.py, install-container.sh
-# --no-systemd and the OTA agent (confinement.json) start the container with the same list.
-GPU_RUN_ARGS = confinement.NVIDIA_JETSON
+# The serving container's flags beyond the confinement, per container engine, allow-listed
+# exactly there (packager.agent.confinement.NVIDIA_JETSON): the GPU as the engine gives it
+# (docker: the NVIDIA container runtime, named since JetPack's docker has it as its default only
+# when set in daemon.json; podman: the CDI device nvidia.com/gpu=all, as the engine unit and the
+# preflight expect), the video group that owns /dev/nvhost-* and /dev/nvmap, and the engines
+# read-only. The Linux backend writes them as confinement.json's device_args (the OTA agent) and
+# renders them into the unit's supervise.py and install-container.sh (plan context
+# "device_args"), each of which picks the list by the engine's file name.
+GPU_RUN_ARGS: tuple[tuple[str, tuple[str, ...]], ...] = tuple(confinement.NVIDIA_JETSON.items())
 
 
 def linux_view(spec: JetsonTarget) -> LinuxTarget:
@@ -321,7 +325,9 @@ class JetsonBackend:
     ) -> tuple[SourceStep, ...]:
         """ONNX only (TensorRT's parser reads ONNX), made loadable by the image's onnxruntime
         (the fallback); INT8 (``--quantize int8-*``) as Q/DQ through the optimizer; FP16 is left
-        to TensorRT."""
+        to TensorRT. In every precision the constants are folded (polygraphy, issue 12) after
+        any optimization and before the final runtime check, so the folded model is the one
+        inspected, linted, keyed and shipped: (compat, [optimize,] fold, compat)."""
         spec = _onnx_only(source.path, source.format, target)
         choice = choose(spec, target.source, user_base=request.base is not None)
         pins = wheel_requirements(choice, linux.runtime_requirements())
@@ -331,9 +337,8 @@ class JetsonBackend:
         # INT8: TensorRT's explicit Q/DQ through the optimizer (packager.backends.jetson.int8).
         model_plan = plan_model(request.quantize, spec.runtime.preferred_precision,
                                 calibration=request.calibration)
-        if model_plan.optimize is None:
-            return (compat,)
-        return (compat, model_plan.optimize, compat)
+        optimize = () if model_plan.optimize is None else (model_plan.optimize,)
+        return (compat, *optimize, FoldConstantsStep(), compat)
 
     def fit(self, request: BuildRequest, model: ModelInfo, target: LoadedTarget) -> FitReport:
         return linux_fit(model, target)
@@ -371,7 +376,13 @@ class JetsonBackend:
         if choice.builds_engine:
             engine_rendered = (RenderedFile(
                 path=f"{unit}-engine.service", template="jetson/engine-build.service.jinja"),)
-            # Runs on the host (its own python3) before anything else: stdlib, Python 3.6-safe.
+        # Runs on the host (its own python3): before anything else in the engine unit, and as
+        # the OTA agent's facts probe (--facts: the device's L4T release and SM for a release's
+        # requirements, packager/agent/device.py). Stdlib, Python 3.6-safe.
+        facts_preflight = (
+            f"/opt/edgepack/{name}/jetson_preflight.py" if request.ota_repo else None
+        )
+        if choice.builds_engine or facts_preflight:
             preflight = (CopiedFile(path="jetson_preflight.py", mode=0o755,
                                     source=runtime_dir() / "jetson_preflight.py"),)
         cache = timing_cache(request)
@@ -383,7 +394,7 @@ class JetsonBackend:
             jetson_rendered=tuple(jetson_rendered),
             engine_rendered=engine_rendered,
             timing_cache=cache,
-            lines=describe(spec, choice),
+            lines=describe(spec, choice, request.base),
         )
         return PackagePlan.for_request(
             self.device_class, request, name, (target, model, fit),
@@ -395,7 +406,7 @@ class JetsonBackend:
             ),
             context=(
                 # Read by the Linux backend (linux.device_args, template_context): the GPU access
-                # the confinement adds, and the OTA agent's device class.
+                # per engine the confinement adds, and the OTA agent's device class.
                 ("device_args", GPU_RUN_ARGS if choice.builds_engine else ()),
                 # The OTA agent's prepare step (confinement.json): the engine build, run in the
                 # new image before it serves, from the image's own runtime.json.
@@ -403,6 +414,9 @@ class JetsonBackend:
                 ("device_class", self.device_class),
                 ("ota", {"repo": request.ota_repo, "channel": request.ota_channel}
                  if request.ota_repo else None),
+                # The OTA agent's facts probe (install-container.sh writes it into the agent's
+                # configuration; templates/jetson/install.sh.jinja installs the file there).
+                ("facts_preflight", facts_preflight),
                 ("signing", linux.signing_context(request)),
             ),
             payload=payload,
@@ -600,8 +614,9 @@ class JetsonBackend:
         """The device section's L4T range and SM (:meth:`device_section`) as the release's
         ``compat.requires``: ``{"l4t_min": "r36.0.0", "l4t_below": "r36.4.0", "sm": "87"}``.
         The agent installs the release only on a device whose /etc/nv_tegra_release and SoC
-        match (packager/agent/device.py), as the first-boot preflight checks them; VerifyError
-        naming the field when the section does not carry them."""
+        match, as read by the bundle's own preflight (``jetson_preflight.py --facts``, the
+        agent's facts probe: packager/agent/device.py); VerifyError naming the field when the
+        section does not carry them."""
         return release_requires(root, manifest)
 
 

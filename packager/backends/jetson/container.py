@@ -122,16 +122,26 @@ def wheel_requirements(choice: ContainerChoice, default: tuple[str, ...]) -> tup
     return pins
 
 
-def describe(spec: JetsonTarget, choice: ContainerChoice) -> tuple[str, ...]:
-    """Lines for ``targets show`` and the build: generation, container, range, serving."""
+def describe(
+    spec: JetsonTarget, choice: ContainerChoice, user_base: str | None = None
+) -> tuple[str, ...]:
+    """Lines for ``targets show`` and the build: generation, container, range, serving. The base
+    named is the one the image is built on: ``user_base`` (``--base``) when given, else
+    edgepack's Debian base for the CPU fallback, else the target's ``runtime.base``."""
     runtime = spec.runtime
     low, below = runtime.l4t_range
+    if user_base is not None:
+        base = f"{user_base} (--base; CPython {choice.python} expected)"
+    elif choice.fallback_reason:
+        base = f"edgepack's Debian base (CPython {choice.python}), not {runtime.base}"
+    else:
+        base = f"{runtime.base} (CPython {runtime.python})"
     lines = [
         f"JetPack {runtime.jetpack}, L4T {runtime.l4t} (devices {low} up to, not incl., "
         f"{below}), TensorRT {runtime.tensorrt}, CUDA {runtime.cuda}, SM {spec.sm}, "
         f"{runtime.dla_cores} DLA core(s)",
         f"container ({runtime.generation}): {CONTAINER_CONTRACTS[runtime.generation]}; "
-        f"base {runtime.base} (CPython {runtime.python})",
+        f"base {base}",
     ]
     if choice.fallback_reason:
         lines.append(f"serving: onnxruntime-cpu fallback: {choice.fallback_reason}")

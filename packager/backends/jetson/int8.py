@@ -9,9 +9,11 @@ Precisions (the engine key's ``precision``):
     profile (:func:`packager.optimize.cpu.tensorrt_int8_settings`, chosen because the target's
     runtime engine is ``tensorrt``), measured against the FP32 model by its accuracy gate; then
     the backend's plan runs the Q/DQ lint for the target's TensorRT (:func:`.qdq_lint.check_qdq`)
-    on the model it ships. :func:`prepare_for_engine` (constant folding with polygraphy, then the
-    lint) is not applied by ``edgepack build`` yet: folding changes the shipped bytes, so it has
-    to run as a source step before the model is inspected and its digest keyed.
+    on the model it ships. Before that, ``edgepack build`` folds the model's constants with
+    polygraphy (``FoldConstantsStep``, after the optimizer and before the final runtime check:
+    :meth:`.backend.JetsonBackend.source_steps`), so the folded file is what is inspected,
+    linted, keyed (``model_sha256``) and shipped, in every precision.
+    :func:`prepare_for_engine` is the same fold-then-lint for callers outside a build.
 ``fp16`` (the Jetson targets' default)
     **The FP32 ONNX model is shipped and the device builds the engine with ``trtexec --fp16``**;
     the host does not convert the file to float16. That is how TensorRT users do it, because:
@@ -42,8 +44,8 @@ from typing import Any, Literal
 
 from packager.backends.base import OptimizeStep
 from packager.backends.jetson.qdq_lint import QDQ_OPS, Finding, check_qdq, parser_profile
-from packager.backends.jetson.reference import FoldResult, fold_constants
 from packager.errors import InputError, UnsupportedError, UsageError
+from packager.models.fold import FoldResult, fold_constants
 from packager.optimize.cpu import Int8Profile
 
 EnginePrecision = Literal["fp16", "int8", "fp32"]
@@ -53,7 +55,8 @@ INT8_PROFILE: Int8Profile = "tensorrt"  # the optimizer's INT8 settings profile 
 @dataclass(frozen=True)
 class ModelPlan:
     """What :func:`plan_model` decided: the host ``optimize`` step the core runs (None: the
-    model is shipped as given, FP32), the engine ``precision`` and the ``reason`` in words."""
+    model stays FP32: only its constants are folded), the engine ``precision`` and the
+    ``reason`` in words."""
 
     optimize: OptimizeStep | None
     precision: EnginePrecision
@@ -61,8 +64,8 @@ class ModelPlan:
 
 
 def _float_plan(fp16: bool, why: str) -> ModelPlan:
-    """No host step: the FP32 ONNX is shipped and trtexec builds the engine in FP16 or FP32;
-    ``why`` names what chose the precision."""
+    """No optimizer: the FP32 ONNX (constants folded) is shipped and trtexec builds the engine
+    in FP16 or FP32; ``why`` names what chose the precision."""
     return ModelPlan(
         None,
         "fp16" if fp16 else "fp32",

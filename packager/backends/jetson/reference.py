@@ -1,5 +1,6 @@
-"""polygraphy's ONNX side, which works without TensorRT: constant folding of the model a Jetson
-bundle ships, and reference inputs/outputs for the on-device comparison.
+"""polygraphy's ONNX side, which works without TensorRT: reference inputs/outputs for the
+on-device comparison. (Constant folding of the model a Jetson bundle ships is a source step the
+core runs: packager.models.fold.)
 
 The device compares its engine against the references with polygraphy itself::
 
@@ -17,19 +18,14 @@ default name carries a timestamp) and no run time is recorded.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from packager.errors import InputError, UnsupportedError
-from packager.models.onnx_save import save_onnx
+from packager.models.fold import quiet_polygraphy
 
 REFERENCE_INPUTS = "reference-inputs.json"
 REFERENCE_OUTPUTS = "reference-outputs.json"
@@ -69,63 +65,6 @@ class ReferenceFiles:
         }
 
 
-@dataclass(frozen=True)
-class FoldResult:
-    """:func:`fold_constants`: node counts before and after."""
-
-    nodes_before: int
-    nodes_after: int
-
-    @property
-    def folded(self) -> int:
-        return self.nodes_before - self.nodes_after
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """polygraphy logs with print() on stdout, which must stay clean for --json; its warnings
-    (e.g. no 'colored' module) are not the user's business either."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        from polygraphy.logger import G_LOGGER  # type: ignore[import-untyped]
-
-        with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-            yield
-
-
-def fold_constants(source: Path, dest: Path) -> FoldResult:
-    """polygraphy's ``surgeon sanitize --fold-constants`` (its Python API, through
-    onnx-graphsurgeon and onnxruntime): every subgraph computable at build time becomes an
-    initializer, so TensorRT's parser meets fewer shape-computing nodes. Q/DQ pairs on weights are
-    left as they are (onnx-graphsurgeon does not fold QuantizeLinear; the INT8 tests check that
-    the Q/DQ count is unchanged). ``source`` -> ``dest`` (may be the same path).
-    InputError for a model polygraphy cannot load; UnsupportedError when folding fails."""
-    try:
-        model = onnx.load(str(source), load_external_data=True)
-    except Exception as exc:  # onnx raises DecodeError, OSError, ValueError for bad files
-        raise InputError(f"{source}: cannot load the ONNX model ({exc})") from exc
-    before = len(model.graph.node)
-    with _quiet():
-        from polygraphy.backend.onnx import (  # type: ignore[import-untyped]
-            fold_constants as polygraphy_fold,
-        )
-
-        try:
-            # onnx's shape inference, not onnxruntime's: the latter saves
-            # sym_shape_infer_temp.onnx and a <uuid>.data into the current directory whenever
-            # its inference is incomplete (onnxruntime/tools/symbolic_shape_infer.py), a write
-            # outside the build's place that would also be left behind.
-            folded = polygraphy_fold(
-                model, num_passes=None, error_ok=False, allow_onnxruntime_shape_inference=False
-            )
-        except Exception as exc:  # polygraphy raises its PolygraphyException and others
-            message = " ".join(str(exc).split())[:300]
-            raise UnsupportedError(
-                f"{source.name}: polygraphy cannot fold the model's constants ({message})"
-            ) from exc
-    save_onnx(folded, dest)
-    return FoldResult(before, len(folded.graph.node))
-
-
 def write_reference(
     onnx_path: Path,
     out_dir: Path,
@@ -145,7 +84,7 @@ def write_reference(
     if not onnx_path.is_file():
         raise InputError(f"{onnx_path}: model file not found")
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _quiet():
+    with quiet_polygraphy():
         from polygraphy.backend.onnxrt import (  # type: ignore[import-untyped]
             OnnxrtRunner,
             SessionFromOnnx,

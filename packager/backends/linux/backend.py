@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -401,19 +401,18 @@ def ota_wheels(plan: base.PackagePlan, staging: Path, cache_dir: Path) -> tuple[
     return tuple(written)
 
 
-def container_confinement(spec: LinuxTarget, device: Sequence[str] = ()) -> tuple[str, ...]:
-    """The runtime container's run flags from the target's ``[service]`` limits, then
-    ``device`` (a derived class's device access, e.g. the Jetson backend's
-    packager.agent.confinement.NVIDIA_JETSON; allow-listed there)."""
-    return confinement.from_target(
-        spec.service.memory_max_mb, spec.service.cpu_quota_percent, device=device
-    )
+def container_confinement(spec: LinuxTarget) -> tuple[str, ...]:
+    """The runtime container's run flags from the target's ``[service]`` limits, the same with
+    every engine (a derived class's device access is per engine: :func:`device_args`)."""
+    return confinement.from_target(spec.service.memory_max_mb, spec.service.cpu_quota_percent)
 
 
-def device_args(plan: base.PackagePlan) -> tuple[str, ...]:
-    """The plan's ``device_args`` context entry (set by a class that reuses this backend through
-    a Linux view of its target, e.g. Jetson's GPU access); () for a Linux bundle."""
-    return tuple(plan.context_dict().get("device_args") or ())
+def device_args(plan: base.PackagePlan) -> dict[str, tuple[str, ...]]:
+    """The plan's ``device_args`` context entry: a class's device access per container engine,
+    as ``(engine, flags)`` pairs (set by a class that reuses this backend through a Linux view
+    of its target, e.g. Jetson's packager.agent.confinement.NVIDIA_JETSON; allow-listed there);
+    {} for a Linux bundle."""
+    return {engine: tuple(flags) for engine, flags in plan.context_dict().get("device_args") or ()}
 
 
 def prepare_step(plan: base.PackagePlan) -> confinement.Prepare | None:
@@ -427,13 +426,14 @@ def prepare_step(plan: base.PackagePlan) -> confinement.Prepare | None:
 def write_confinement(
     spec: LinuxTarget,
     staging: Path,
-    device: Sequence[str] = (),
+    device: Mapping[str, Sequence[str]] | None = None,
     prepare: confinement.Prepare | None = None,
 ) -> str:
-    """``confinement.json``: the flags the OTA agent starts this bundle's runtime with, and the
-    prepare step it runs first, if any (none: the file is as before the step existed)."""
+    """``confinement.json``: the flags the OTA agent starts this bundle's runtime with, its
+    device access per engine and the prepare step it runs first, if any (neither: the file is
+    as before they existed)."""
     (staging / confinement.FILE).write_bytes(
-        confinement.to_bytes(container_confinement(spec, device), prepare=prepare)
+        confinement.to_bytes(container_confinement(spec), prepare=prepare, device=device)
     )
     return confinement.FILE
 
@@ -468,8 +468,10 @@ def template_context(plan: base.PackagePlan, image: ImageResult) -> dict[str, An
         ),
         "restart_sec": spec.service.restart_sec,
         # One list of run flags for the unit's supervisor, install.sh and the OTA agent
-        # (confinement.json): packager.agent.confinement.
-        "confinement_args": list(container_confinement(spec, device_args(plan))),
+        # (confinement.json): packager.agent.confinement; then the device access as each
+        # engine gives it (the same lists as confinement.json's device_args), {} for none.
+        "confinement_args": list(container_confinement(spec)),
+        "device_access": {e: list(flags) for e, flags in device_args(plan).items()},
         # The OTA agent's device class (a class reusing this backend sets its own).
         "device_class": plan.context_dict().get("device_class") or spec.device_class,
         "restart_policy": confinement.RESTART_POLICY,
@@ -478,6 +480,9 @@ def template_context(plan: base.PackagePlan, image: ImageResult) -> dict[str, An
         "inputs": [t.to_json() for t in plan.model.inputs],
         "outputs": [t.to_json() for t in plan.model.outputs],
         "ota": plan.context_dict().get("ota"),
+        # A class's device facts probe for the OTA agent (Jetson: its jetson_preflight.py, run
+        # as /usr/bin/python3 FILE --facts); None for a Linux bundle.
+        "facts_preflight": plan.context_dict().get("facts_preflight"),
         "agent_dir": OTA_AGENT_DIR,
         "config_path": OTA_CONFIG,
         "ota_state": OTA_STATE,

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from packager.agent import confinement
-from packager.agent.agent import CRASH_ENV, MAX_PREPARE_ATTEMPTS, init_device
+from packager.agent.agent import CRASH_ENV, MAX_PREPARE_ATTEMPTS, Agent, init_device
 from packager.agent.protocol import FILE_PREFIX
 from packager.bundle.verify import verify_bundle
 from packager.errors import VerifyError
@@ -36,21 +36,34 @@ from tests.ports import free_port_in
 from tests.unit.agent.helpers import Device, reports, static_mirror
 
 ENGINES = "/var/lib/edgepack/engines"
-RUN_ARGS = confinement.from_target(512, 150, device=confinement.NVIDIA_JETSON)
+RUN_ARGS = confinement.from_target(512, 150)
 STEP = confinement.engine_build_step("/usr/bin/python3.10", 4500)
-JETSON_CONFINEMENT = confinement.to_bytes(RUN_ARGS, prepare=STEP)
+JETSON_CONFINEMENT = confinement.to_bytes(RUN_ARGS, prepare=STEP, device=confinement.NVIDIA_JETSON)
+# Each engine's GPU flag (written out by hand, not computed by the code under test): podman has
+# no "nvidia" OCI runtime, it gives the GPU through CDI.
+GPU = {"podman": "--device=nvidia.com/gpu=all", "docker": "--runtime=nvidia"}
 
 
-def prepare_argv(version: str) -> list[str]:
+def prepare_argv(version: str, engine: str = "podman") -> list[str]:
     """Written out by hand (not computed by the code under test)."""
     return [
         "run", "--rm", "--name", "edgepack-demo-prepare", "--user=0:0",
         "--read-only", "--tmpfs=/tmp:rw,size=64m,mode=1777", "--cap-drop=ALL",
-        "--security-opt=no-new-privileges", "--runtime=nvidia", "--group-add=video",
+        "--security-opt=no-new-privileges", GPU[engine], "--group-add=video",
         "--network=none", f"--volume={ENGINES}:{ENGINES}:rw",
         "--entrypoint=/usr/bin/python3.10", f"edgepack/demo:{version}",
         "-m", "edgepack_runtime.engine_build",
         "--from-config", "/opt/edgepack/model/runtime.json",
+    ]  # fmt: skip
+
+
+def serving_flags(engine: str) -> list[str]:
+    """The serving container's confinement with ``engine`` (by hand, as prepare_argv)."""
+    return [
+        "--read-only", "--tmpfs=/tmp:rw,size=64m,mode=1777", "--cap-drop=ALL",
+        "--security-opt=no-new-privileges", "--memory=512m", "--memory-swap=512m", "--cpus=1.50",
+        "--pids-limit=256", GPU[engine], "--group-add=video", f"--volume={ENGINES}:{ENGINES}:ro",
+        "--restart=unless-stopped",
     ]  # fmt: skip
 
 
@@ -95,6 +108,8 @@ def test_prepare_runs_in_the_new_image_before_its_serving_start(
     assert runs[0] == prepare_argv("1.0.0")
     assert runs[1][:2] == ["run", "-d"] and runs[1][-1] == "edgepack/demo:1.0.0"
     assert len(runs) == 2
+    # The stand-in engine is named podman: CDI, never docker's NVIDIA runtime.
+    assert runs[1][runs[1].index("-p") + 2 : runs[1].index("--")] == serving_flags("podman")
     # A container left by an interrupted earlier run is removed by name first.
     calls = _calls(jetson.engine)
     assert calls[calls.index(runs[0]) - 1] == ["rm", "-f", "edgepack-demo-prepare"]
@@ -111,6 +126,50 @@ def test_prepare_runs_in_the_new_image_before_its_serving_start(
     after = [call for call in calls[at + 1 :] if call[0] in ("run", "stop")]
     assert after[0] == ["stop", "-t", "2", "edgepack-demo"]
     assert after[1][:2] == ["run", "-d"] and after[1][-1] == "edgepack/demo:2.0.0"
+
+
+def _named(engine: Path, name: str) -> Path:
+    """The agent tests' STAND-IN engine under another file name (same state, same behaviour):
+    the agent tells docker from podman by the engine's file name only."""
+    folder = engine.parent / f"as-{name}"
+    folder.mkdir(exist_ok=True)
+    named = folder / name
+    named.write_text(f'#!/bin/sh\nexec "{engine}" "$@"\n')
+    named.chmod(0o755)
+    return named
+
+
+@pytest.mark.parametrize("engine_name", ["podman", "docker"])
+def test_the_prepare_step_and_the_runtime_get_the_gpu_as_their_engine_gives_it(
+    jetson: Device, engine_name: str
+) -> None:
+    engine = _named(jetson.engine, engine_name)
+    jetson.repo.publish(jetson.bundle("1.0.0", seed=1))
+    result = Agent(dataclasses.replace(jetson.config(), engine=str(engine))).run_once()
+    assert (result.outcome, result.reason) == ("committed", ""), result
+    jetson.assert_on(1)
+    prepare, serve = _runs(jetson.engine)
+    other = GPU["docker" if engine_name == "podman" else "podman"]
+    assert prepare == prepare_argv("1.0.0", engine_name)
+    assert GPU[engine_name] in prepare and other not in prepare
+    publish = serve.index("-p")
+    assert serve[:publish] == ["run", "-d", "--name", "edgepack-demo"]
+    assert serve[publish + 2 : serve.index("--")] == serving_flags(engine_name)
+    assert other not in serve
+
+
+def test_an_engine_not_named_docker_or_podman_runs_nothing_of_a_gpu_release(
+    jetson: Device,
+) -> None:
+    engine = _named(jetson.engine, "nerdctl")
+    jetson.repo.publish(jetson.bundle("1.0.0", seed=1))
+    result = Agent(dataclasses.replace(jetson.config(), engine=str(engine))).run_once()
+    assert result.outcome == "rolled-back", result
+    assert result.reason == (
+        f"runtime not started: container engine {str(engine)!r}: this bundle's device access "
+        "is set for docker or podman (the engine's file name), not 'nerdctl'"
+    )
+    assert _runs(jetson.engine) == []
 
 
 def test_a_bundle_without_a_prepare_step_runs_none(tmp_path: Path, jetson: Device) -> None:

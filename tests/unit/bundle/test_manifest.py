@@ -127,6 +127,16 @@ def test_typed_round_trip_every_section(tmp_path: Path) -> None:
     assert (root / "manifest.json").read_bytes() == before
 
 
+def _assert_refused(root: Path, expected: str) -> None:
+    """read_manifest refuses ``root``'s manifest: exit 8, one line naming the file, then
+    ``expected``."""
+    with pytest.raises(VerifyError) as err:
+        read_manifest(root)
+    line = err.value.one_line()
+    assert err.value.exit_code == 8
+    assert line.startswith(f"{root / 'manifest.json'}: {expected}"), line
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -151,11 +161,7 @@ def test_unknown_missing_or_mistyped_field_is_exit_8_naming_it(
     root, document = _written(tmp_path, image=IMAGE)
     change(document)
     _rewrite(root, document)
-    with pytest.raises(VerifyError) as err:
-        read_manifest(root)
-    line = err.value.one_line()
-    assert err.value.exit_code == 8
-    assert line.startswith(f"{root / 'manifest.json'}: {expected}"), line
+    _assert_refused(root, expected)
 
 
 class _Board(DeviceSection):
@@ -174,3 +180,37 @@ def test_the_device_section_is_typed_by_the_backends_model(tmp_path: Path) -> No
     root, _ = _written(tmp_path / "none")
     with pytest.raises(VerifyError, match="device: is required"):
         read_manifest(root).device_as(_Board)
+
+
+FOLDED = {"tool": "polygraphy", "version": "0.53.6", "ran": True, "nodes_before": 16,
+          "nodes_after": 11}
+NOT_FOLDED = {"tool": "polygraphy", "version": "0.53.6", "ran": False,
+              "error": "m.onnx: polygraphy cannot fold the model's constants (KeyError: 99)"}
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({**FOLDED, "ran": "yes"}, "model.constant_folding.ran: must be true or false"),
+        ({**FOLDED, "tool": "sed"}, "model.constant_folding.tool: "),
+        ({**FOLDED, "nodes_after": -1}, "model.constant_folding.nodes_after: must be at least 0"),
+        ({**FOLDED, "note": "x" * 100_000}, "model.constant_folding.note: unknown key"),
+        ({**FOLDED, "error": "none"}, "model.constant_folding: "),
+        ({k: v for k, v in FOLDED.items() if k != "nodes_after"}, "model.constant_folding: "),
+        ({**NOT_FOLDED, "nodes_before": 16}, "model.constant_folding: "),
+        ({k: v for k, v in NOT_FOLDED.items() if k != "error"}, "model.constant_folding: "),
+    ],
+)
+def test_a_constant_folding_record_that_says_what_no_build_wrote_is_refused(
+    tmp_path: Path, record: dict[str, object], expected: str
+) -> None:
+    """Before: model.constant_folding was any JSON object, so `edgepack verify` passed a
+    manifest claiming folding ran without counts, or failed with counts."""
+    root, document = _written(tmp_path)
+    for good in (FOLDED, NOT_FOLDED):
+        document["model"]["constant_folding"] = good  # type: ignore[index]
+        _rewrite(root, document)
+        assert read_manifest(root).to_json()["model"]["constant_folding"] == good
+    document["model"]["constant_folding"] = record  # type: ignore[index]
+    _rewrite(root, document)
+    _assert_refused(root, expected)

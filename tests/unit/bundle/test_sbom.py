@@ -97,6 +97,21 @@ def test_sbom_is_valid_cyclonedx_and_reproducible(tmp_path: Path) -> None:
     assert (summary["debian_packages"], summary["wheels"], summary["valid"]) == (1, 1, True)
 
 
+@pytest.mark.parametrize("components", [
+    [1, "x", None], [{"properties": 5}], [{"properties": [1, {"name": "edgepack:kind"}]}], {},
+])
+def test_a_hostile_sbom_is_summarised_as_invalid_not_a_traceback(
+    tmp_path: Path, components: object
+) -> None:
+    """Before: a component or property that is not an object raised AttributeError out of
+    `edgepack verify` (an internal error)."""
+    (tmp_path / "sbom.cdx.json").write_text(json.dumps(
+        {"bomFormat": "CycloneDX", "specVersion": "1.6", "components": components}))
+    summary = sbom_summary(tmp_path)
+    assert summary is not None and summary["valid"] is False
+    assert summary["debian_packages"] == summary["wheels"] == summary["models"] == 0
+
+
 def test_provenance_is_signed_and_reported(tmp_path: Path) -> None:
     pair = generate_keypair(tmp_path / "k")
     other = generate_keypair(tmp_path / "k", "other")
@@ -117,3 +132,52 @@ def test_provenance_is_signed_and_reported(tmp_path: Path) -> None:
     definition = statement["predicate"]["buildDefinition"]
     assert definition["internalParameters"] == {"SOURCE_DATE_EPOCH": 5}
     assert "startedOn" not in json.dumps(statement)
+
+
+def test_a_deeply_nested_sbom_is_summarised_as_invalid_not_a_traceback(tmp_path: Path) -> None:
+    """Before: json.loads (and the schema validator's own parse) raised RecursionError out of
+    `edgepack verify` (an internal error, exit 1) for "[[[[..." under 16 MiB."""
+    (tmp_path / "sbom.cdx.json").write_text('{"components": ' + "[" * 100_000)
+    summary = sbom_summary(tmp_path)
+    assert summary is not None and summary["valid"] is False and summary["components"] == 0
+
+
+def _unverified_provenance(root: Path, predicate: object) -> None:
+    """An unsigned provenance envelope whose statement passes check_statement."""
+    import base64
+
+    statement = {"_type": "https://in-toto.io/Statement/v1",
+                 "subject": [{"name": "install.sh", "digest": {"sha256": "f" * 64}}],
+                 "predicateType": SLSA_PREDICATE, "predicate": predicate}
+    payload = base64.b64encode(json.dumps(statement).encode()).decode()
+    (root / PROVENANCE_FILE).write_text(json.dumps({"payload": payload, "signatures": []}))
+
+
+@pytest.mark.parametrize("predicate", [
+    {"buildDefinition": []},
+    {"buildDefinition": {"resolvedDependencies": [1]}},
+    {"buildDefinition": {"resolvedDependencies": "ab"}},
+    {"buildDefinition": {"resolvedDependencies": [{"uri": "x"}]}},  # no name
+    {"buildDefinition": {"resolvedDependencies": [{"name": "n", "digest": []}]}},
+    {"buildDefinition": {"resolvedDependencies": [{"name": ["n"], "digest": {}}]}},
+    {"runDetails": []},
+])
+def test_a_malformed_unverified_provenance_is_one_verify_error(
+    tmp_path: Path, predicate: object
+) -> None:
+    """Without --key anyone's provenance is summarised. Before: a predicate not of the shape
+    edgepack writes raised AttributeError/KeyError/TypeError out of `edgepack verify` (exit 1)."""
+    _unverified_provenance(tmp_path, predicate)
+    with pytest.raises(VerifyError) as raised:
+        provenance_summary(tmp_path, None)
+    assert raised.value.message.startswith(
+        f"{tmp_path}: provenance: {PROVENANCE_FILE} is malformed (")
+    assert raised.value.message.endswith("Error in its predicate)")
+
+
+def test_a_deeply_nested_provenance_is_one_verify_error(tmp_path: Path) -> None:
+    """Before: RecursionError (exit 1) out of json.loads."""
+    (tmp_path / PROVENANCE_FILE).write_text("[" * 100_000)
+    with pytest.raises(VerifyError) as raised:
+        provenance_summary(tmp_path, None)
+    assert raised.value.message == f"{tmp_path}: provenance: {PROVENANCE_FILE} is malformed"

@@ -149,3 +149,34 @@ def test_an_ota_repository_key_signs_bundles_too(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "bundle").path
     keyid = sign_manifest(bundle, load_signer(online), {"name": "demo"})
     assert keyid == online.stem  # the same keyid TUF's metadata lists for it
+
+
+@pytest.mark.parametrize(("envelope", "keyid"), [
+    ("[" * 100_000, None),  # before: RecursionError out of envelope_keyids (exit 1)
+    ('{"signatures": [{"keyid": "ab\\u001b]0;owned\\u0007\\ncd"}]}', None),  # printed as is
+    ('{"signatures": [{"keyid": 5}]}', None),
+    ('{"signatures": [{"keyid": "' + "c" * 64 + '"}]}', "c" * 64),
+], ids=["nested", "control-text", "number", "sha256-hex"])
+def test_an_unverified_envelope_shows_only_a_well_formed_keyid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], envelope: str, keyid: str | None
+) -> None:
+    """`edgepack verify` without --key names the envelope's keyid unverified: a hostile
+    envelope is neither a traceback nor terminal control text in that line."""
+    bundle = make_bundle(tmp_path / "bundle").path
+    (bundle / SIGNATURE_FILE).write_text(envelope)
+    code, out, _ = _cli(capsys, "verify", str(bundle), "--json")
+    assert code == 0
+    signature = json.loads(out)["attestations"]["signature"]
+    assert (signature["signed"], signature["keyid"]) == (True, keyid)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_key_path_that_is_not_a_file_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """Before: a FIFO or directory given as --key was "no such key file (check the path)"."""
+    bundle = make_bundle(tmp_path / "bundle").path
+    key = tmp_path / "key.pub"
+    os.mkfifo(key) if kind == "fifo" else key.mkdir()
+    code, _, err = _cli(capsys, "verify", str(bundle), "--key", str(key))
+    assert code == 3 and err == f"error: --key: {key}: not a regular file\n"

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -140,13 +141,27 @@ def test_release_info_keeps_unknown_keys_for_the_agent_to_judge_and_drops_malfor
 # --- the GPU confinement the release's devices start it with ------------------------------------
 
 
+ENGINES_RO = "--volume=/var/lib/edgepack/engines:/var/lib/edgepack/engines:ro"
+# Written out by hand (not computed by the code under test): each engine's GPU access.
+DEVICE = {
+    "docker": ["--runtime=nvidia", "--group-add=video", ENGINES_RO],
+    "podman": ["--device=nvidia.com/gpu=all", "--group-add=video", ENGINES_RO],
+}
+
+
 def test_the_jetson_bundle_starts_with_the_gpu_flags_everywhere(jetson_bundle: Path) -> None:
     """confinement.json (the OTA agent), supervise.py (the unit) and install-container.sh
-    --no-systemd carry one list: the floor, the limits, and exactly the NVIDIA flags."""
-    expected = confinement.detached_args(jetson_bundle)
-    assert expected[-4:] == (*confinement.NVIDIA_JETSON, "--restart=unless-stopped")
-    assert "--volume=/var/lib/edgepack/engines:/var/lib/edgepack/engines:ro" in expected
-    run_args = [a for a in expected if not a.startswith("--restart=")]
+    --no-systemd carry one list: the floor, the limits, and exactly the NVIDIA flags as the
+    engine gives them (docker: the NVIDIA runtime; podman: CDI), by the engine's file name.
+    (The supervisor and install-container.sh are RUN with stand-in engines in
+    tests/unit/backends/jetson/test_install.py.)"""
+    document = json.loads((jetson_bundle / confinement.FILE).read_text())
+    assert document["schema"] == "edgepack.confinement/v2"
+    assert document["device_args"] == DEVICE
+    shared = confinement.detached_args(jetson_bundle)[:-1]
+    for engine, device in DEVICE.items():
+        expected = confinement.detached_args(jetson_bundle, f"/usr/bin/{engine}")
+        assert expected == (*shared, *device, "--restart=unless-stopped")
 
     supervise = (jetson_bundle / "supervise.py").read_text()
     assignments = [n for n in ast.parse(supervise).body if isinstance(n, ast.Assign)]
@@ -154,13 +169,18 @@ def test_the_jetson_bundle_starts_with_the_gpu_flags_everywhere(jetson_bundle: P
     exec(compile(ast.Module(body=assignments, type_ignores=[]), "supervise.py", "exec"), namespace)
     supervised = namespace["RUN_ARGS"]
     assert isinstance(supervised, list)
-    assert [a for a in supervised if a in run_args] == run_args  # each once, in order
+    assert [a for a in supervised if a.startswith("--") and a in shared] == list(shared)
+    assert namespace["DEVICE_ARGS"] == DEVICE
 
-    lines = (jetson_bundle / "install-container.sh").read_text().splitlines()
+    install = (jetson_bundle / "install-container.sh").read_text()
+    for engine, device in DEVICE.items():
+        assert f"    {engine}) DEVICE_ARGS={shlex.quote(' '.join(device))} ;;" in install
+    lines = install.splitlines()
     start = next(i for i, line in enumerate(lines) if '"$ENGINE" run -d' in line)
     command = " ".join(line.rstrip("\\") for line in lines[start : start + 6])
     words = shlex.split(command.split("||")[0])
-    assert [w for w in words if w.startswith("--") and w in expected] == list(expected)
+    assert [w for w in words if w.startswith("--") and w in shared] == list(shared)
+    assert "$DEVICE_ARGS" in words
     # The engines directory the bind needs exists on either install path.
     install = (jetson_bundle / "install.sh").read_text()
     assert 'mkdir -p "$ROOT/var/lib/edgepack/engines"' in install
@@ -180,18 +200,37 @@ def test_the_jetson_bundle_starts_with_the_gpu_flags_everywhere(jetson_bundle: P
         "--runtime=nvidia --privileged",
     ],
 )
+@pytest.mark.parametrize("where", ["run_args", "docker", "podman"])
 def test_verify_refuses_any_other_device_flag(
-    jetson_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+    jetson_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, where: str
 ) -> None:
     bundle = Path(shutil.copytree(jetson_bundle, tmp_path / "bundle"))
     assert run_cli(["verify", str(bundle)], capsys)[0] == 0
     path = bundle / confinement.FILE
     document = json.loads(path.read_text())
-    document["run_args"].append(flag)
+    listed = document["run_args"] if where == "run_args" else document["device_args"][where]
+    listed.append(flag)
     path.write_text(json.dumps(document))
     code, out, err = run_cli(["verify", str(bundle), "--json"], capsys)
     assert code == ExitCode.VERIFY, (out, err)
     assert repr(flag) in out + err
+    with pytest.raises(VerifyError):
+        plan_release(bundle, sequence=1, channel="stable", percent=100)
+
+
+@pytest.mark.parametrize(("engine", "other"), [("podman", "docker"), ("docker", "podman")])
+def test_verify_refuses_an_engine_given_the_other_engines_gpu_flag(
+    jetson_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], engine: str,
+    other: str,
+) -> None:
+    bundle = Path(shutil.copytree(jetson_bundle, tmp_path / "bundle"))
+    path = bundle / confinement.FILE
+    document = json.loads(path.read_text())
+    document["device_args"][engine] = DEVICE[other]
+    path.write_text(json.dumps(document))
+    code, out, err = run_cli(["verify", str(bundle), "--json"], capsys)
+    assert code == ExitCode.VERIFY, (out, err)
+    assert f"device_args.{engine}: {DEVICE[other][0]!r} is {other}'s GPU flag" in out + err
     with pytest.raises(VerifyError):
         plan_release(bundle, sequence=1, channel="stable", percent=100)
 
@@ -240,15 +279,29 @@ def test_the_ota_agent_a_jetson_bundle_installs_asks_for_jetson_releases(
                         config_digest="sha256:" + "2" * 64, size_bytes=1, layers=(),
                         ref_name="edgepack/mnist:1.0.0")  # fmt: skip
     context = backend.context(plan, image)
-    flags = context["confinement_args"]
-    assert [f for f in flags if f in confinement.NVIDIA_JETSON] == (
-        list(confinement.NVIDIA_JETSON) if gpu else []
-    )
+    device_flags = {flag for flags in DEVICE.values() for flag in flags}
+    assert not device_flags & set(context["confinement_args"])
+    assert context["device_access"] == (DEVICE if gpu else {})
     script = render("linux/install.sh.jinja", context)
     body = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    # The preflight the agent runs for the device's facts: in the bundle (with or without an
+    # engine build), installed by install.sh, named in the agent's configuration.
+    preflight = f"/opt/edgepack/{context['name']}/jetson_preflight.py"
+    assert {c.path for c in plan.copied} >= {"jetson_preflight.py"}
+    assert f'FACTS_PREFLIGHT="$ROOT"{preflight}' in script.splitlines()
+    installer = render("jetson/install.sh.jinja", context)
+    lines = installer.splitlines()
+    # Unindented: whether or not an engine unit is installed, before the agent's first run.
+    installed = lines.index(f'install -m 0755 "$HERE/jetson_preflight.py" "$ROOT{preflight}"')
+    started = next(i for i, line in enumerate(lines) if 'install-container.sh" --timeout' in line)
+    assert installed < started
+    for text in (script, installer):
+        checked = subprocess.run(["sh", "-n"], input=text, capture_output=True, text=True,
+                                 check=False)  # fmt: skip
+        assert checked.returncode == 0, checked.stderr
     config_path = tmp_path / "ota-agent.json"
     namespace = {"__name__": "__main__"}
-    argv = [str(config_path), str(tmp_path / "state"), "/usr/bin/docker", "8080", ""]
+    argv = [str(config_path), str(tmp_path / "state"), "/usr/bin/docker", "8080", "", preflight]
     saved = sys.argv
     sys.argv = ["-", *argv]
     try:
@@ -257,12 +310,13 @@ def test_the_ota_agent_a_jetson_bundle_installs_asks_for_jetson_releases(
         sys.argv = saved
     cfg = config_from(_parser().parse_args(["run", "--config", str(config_path)]))
     assert (cfg.device_class, cfg.platform) == ("jetson", "linux/arm64/v8")
+    assert cfg.facts_probe == ("/usr/bin/python3", preflight, "--facts")
     # Without OTA, install-container.sh --no-systemd starts the container itself.
     plain = render("linux/install.sh.jinja", {**context, "ota": None})
     words = shlex.split(plain.split('"$ENGINE" run -d', 1)[1].split("||")[0].replace("\\\n", " "))
-    assert [w for w in words if w in confinement.NVIDIA_JETSON] == (
-        list(confinement.NVIDIA_JETSON) if gpu else []
-    )
+    assert not device_flags & set(words)
+    assert ("$DEVICE_ARGS" in words) == gpu
+    assert ("DEVICE_ARGS=" in plain) == gpu
 
 
 def test_the_publisher_signs_only_known_requirements_with_valid_values() -> None:

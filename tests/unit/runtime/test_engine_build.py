@@ -172,6 +172,39 @@ def test_bad_key_fields_exit_2_with_one_line(device: dict[str, Path]) -> None:
     assert out == "engine build: tensorrt: '8.6' is not major.minor.patch (e.g. 8.6.2)\n"
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--sm", "5", "engine build: sm: 5 is not a compute capability like 87\n"),
+    ("--sm", "1000", "engine build: sm: 1000 is not a compute capability like 87\n"),
+])
+def test_an_sm_outside_the_keys_range_exits_2_with_the_keys_line(
+    device: dict[str, Path], flag: str, value: str, message: str,
+) -> None:
+    """The CLI's --sm is checked by EngineKey's own rule (one rule for a key)."""
+    args = _args(device)
+    args[args.index(flag) + 1] = value
+    assert _main(args) == (engine_build.EXIT_USAGE, message)
+    assert _calls(device) == []
+
+
+@pytest.mark.parametrize("value", ["8", "-1", "", "0x1", "1 "])
+def test_a_dla_core_outside_the_choices_is_an_argparse_error(
+    device: dict[str, Path], value: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _main(_args(device, "--dla-core", value))
+    assert exit_.value.code == engine_build.EXIT_USAGE
+    assert "argument --dla-core: invalid choice" in capsys.readouterr().err
+    assert _calls(device) == []
+
+
+def test_dla_core_none_and_a_number_reach_the_key(device: dict[str, Path]) -> None:
+    args = _args(device, "--dla-core", "none")
+    assert engine_build._expected(engine_build.parser().parse_args(args))[0].dla_core is None
+    args = _args(device, "--dla-core", "1")
+    args[args.index("--precision") + 1] = "int8"  # DLA runs fp16 or int8
+    assert engine_build._expected(engine_build.parser().parse_args(args))[0].dla_core == 1
+
+
 def test_a_tensorrt_without_a_trtexec_command_line_exits_2_and_keeps_the_key(
     device: dict[str, Path],
 ) -> None:

@@ -277,3 +277,55 @@ def test_runs_standalone_as_a_script_and_keeps_to_python_3_6(tmp_path: Path) -> 
     assert "TensorRT: expected 8.6.2, found 10.3.0" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert json.loads(json.dumps(proc.stdout)) == ""
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_facts_mode_prints_what_the_readers_read(release: str) -> None:
+    """``--facts``: one JSON object on stdout, exit 0, by path with the host's python3 in
+    isolated mode (as the OTA agent runs the bundle's copy); the readers' own answers."""
+    root = str(FIXTURES / release)
+    proc = subprocess.run(["/usr/bin/python3", "-I", str(SCRIPT), "--facts", "--root", root],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.count("\n") == 1 and proc.stdout.isascii()
+    l4t, l4t_found = pf.read_l4t(root)
+    sm, sm_found = pf.read_sm(root)
+    assert json.loads(proc.stdout) == {
+        "schema": "edgepack.device-facts/v1", "l4t": release, "l4t_found": l4t_found,
+        "sm": sm, "sm_found": sm_found,
+    }  # fmt: skip
+    assert l4t is not None and pf.show(l4t) == release
+
+
+def test_facts_mode_on_a_device_that_is_not_a_jetson(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err, out = _run(["--facts", "--root", str(tmp_path / "empty")], capsys)
+    assert (code, err) == (pf.EXIT_OK, [])
+    assert json.loads(out) == {
+        "schema": pf.FACTS_SCHEMA, "l4t": None,
+        "l4t_found": "no /etc/nv_tegra_release (not a Jetson, or L4T not installed)",
+        "sm": None,
+        "sm_found": "no Tegra SoC (no nvidia,tegra* in /proc/device-tree/compatible, no "
+                    "tegra_chip_id)",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--facts", "--sm", "87"], "--facts takes only --root, not --sm"),
+     (["--facts", "--engine", "docker", "--image", ""],
+      "--facts takes only --root, not --engine, --image"),
+     (["--sm", "87", "--engine", "docker"],
+      "the following arguments are required: --l4t-min, --l4t-below, --tensorrt"),
+     ([], "the following arguments are required: --l4t-min, --l4t-below, --tensorrt, --sm,"
+      " --engine")],
+)  # fmt: skip
+def test_check_options_are_required_without_facts_and_refused_with_it(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        pf.main(argv)
+    assert exc.value.code == pf.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"jetson_preflight.py: error: {message}"

@@ -137,6 +137,9 @@ def test_base_flag_replaces_the_target_base_and_needs_no_pin(
     ref = f"docker://127.0.0.1:19400/stand-in/l4t@sha256:{DIGEST}"
     plan = _plan(resolve_target("jetson-orin-nano"), mnist, base=ref)
     assert plan.payload.image.base == RegistryBase(reference=ref, digest=f"sha256:{DIGEST}")
+    # The build's own description names the base the image is built on, not the target's.
+    (base_line,) = [line for line in plan.payload.lines if " base " in line]
+    assert base_line.endswith(f"base {ref} (--base; CPython 3.10 expected)"), base_line
 
 
 def test_xavier_plan_carries_the_jetpack_5_engine_key_and_says_so(
@@ -188,6 +191,7 @@ def test_generations_whose_python_cannot_run_the_runtime_fall_back_explicitly(
     (note,) = JetsonBackend().target_notes(target)
     assert note.value["serving"] == "onnxruntime-cpu"
     assert "serving: onnxruntime-cpu fallback" in note.line
+    assert "base edgepack's Debian base (CPython 3.11), not " in note.line
 
 
 def test_unknown_option_is_a_usage_error(tmp_path: Path) -> None:
@@ -213,19 +217,28 @@ def test_a_dla_core_the_module_lacks_is_a_target_error(tmp_path: Path) -> None:
 
 
 def test_fp16_is_left_to_tensorrt_and_int8_goes_through_the_optimizer() -> None:
-    from packager.backends.base import OptimizeStep, RuntimeCompatStep, SourceModel
+    from packager.backends.base import (
+        FoldConstantsStep,
+        OptimizeStep,
+        RuntimeCompatStep,
+        SourceModel,
+    )
 
     target = resolve_target("jetson-orin-nano")
     source = SourceModel(path=MNIST, format="onnx")
     backend = JetsonBackend()
     fp16 = backend.source_steps(BuildRequest(model=MNIST, target="x", base="oci:/x"), source,
                                 target)
-    assert fp16 == (RuntimeCompatStep(engine="onnxruntime", version="1.23.2"),)
+    compat = RuntimeCompatStep(engine="onnxruntime", version="1.23.2")
+    # Constants folded in every precision, before the last runtime check (issue 12).
+    assert fp16 == (compat, FoldConstantsStep(), compat)
     int8 = backend.source_steps(
         BuildRequest(model=MNIST, target="x", base="oci:/x", quantize="int8-static"), source,
         target,
     )
-    assert [type(s) for s in int8] == [RuntimeCompatStep, OptimizeStep, RuntimeCompatStep]
+    assert [type(s) for s in int8] == [
+        RuntimeCompatStep, OptimizeStep, FoldConstantsStep, RuntimeCompatStep
+    ]
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
-"""polygraphy reference inputs/outputs and constant folding, with the real polygraphy and
-onnxruntime. On the device the comparison runs ``polygraphy run --trt``; TensorRT is not
-installable here, so polygraphy's own CLI with its ONNX-Runtime backend (``--onnxrt``) stands in
-for that run: it reads the files exactly as the device's command does."""
+"""polygraphy reference inputs/outputs, with the real polygraphy and onnxruntime (constant
+folding moved to packager.models.fold: tests/unit/models/test_fold.py). On the device the
+comparison runs ``polygraphy run --trt``; TensorRT is not installable here, so polygraphy's own
+CLI with its ONNX-Runtime backend (``--onnxrt``) stands in for that run: it reads the files
+exactly as the device's command does."""
 
 from __future__ import annotations
 
@@ -18,14 +19,12 @@ from packager.backends.jetson.reference import (
     REFERENCE_INPUTS,
     REFERENCE_OUTPUTS,
     RUNNER_NAME,
-    fold_constants,
     write_reference,
 )
 from packager.errors import InputError
 from tests.conftest import TESTDATA
 
 MNIST = TESTDATA / "onnx" / "mnist.onnx"
-SQUEEZENET = TESTDATA / "onnx" / "light_squeezenet.onnx"
 IRIS = TESTDATA / "onnx" / "Network.onnx"  # dynamic batch
 
 
@@ -101,40 +100,8 @@ def test_polygraphys_cli_compares_against_the_references(tmp_path: Path) -> None
     assert done.returncode != 0
 
 
-def test_fold_constants_materializes_constant_subgraphs(tmp_path: Path) -> None:
-    dest = tmp_path / "folded.onnx"
-    fold = fold_constants(SQUEEZENET, dest)
-    ops = {n.op_type for n in onnx.load(str(dest)).graph.node}
-    assert fold.folded > 0 and "ConstantOfShape" not in ops
-    x = (np.arange(3 * 224 * 224, dtype=np.float32) / (3 * 224 * 224)).reshape(1, 3, 224, 224)
-    name = _session(SQUEEZENET).get_inputs()[0].name
-    np.testing.assert_allclose(
-        _session(dest).run(None, {name: x})[0], _session(SQUEEZENET).run(None, {name: x})[0],
-        rtol=1e-5, atol=1e-6,
-    )
-
-
 def test_bad_inputs_are_input_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not found"):
         write_reference(tmp_path / "missing.onnx", tmp_path)
     with pytest.raises(InputError, match="iterations"):
         write_reference(MNIST, tmp_path, iterations=0)
-    broken = tmp_path / "broken.onnx"
-    broken.write_bytes(b"not a model")
-    with pytest.raises(InputError, match=r"broken\.onnx"):
-        fold_constants(broken, tmp_path / "out.onnx")
-
-
-def test_folding_writes_nothing_outside_its_destination(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """onnxruntime's symbolic shape inference (polygraphy's default) saves
-    sym_shape_infer_temp.onnx and two <uuid>.data files into the current directory when its
-    inference is incomplete, as it is on this squeezenet: a build used to leave them in the
-    user's working directory."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    fold_constants(SQUEEZENET, tmp_path / "folded.onnx")
-    assert sorted(p.name for p in cwd.iterdir()) == []
-    assert (tmp_path / "folded.onnx").is_file()
