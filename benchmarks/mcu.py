@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from packager.backends import mcu_emulate
 from packager.backends.base import BuildRequest
+from packager.backends.mcu import emulate as mcu_emulate
 from packager.backends.mcu.backend import McuBackend
 from packager.models.tflite import inspect_tflite
 from packager.targets import McuTarget, resolve_target

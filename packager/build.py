@@ -28,9 +28,7 @@ from packager.backends.base import (
     OptimizeStep,
     PackagePlan,
     RuntimeCompatStep,
-    bundle_name,
     created_epoch,
-    default_name,
 )
 from packager.bundle.manifest import (
     BundleMeta,
@@ -47,19 +45,10 @@ from packager.digest import sha256_path
 from packager.errors import UnsupportedError
 from packager.fit import enforce
 from packager.models import inspect_model
-from packager.plan import BuildPlan, check_version, default_cache_dir, plan_build
+from packager.plan import BuildPlan, plan_build
 from packager.staging import make_staging_dir, replace_dir
 
-__all__ = [
-    "BuildResult",
-    "build",
-    "bundle_name",
-    "check_version",
-    "default_cache_dir",
-    "default_name",
-    "execute",
-    "plan_build",
-]
+__all__ = ["BuildResult", "build", "execute"]
 
 
 @dataclass(frozen=True)
@@ -356,7 +345,8 @@ def _fold_constants(path: Path, work_dir: Path) -> tuple[Path, dict[str, Any] | 
         return path, None
     from packager.models.fold import TOOL, fold_constants, tool_version
 
-    tool = f"{TOOL} {tool_version()}"
+    version = tool_version()
+    tool = f"{TOOL} {version}"
     work_dir.mkdir(parents=True)
     try:
         result = fold_constants(path, work_dir / path.name)
@@ -364,7 +354,7 @@ def _fold_constants(path: Path, work_dir: Path) -> tuple[Path, dict[str, Any] | 
         # The build's own directory (named for this process) never reaches the manifest.
         error = exc.one_line().replace(str(work_dir.parent), "<build>")
         console.warn(f"{error}; the model ships unfolded")
-        return path, {"tool": TOOL, "version": tool_version(), "ran": False, "error": error}
+        return path, {"tool": TOOL, "version": version, "ran": False, "error": error}
     record = result.to_json()
     if result.folded == 0:
         console.status(f"folding constants ({tool}): {result.nodes_before} -> "

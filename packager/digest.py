@@ -22,3 +22,10 @@ def sha256_stream(stream: IO[bytes]) -> tuple[str, int]:
 def sha256_path(path: Path) -> tuple[str, int]:
     with path.open("rb") as handle:
         return sha256_stream(handle)
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    """``("sha256:<hex>", size)`` of a file, read in chunks: the form OCI descriptors and
+    model digests take."""
+    hexdigest, size = sha256_path(path)
+    return "sha256:" + hexdigest, size

@@ -700,8 +700,7 @@ class Agent:
         }
         old = self.state.get("installed")
         # Committed, yet on the fallback: the report and the result say the prepare step failed.
-        prepared = str(pending.get("prepare", ""))
-        note = f"prepare: {prepared}" if prepared.startswith("failed") else ""
+        note = _prepare_failure(pending)
         self._queue_report(
             "committed", pending["sequence"], note, pending.get("bytes_fetched", 0), pending
         )
@@ -719,8 +718,9 @@ class Agent:
 
     def _rollback(self, pending: dict[str, Any]) -> None:
         reason = pending.get("reason", "trial failed")
-        if str(pending.get("prepare", "")).startswith("failed"):
-            reason += f"; prepare: {pending['prepare']}"
+        failure = _prepare_failure(pending)
+        if failure:
+            reason += f"; {failure}"
         installed = self.state.get("installed")
         new_name = self._container(pending["name"])
         current = self.root / "current"
@@ -883,6 +883,12 @@ class Agent:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def _prepare_failure(pending: dict[str, Any]) -> str:
+    """``prepare: failed (...)`` when the release's prepare step failed, else ''."""
+    prepared = str(pending.get("prepare", ""))
+    return f"prepare: {prepared}" if prepared.startswith("failed") else ""
 
 
 def _signed_sha256(info: Any) -> str:

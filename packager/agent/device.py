@@ -159,9 +159,11 @@ def unmet(requires: dict[str, str], facts: DeviceFacts | str) -> str:
             for part in (f">= {low}" if low else "", f"< {below}" if below else "")
             if part
         )
-        if facts.l4t is None:
-            problems.append(f"L4T {wanted} required, found {facts.l4t_found}")
-        elif (low and facts.l4t < l4t_tuple(low)) or (below and facts.l4t >= l4t_tuple(below)):
+        if (
+            facts.l4t is None
+            or (low and facts.l4t < l4t_tuple(low))
+            or (below and facts.l4t >= l4t_tuple(below))
+        ):
             problems.append(f"L4T {wanted} required, found {facts.l4t_found}")
     sm = checked.get("sm")
     if sm is not None and facts.sm != int(sm):

@@ -196,9 +196,7 @@ def build_sbom(
     the runtime component's digest). Raises VerifyError when the library's validator refuses
     the document (a bug)."""
     from cyclonedx.model import HashAlgorithm, HashType, Property
-    from cyclonedx.model.bom import Bom, BomMetaData
     from cyclonedx.model.component import Component, ComponentType
-    from cyclonedx.output.json import JsonV1Dot6
     from packageurl import PackageURL
 
     components: list[Any] = []
@@ -288,6 +286,18 @@ def build_sbom(
     seed = json.dumps(
         [image_name, image_version, image_digest, sorted(c.bom_ref.value for c in components)]
     )
+    # The image is made of every component (a flat graph: apt and pip resolved the rest).
+    return bom_text(subject, components, seed, epoch)
+
+
+def bom_text(subject: Any, components: list[Any], seed: str, epoch: int) -> str:
+    """The CycloneDX 1.6 JSON text of ``subject`` made of ``components`` (a flat dependency
+    graph), every bundle's SBOM the same way: serial number the UUIDv5 of ``seed`` in
+    :data:`NAMESPACE`, timestamp ``epoch`` (no clock), keys sorted; VerifyError when the
+    schema (:func:`validate`) refuses it."""
+    from cyclonedx.model.bom import Bom, BomMetaData
+    from cyclonedx.output.json import JsonV1Dot6
+
     bom = Bom(
         components=components,
         serial_number=uuid.uuid5(NAMESPACE, seed),
@@ -295,9 +305,8 @@ def build_sbom(
             component=subject, timestamp=datetime.fromtimestamp(epoch, UTC), tools=[]
         ),
     )
-    # The image is made of every component (a flat graph: apt and pip resolved the rest).
     bom.register_dependency(subject, components)
-    text = str(JsonV1Dot6(bom).output_as_string(indent=2)) + "\n"
+    text = str(JsonV1Dot6(bom).output_as_string(indent=2))
     # Re-serialised with sorted keys: the library's key order is its own business.
     text = json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
     problem = validate(text)

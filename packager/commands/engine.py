@@ -36,7 +36,15 @@ from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined]
 
 from packager.backends import get_backend
 from packager.backends.engine_on import AddedFile, BuildsEngineOn, EngineBuildOn
-from packager.bundle.manifest import MANIFEST, SUMS, BundleMeta, Manifest, read_manifest
+from packager.bundle.manifest import (
+    MANIFEST,
+    SIGNATURE,
+    SUMS,
+    BundleMeta,
+    Manifest,
+    read_manifest,
+    write_manifest,
+)
 from packager.bundle.signing import (
     SIGN_KEY_ENV,
     load_signer,
@@ -50,7 +58,6 @@ from packager.errors import InputError, UnsupportedError, UsageError, VerifyErro
 from packager.staging import make_staging_dir, replace_dir
 from packager.tools.ssh import SshOptions, check_option_path, parse_ssh_url
 
-SIGNATURE = "manifest.dsse.json"
 # Files rewritten in the new bundle (never linked: the old bundle's must stay untouched).
 REWRITTEN = (MANIFEST, SUMS, SIGNATURE)
 DEFAULT_TIMEOUT_S = 3600
@@ -194,8 +201,6 @@ def _assemble(bundle: Path, manifest: Manifest, added: tuple[AddedFile, ...],
               staging: Path) -> Manifest:
     """The new bundle in ``staging``: the old files (the rewritten ones aside), ``added``, and
     a new SHA256SUMS + manifest.json with the same sections."""
-    from packager.bundle.manifest import write_manifest
-
     staging.mkdir(mode=0o755)
     replaced = {entry.path for entry in added}
     for entry in manifest.files:

@@ -31,8 +31,9 @@ from packager.models.onnx_save import save_onnx
 
 TOOL = "polygraphy"
 # Operators whose value is not a function of their inputs: onnxruntime would draw once at build
-# time and folding would ship that one draw as a constant (and a rebuild other bytes). The same
-# list as packager.models.onnx_tflite's; Dropout draws only when given a training_mode input.
+# time and folding would ship that one draw as a constant (and a rebuild other bytes); the MCU
+# converter's own folding (packager.models.onnx_tflite) leaves them too. Dropout draws only when
+# given a training_mode input.
 RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                         "Multinomial", "Bernoulli"})
 # polygraphy's size_threshold (bytes): a tensor folding would make larger than this stays

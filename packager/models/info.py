@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from packager.digest import sha256_path
-
 ModelFormat = Literal["onnx", "tflite", "keras", "pytorch"]
 Dim = int | str | None  # a fixed size, a symbolic name ("batch"), or unknown
 
@@ -89,10 +87,11 @@ def loaded_info(
     activation_bytes: int = 0,
 ) -> ModelInfo:
     """The :class:`ModelInfo` of a model read through its framework (Keras, SavedModel, PyTorch)
-    rather than parsed: ``digest`` is ``("sha256:<hex>", size in bytes)`` (:func:`file_digest`),
-    ``tensors`` is ``(inputs, outputs)``, ``weights`` one ``(element count, bytes)`` per weight
-    tensor (summed into ``param_count`` and ``weights_bytes``), ``histogram`` is ordered by
-    :func:`by_frequency`; an unknown activation peak is 0."""
+    rather than parsed: ``digest`` is ``("sha256:<hex>", size in bytes)``
+    (:func:`packager.digest.sha256_file`), ``tensors`` is ``(inputs, outputs)``, ``weights`` one
+    ``(element count, bytes)`` per weight tensor (summed into ``param_count`` and
+    ``weights_bytes``), ``histogram`` is ordered by :func:`by_frequency`; an unknown activation
+    peak is 0."""
     counts = list(weights)
     return ModelInfo(
         path=path,
@@ -109,9 +108,3 @@ def loaded_info(
         producer=producer,
         notes=notes,
     )
-
-
-def file_digest(path: Path) -> tuple[str, int]:
-    """``("sha256:<hex>", size in bytes)`` of one model file, read in chunks."""
-    hexdigest, size = sha256_path(path)
-    return f"sha256:{hexdigest}", size

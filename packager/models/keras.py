@@ -17,9 +17,10 @@ import numpy as np
 
 from packager.calibration import representative_rows, require_calibration
 from packager.console import capture_fd
+from packager.digest import sha256_file
 from packager.errors import InputError, UnsupportedError
 from packager.extras import require
-from packager.models.info import ModelInfo, TensorInfo, file_digest, loaded_info
+from packager.models.info import ModelInfo, TensorInfo, loaded_info
 
 # What inspect says of every Keras model: it is not deployable as it is.
 _NOTES = ("MCU targets convert it to int8 TFLite with --calibration DIR",)
@@ -167,7 +168,7 @@ def _inspect_keras(path: Path) -> ModelInfo:
             if shape is not None:
                 peak = max(peak, 4 * int(np.prod([1 if d is None else int(d) for d in shape])))
     return loaded_info(
-        path, "keras", file_digest(path), (inputs, outputs), histogram,
+        path, "keras", sha256_file(path), (inputs, outputs), histogram,
         ((int(w.size), int(w.nbytes)) for w in weights),
         producer=f"keras {getattr(tf.keras, '__version__', '?')}", notes=_NOTES,
         opsets={"keras": int(str(getattr(tf.keras, "__version__", "3")).split(".")[0])},

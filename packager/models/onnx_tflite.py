@@ -33,6 +33,7 @@ from packager.calibration import representative_rows, require_calibration
 from packager.console import capture_fd
 from packager.errors import AccuracyError, InputError, UnsupportedError
 from packager.extras import require
+from packager.models.fold import RANDOM_OPS
 from packager.models.info import TensorInfo
 
 # The converted model's agreement with the ONNX model on the calibration rows. 90 % top-1 is
@@ -46,11 +47,6 @@ MAX_CHECK_ROWS = 64
 # A constant sub-graph is folded only while its result stays this small (MCU models are far
 # smaller; larger results stay in the graph and its converter decides).
 MAX_FOLD_ELEMENTS = 1 << 24
-# Operators never folded: their value is not a function of their inputs.
-_NOT_FOLDABLE = frozenset(
-    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
-     "Bernoulli"}
-)
 # Operators whose output can be far larger than their inputs: never folded (their converters
 # take them as they are), so a hostile model cannot make the folding allocate without bound.
 _GROWING = frozenset({"Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot", "EyeLike"})
@@ -277,7 +273,7 @@ def _opset(model: ModelProto) -> int:
 
 
 def _foldable(node: NodeProto, constants: dict[str, Any]) -> bool:
-    if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDABLE:
+    if node.domain not in ("", "ai.onnx") or node.op_type in RANDOM_OPS:
         return False
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for a in node.attribute):

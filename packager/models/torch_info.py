@@ -8,7 +8,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from packager.models.info import ModelInfo, TensorInfo, file_digest, loaded_info
+from packager.digest import sha256_file
+from packager.models.info import ModelInfo, TensorInfo, loaded_info
 from packager.models.torch_export import detect_kind, load_torch_model
 
 
@@ -31,7 +32,7 @@ def _info(
     params: tuple[Any, ...] = (),
 ) -> ModelInfo:
     return loaded_info(
-        path, "pytorch", file_digest(path), (inputs, outputs), histogram or Counter(),
+        path, "pytorch", sha256_file(path), (inputs, outputs), histogram or Counter(),
         ((int(p.numel()), int(p.numel() * p.element_size())) for p in params),
         producer="pytorch", notes=notes,
     )

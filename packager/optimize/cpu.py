@@ -34,7 +34,6 @@ CpuSource = Literal["target", "host"]
 # Whose int8 kernels a model is quantized for: onnxruntime's CPU kernels (by the CPU's ISA), or
 # TensorRT's explicit-quantization importer (a target whose runtime engine is "tensorrt").
 Int8Profile = Literal["cpu", "tensorrt"]
-INT8_PROFILES: tuple[Int8Profile, ...] = ("cpu", "tensorrt")
 
 # Spellings of the VNNI extensions in target files (avx512-vnni, avx-vnni) and /proc/cpuinfo
 # (avx512_vnni, avx_vnni, avx_vnni_int8), compared with '-' and '_' removed.

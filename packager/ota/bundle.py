@@ -175,10 +175,12 @@ def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -
     files: list[dict[str, Any]] = []
     # The signature envelope travels too (unlisted: it signs the manifest), for the agent.
     signed = {SIGNATURE} if (bundle / SIGNATURE).is_file() else set()
-    listed = {f.path for f in manifest.files}
-    for rel in sorted(listed - {archive} | {MANIFEST} | signed):
+    listed = {f.path: f.sha256 for f in manifest.files}
+    for rel in sorted(listed.keys() - {archive} | {MANIFEST} | signed):
         path = bundle / rel
-        digest = sha256_file(path)
+        # A listed file's digest is the manifest's, which check_files above verified (no second
+        # hashing pass); the manifest and its signature are not listed.
+        digest = listed[rel] if rel in listed else sha256_file(path)
         objects.append(ObjectSource(FILE_PREFIX + digest, digest, path.stat().st_size, path))
         # The path policy's modes only: 0755 when executable, else 0644 (never setuid & co).
         files.append(

@@ -20,8 +20,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 ARENA_EXTEND_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 # What serves when the engine cannot: onnxruntime on the CPU, or nothing (the runtime exits 3).
 ENGINE_FALLBACKS = ("onnxruntime-cpu", "none")
-# Where the first-boot unit writes plans (/work/brief/jetson.md: one definition of the layout).
-DEFAULT_ENGINES_DIR = ENGINES_DIR
 
 
 class ConfigError(Exception):
@@ -37,7 +35,8 @@ class EngineConfig:
     """
 
     key: EngineKey
-    engines_dir: Path = Path(DEFAULT_ENGINES_DIR)
+    # Where the first-boot unit writes plans (engine_key: one definition of the layout).
+    engines_dir: Path = Path(ENGINES_DIR)
     fallback: str = "onnxruntime-cpu"
 
 
@@ -207,7 +206,7 @@ def _engine(document: Any, source: str) -> EngineConfig:
         raise ConfigError(f"{source}: engine.key: {exc}") from None
     return EngineConfig(
         key=key,
-        engines_dir=Path(document.get("engines_dir", DEFAULT_ENGINES_DIR)),
+        engines_dir=Path(document.get("engines_dir", ENGINES_DIR)),
         fallback=document.get("fallback", "onnxruntime-cpu"),
     )
 

@@ -62,7 +62,9 @@ from typing import IO
 
 from .engine_key import (
     ENGINES_DIR,
+    KEY_SUFFIX,
     MAX_DLA_CORE,
+    PLAN_SUFFIX,
     PRECISIONS,
     EngineKey,
     EngineKeyError,
@@ -70,7 +72,7 @@ from .engine_key import (
     read_key,
     sha256_file,
 )
-from .jetson_preflight import positive_int
+from .jetson_preflight import LIB_DIRS, positive_int
 from .trtexec import DEFAULT_TRTEXEC, build_command, form, version_from_output
 
 EXIT_OK = 0
@@ -84,13 +86,13 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 
 DEFAULT_TIMEOUT_S = 3600
 DEFAULT_PROGRESS_S = 30
-LIB_DIRS = ("/usr/lib/aarch64-linux-gnu", "/usr/lib/aarch64-linux-gnu/nvidia")
 # trtexec's own lines relayed to the journal, each cut to this length; a flood (--verbose) stops
 # being relayed after MAX_RELAYED lines (the progress lines go on).
 MAX_LINE = 500
 MAX_RELAYED = 2000
 # Seconds between SIGTERM and SIGKILL when trtexec has to stop.
 KILL_GRACE_S = 5
+# libnvinfer.so.X.Y.Z, looked for in LIB_DIRS (one definition, jetson_preflight's).
 _LIBNVINFER = re.compile(r"libnvinfer\.so\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -297,10 +299,12 @@ def run_trtexec(
 
 
 def _install_prebuilt(
-    key: EngineKey, prebuilt_dir: Path, engines_dir: Path, out: IO[str] | None
+    key: EngineKey, prebuilt_dir: Path, engines_dir: Path, plan_tmp: Path, out: IO[str] | None
 ) -> bool:
-    """Install the bundle's prebuilt plan when its key file equals ``key``; True if installed."""
-    plan, key_file = prebuilt_dir / (key.stem + ".plan"), prebuilt_dir / (key.stem + ".key.json")
+    """Install the bundle's prebuilt plan when its key file equals ``key`` (copied through
+    ``plan_tmp``); True if installed."""
+    plan = prebuilt_dir / (key.stem + PLAN_SUFFIX)
+    key_file = prebuilt_dir / (key.stem + KEY_SUFFIX)
     if not key_file.is_file() or not plan.is_file():
         return False
     try:
@@ -311,7 +315,6 @@ def _install_prebuilt(
     if found != key:
         say("prebuilt plan ignored: key differs: " + "; ".join(key.differences(found)), out)
         return False
-    plan_tmp = key.plan_path(engines_dir).with_name(f".{key.stem}.plan.tmp")
     shutil.copyfile(plan, plan_tmp)
     if plan_tmp.stat().st_size == 0:
         _unlink(plan_tmp)
@@ -392,7 +395,9 @@ def _build_locked(
             _unlink(key.key_path(engines_dir))
             _unlink(plan_tmp)  # left by a builder that was killed
             _unlink(cache_tmp)
-            if prebuilt_dir is not None and _install_prebuilt(key, prebuilt_dir, engines_dir, out):
+            if prebuilt_dir is not None and _install_prebuilt(
+                key, prebuilt_dir, engines_dir, plan_tmp, out
+            ):
                 return "installed"
             if cache.is_file():
                 shutil.copyfile(cache, cache_tmp)
@@ -468,9 +473,9 @@ def _expected(args: argparse.Namespace) -> tuple[EngineKey, Path, Path]:
     runtime's own config, validated as the runtime validates it) or from the explicit flags.
     EngineKeyError (one line) for a missing, conflicting or invalid value."""
     if args.from_config is not None:
-        # Imported here: `edgepack engine build --on` ships only engine_key, trtexec and this
-        # module to the reference device (packager/backends/jetson/engine_remote.py) and uses
-        # the explicit flags.
+        # Imported here: `edgepack engine build --on` ships only engine_key, trtexec,
+        # jetson_preflight and this module to the reference device
+        # (packager/backends/jetson/engine_remote.py) and uses the explicit flags.
         from .config import ConfigError, load_config
 
         given = [name for name in KEY_FLAGS if getattr(args, name) is not None]

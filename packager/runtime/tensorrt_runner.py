@@ -514,17 +514,21 @@ def choose_engine(
     if found.state == "absent":
         return None, EngineStatus(RUNNER_FALLBACK, "absent", plan_path)
     if not found.ready:
-        reason = clip(" ".join(found.reason.split()), _REASON_CHARS)
-        return None, EngineStatus(RUNNER_FALLBACK, "invalid", plan_path, reason)
+        return None, _fallback_status(plan_path, found.reason)
     try:
         model = _open_engine(config, engine, plan_path)
     except (_Invalid, EngineError) as exc:
-        reason = clip(" ".join(str(exc).split()), _REASON_CHARS)
-        return None, EngineStatus(RUNNER_FALLBACK, "invalid", plan_path, reason)
+        return None, _fallback_status(plan_path, str(exc))
     except Exception as exc:  # TensorRT and cuda-python raise their own types
-        reason = clip(" ".join(f"{type(exc).__name__}: {exc}".split()), _REASON_CHARS)
-        return None, EngineStatus(RUNNER_FALLBACK, "invalid", plan_path, reason)
+        return None, _fallback_status(plan_path, f"{type(exc).__name__}: {exc}")
     return model, EngineStatus(RUNNER_TENSORRT, "loaded", plan_path)
+
+
+def _fallback_status(plan_path: Path, reason: str) -> EngineStatus:
+    """The fallback's status for a plan that cannot serve; ``reason`` as one short line."""
+    return EngineStatus(
+        RUNNER_FALLBACK, "invalid", plan_path, clip(" ".join(reason.split()), _REASON_CHARS)
+    )
 
 
 def load_served_model(config: RuntimeConfig) -> tuple[ServedModel, EngineStatus | None]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packager.errors import ToolFailedError, UsageError
-from packager.runtime.engine_build import _stop
+from packager.runtime.engine_build import KILL_GRACE_S, _stop
 from packager.tools.base import Tool
 
 SSH = Tool("ssh", "ssh", "openssh-client")
@@ -50,7 +50,6 @@ ALIVE_COUNT = 4
 # The last lines kept of a command's output for an error message, each cut to MAX_LINE bytes.
 TAIL_LINES = 20
 MAX_LINE = 2000
-KILL_GRACE_S = 5
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?", re.ASCII)
@@ -253,33 +252,27 @@ def _run(
     deadline = time.monotonic() + timeout_s
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                _stop(process)
-                raise TimedOut(f"{what}: no result after {timeout_s:.0f} s; stopped",
-                               hint="raise --timeout if the device is slow")
+        while (remaining := deadline - time.monotonic()) > 0:
             try:
                 raw = lines.get(timeout=min(remaining, 1.0))
             except queue.Empty:
                 continue
-            if raw is None:
-                break
+            if raw is None:  # output closed: the exit status, within what is left of the limit
+                code = process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                return Finished(returncode=code, tail=tuple(tail))
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
             tail.append(text)
             if on_line is not None:
                 on_line(text)
-        code = process.wait(timeout=max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        _stop(process)
-        raise TimedOut(f"{what}: no result after {timeout_s:.0f} s; stopped",
-                       hint="raise --timeout if the device is slow") from None
-    finally:
+        pass
+    finally:  # past the limit, or an error: the client (and what it started) is stopped
         _stop(process)
         if process.stdout is not None:
             process.stdout.close()
         reader.join(timeout=KILL_GRACE_S)
-    return Finished(returncode=code, tail=tuple(tail))
+    raise TimedOut(f"{what}: no result after {timeout_s:.0f} s; stopped",
+                   hint="raise --timeout if the device is slow")
 
 
 def connection_problem(host: SshHost, finished: Finished) -> ToolFailedError:

@@ -182,8 +182,7 @@ def test_name_or_version_outside_the_oci_grammar_is_refused(
 def test_default_name_from_the_model_file_is_a_valid_image_name(
     file_name: str, expected: str
 ) -> None:
-    from packager.backends.base import BuildRequest
-    from packager.build import bundle_name
+    from packager.backends.base import BuildRequest, bundle_name
     from packager.targets import NAME_FORM
 
     name = bundle_name(BuildRequest(model=Path(file_name), target="rpi4"))

@@ -62,7 +62,7 @@ from packager.bundle.manifest import MANIFEST, Manifest, TargetInfo
 from packager.console import console
 from packager.errors import InputError, TargetError, UnsupportedError, UsageError, VerifyError
 from packager.fit import FitReport
-from packager.image.spec import HealthCheck, ImageConfig, ImageResult, ImageSpec, WheelSet
+from packager.image.spec import ImageConfig, ImageResult, ImageSpec, WheelSet
 from packager.models.info import ModelInfo
 from packager.render import render_files
 from packager.resources import runtime_dir
@@ -242,10 +242,7 @@ def _with_interpreter(config: ImageConfig, python: str) -> ImageConfig:
     return dataclasses.replace(
         config,
         entrypoint=swap(config.entrypoint),
-        healthcheck=None if health is None else HealthCheck(
-            test=swap(health.test), interval_s=health.interval_s, timeout_s=health.timeout_s,
-            start_period_s=health.start_period_s, retries=health.retries,
-        ),
+        healthcheck=None if health is None else dataclasses.replace(health, test=swap(health.test)),
     )
 
 
@@ -261,14 +258,9 @@ def jetson_image_spec(
     in runtime.json."""
     view = linux_view(_spec(target))
     view_target = LoadedTarget(spec=view, source=target.source)
-    spec = linux.image_spec(request, model, view, name, request.version, view_target)
-    config = linux.runtime_config(request, name, request.version, model, view)
-    config["engine"] = engine
-    layers = tuple(
-        linux.model_layer(model, config) if layer.name == "model" else layer
-        for layer in spec.layers
-    )
-    changes: dict[str, Any] = {"layers": layers}
+    spec = linux.image_spec(request, model, view, name, request.version, view_target,
+                            runtime_extra={"engine": engine})
+    changes: dict[str, Any] = {}
     if choice.base is not None and request.base is None:
         changes["base"] = choice.base
     if spec.wheels is not None and choice.python != "3.11":

@@ -69,7 +69,8 @@ class ContainerChoice:
         return self.serving == "tensorrt"
 
 
-def _python_tuple(version: str) -> tuple[int, int]:
+def _major_minor(version: str) -> tuple[int, int]:
+    """``"3.8"`` -> ``(3, 8)``: a CPython or glibc version as the target file gives it."""
     major, minor = version.split(".")
     return int(major), int(minor)
 
@@ -96,9 +97,8 @@ def choose(spec: JetsonTarget, source: str, *, user_base: bool) -> ContainerChoi
     """The container for ``spec``; with ``user_base`` (``--base``) the target's own base is
     neither needed nor checked. TargetError for an unpinned base the build would need."""
     runtime = spec.runtime
-    glibc_major, glibc_minor = runtime.glibc.split(".")
-    glibc = (int(glibc_major), int(glibc_minor))
-    if _python_tuple(runtime.python) < RUNTIME_MIN_PYTHON:
+    glibc = _major_minor(runtime.glibc)
+    if _major_minor(runtime.python) < RUNTIME_MIN_PYTHON:
         minimum = ".".join(str(p) for p in RUNTIME_MIN_PYTHON)
         reason = (
             f"JetPack {runtime.jetpack} (L4T {runtime.l4t}) ships CPython {runtime.python}, the "

@@ -29,6 +29,7 @@ both files are listed in the manifest, and nothing else sits beside them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tarfile
@@ -56,6 +57,7 @@ from packager.runtime.engine_key import (
     EngineKeyError,
     read_key,
 )
+from packager.runtime.jetson_preflight import parse_version
 from packager.runtime.trtexec import DEFAULT_TRTEXEC, UnsupportedTensorRT, form
 from packager.tools import ssh
 
@@ -170,18 +172,12 @@ def _model_member(stream: Any, digest: str, size: int, dest: Path) -> bool:
                 if data is None:
                     continue
                 content = data.read(size + 1)
-                if len(content) == size and sha256_bytes(content) == digest:
+                if len(content) == size and hashlib.sha256(content).hexdigest() == digest:
                     dest.write_bytes(content)
                     return True
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise InputError(f"the image's model layer is not a readable tar ({exc})") from None
     return False
-
-
-def sha256_bytes(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def _upload_tree(root: Path, manifest: Manifest, upload: Path) -> None:
@@ -227,7 +223,7 @@ def _check_device(job: EngineBuildOn, remote: str, key: EngineKey,
     low, below = str(l4t.get("min", "")), str(l4t.get("below", ""))
     found = document.get("l4t")
     if low and below:
-        wanted = (_triple(low), _triple(below))
+        wanted = (parse_version(low), parse_version(below))
         if not isinstance(found, list) or not wanted[0] <= tuple(found) < wanted[1]:
             problems.append(f"L4T release: expected {low} up to (not incl.) {below}, found "
                             f"{document.get('l4t_found')}")
@@ -243,10 +239,6 @@ def _check_device(job: EngineBuildOn, remote: str, key: EngineKey,
             hint="build on a reference device of the same module and JetPack",
             details=tuple(problems[1:]),
         )
-
-
-def _triple(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.removeprefix("r").split("."))
 
 
 def build_argv(job: EngineBuildOn, key: EngineKey, remote: str, timing_cache: bool) -> list[str]:

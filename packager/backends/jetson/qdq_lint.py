@@ -251,8 +251,6 @@ def _load(path: Path) -> ModelProto:
         raise InputError(f"{path}: cannot load the ONNX model ({exc})") from exc
 
 
-
-
 class _Linter:
     def __init__(self, model: ModelProto, profile: ParserProfile, sm: int | None) -> None:
         self.model = model

@@ -18,14 +18,13 @@ default name carries a timestamp) and no run time is recorded.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from packager.errors import InputError, UnsupportedError
 from packager.models.fold import quiet_polygraphy
+from packager.staging import write_bytes
 
 REFERENCE_INPUTS = "reference-inputs.json"
 REFERENCE_OUTPUTS = "reference-outputs.json"
@@ -131,13 +130,4 @@ def write_reference(
 
 
 def _write(path: Path, text: str) -> None:
-    data = (text if text.endswith("\n") else text + "\n").encode("utf-8")
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, (text if text.endswith("\n") else text + "\n").encode("utf-8"))

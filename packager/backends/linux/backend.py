@@ -218,7 +218,10 @@ def image_spec(
     name: str,
     version: str,
     target: LoadedTarget,
+    runtime_extra: Mapping[str, Any] | None = None,
 ) -> ImageSpec:
+    """The image of ``spec`` serving ``model``; ``runtime_extra``: sections a class reusing this
+    backend adds to runtime.json (Jetson: its ``engine``)."""
     if spec.platform.arch not in ("arm64", "amd64"):
         raise UnsupportedError(
             f"{spec.name}: platform.arch: {spec.platform.arch} images are not supported yet",
@@ -232,7 +235,7 @@ def image_spec(
 
         suite = spec.runtime.base.partition(":")[2] or "bookworm"
         base_image = DebianBase(suite=suite, packages=DEFAULT_PYTHON_PACKAGES, slim=request.slim)
-    config = runtime_config(request, name, version, model, spec)
+    config = {**runtime_config(request, name, version, model, spec), **(runtime_extra or {})}
     port = spec.runtime.port
     labels = (
         ("io.edgepack.model.digest", model.digest),

@@ -11,7 +11,6 @@ from packager.targets import JetsonTarget, LinuxTarget, LoadedTarget
 LINUX_IMAGE_BASE_BYTES = 160 * MIB
 
 
-
 def linux_fit(model: ModelInfo, target: LoadedTarget) -> FitReport:
     """Peak memory and storage of a containerised onnxruntime runtime on a Linux device."""
     spec = target.spec

@@ -840,7 +840,7 @@ class McuBackend:
         console.status(f"building and emulating {request.bundle} "
                        f"({request.kernels or 'default'} kernels)")
         doc = emulate_bundle(request.bundle, inputs, tree=request.toolchain_tree,
-                             kernels=request.kernels).to_json()
+                             kernels=request.kernels, manifest=manifest).to_json()
         lines = [f"inference {n}: outputs {outs}, {doc['instructions'][n]:,} instructions"
                  for n, outs in enumerate(doc["outputs"])]
         linked = doc["linked"]

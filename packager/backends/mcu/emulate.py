@@ -420,8 +420,11 @@ def _manifest(bundle: Path) -> Manifest:
 def emulate_bundle(bundle: Path, inputs: Sequence[Sequence[np.ndarray]] | None, *,
                    tree: str | None = None, kernels: str | None = None,
                    core_override: str | None = None, board_override: str | None = None,
-                   count: int = 1) -> FirmwareRun:
+                   count: int = 1, manifest: Manifest | None = None) -> FirmwareRun:
     """Build ``bundle``'s firmware and run it on its emulated board.
+
+    ``manifest``: ``bundle``'s, already verified by the caller (``edgepack run``); None reads
+    and checks it here.
 
     ``kernels``: ``reference`` or ``cmsis-nn``; None is the core's default
     (:func:`default_kernels`: CMSIS-NN on Cortex-M).
@@ -434,7 +437,8 @@ def emulate_bundle(bundle: Path, inputs: Sequence[Sequence[np.ndarray]] | None, 
     """
     from packager.targets import McuTarget, resolve_target
 
-    manifest = _manifest(bundle)
+    if manifest is None:
+        manifest = _manifest(bundle)
     target = resolve_target(manifest.target.name)
     # Only what the manifest lists (and check_files verified) is compiled: never a stray or
     # linked file that happens to sit in src/.

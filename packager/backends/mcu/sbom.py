@@ -5,12 +5,9 @@ serial, schema validation) as the container SBOM (:mod:`packager.bundle.sbom`)."
 from __future__ import annotations
 
 import json
-import uuid
-from datetime import UTC, datetime
 from typing import Any
 
-from packager.bundle.sbom import NAMESPACE, PROP_KIND, PROP_PATH, SBOM_FILE, validate
-from packager.errors import VerifyError
+from packager.bundle.sbom import PROP_KIND, PROP_PATH, bom_text
 
 
 def tflite_micro_version() -> str | None:
@@ -31,9 +28,7 @@ def build_mcu_sbom(
     the arena; the firmware links the TFLM its SDK supplies) and every generated source
     (``file``, sha256). ``files``: bundle path -> sha256 hex."""
     from cyclonedx.model import HashAlgorithm, HashType, Property
-    from cyclonedx.model.bom import Bom, BomMetaData
     from cyclonedx.model.component import Component, ComponentType
-    from cyclonedx.output.json import JsonV1Dot6
     from packageurl import PackageURL
 
     components: list[Any] = []
@@ -74,17 +69,5 @@ def build_mcu_sbom(
     subject = Component(
         name=name, version=version, type=ComponentType.FIRMWARE, bom_ref=f"firmware:{name}"
     )
-    bom = Bom(
-        components=components,
-        serial_number=uuid.uuid5(NAMESPACE, json.dumps([name, version, sorted(files.items())])),
-        metadata=BomMetaData(
-            component=subject, timestamp=datetime.fromtimestamp(epoch, UTC), tools=[]
-        ),
-    )
-    bom.register_dependency(subject, components)
-    text = str(JsonV1Dot6(bom).output_as_string(indent=2))
-    text = json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
-    problem = validate(text)
-    if problem:
-        raise VerifyError(f"{SBOM_FILE}: the CycloneDX 1.6 schema refuses it: {problem}")
-    return text
+    return bom_text(subject, components, json.dumps([name, version, sorted(files.items())]),
+                    epoch)
