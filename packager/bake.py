@@ -36,10 +36,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from packager.bundle.manifest import read_manifest
+from packager.bundle.manifest import ManifestRead, load_manifest
 from packager.errors import UsageError, VerifyError
 from packager.image.oci import blob_name
-from packager.push import plan_sources, stage_layout
+from packager.push import _Source, plan_sources, stage_layout
 
 # Bake target names allow [A-Za-z0-9_-]; image repositories allow lower-case components
 # (distribution/reference): the intersection, so that a name is both.
@@ -180,14 +180,14 @@ def _escaped(value: str) -> str:
 class _Model:
     name: str
     version: str
-    bundles: tuple[Path, ...]
+    sources: tuple[_Source, ...]  # every bundle of the model, verified (push.plan_sources)
     devices: tuple[tuple[str, str, str], ...]  # (device, platform, manifest digest), sorted
 
 
-def _device_of(bundle: Path) -> str:
+def _device_of(bundle: Path, manifest: ManifestRead) -> str:
     return _check(
         NAME,
-        read_manifest(bundle).target.name,
+        manifest.manifest.target.name,
         f"{bundle}: target",
         "use a target whose name is lower-case "
         "letters, digits, '-' and '_' (a copy of its TOML under a new name)",
@@ -204,9 +204,12 @@ def plan_bake(
         raise UsageError("bake: name at least one bundle")
     by_model: dict[str, list[Path]] = {}
     versions: dict[str, tuple[str, Path]] = {}
+    # Each manifest.json is read once: its names are checked here, then the same bytes are
+    # verified (plan_sources) and used; never a second, possibly different, copy.
+    loaded: dict[Path, ManifestRead] = {}
     for bundle in bundles:
-        manifest = read_manifest(bundle)
-        name, version = manifest.name, manifest.version
+        loaded[bundle] = read = load_manifest(bundle)
+        name, version = read.manifest.name, read.manifest.version
         _check(
             NAME,
             name,
@@ -226,11 +229,11 @@ def plan_bake(
     targets = []
     for name in sorted(by_model):
         paths = tuple(by_model[name])
-        sources = plan_sources(paths)  # verifies each bundle; distinct platforms
+        sources = plan_sources(paths, loaded)  # verifies each bundle; distinct platforms
         devices = []
         seen: dict[str, Path] = {}
         for source in sources:
-            device = _device_of(source.bundle)
+            device = _device_of(source.bundle, loaded[source.bundle])
             if device in seen:
                 raise UsageError(
                     f"{source.bundle}: {name} for {device} again (as {seen[device]})",
@@ -242,7 +245,7 @@ def plan_bake(
             devices.append((device, source.platform, source.digest))
         devices.sort()
         version = versions[name][0]
-        models.append(_Model(name, version, paths, tuple(devices)))
+        models.append(_Model(name, version, tuple(sources), tuple(devices)))
         for device, platform, digest in devices:
             targets.append(
                 BakeTarget(
@@ -289,7 +292,7 @@ def bake(bundles: tuple[Path, ...], out: Path) -> BakeResult:
         staged = Path(tmp) / "images"
         for model in models:
             layout = staged / model.name
-            digest, _ = stage_layout(plan_sources(model.bundles), layout, LAYOUT_TAG)
+            digest, _ = stage_layout(list(model.sources), layout, LAYOUT_TAG)
             for _, _, manifest in model.devices:
                 if not (layout / blob_name(manifest)).is_file():  # a per-device context
                     raise VerifyError(f"{layout}: {manifest} was not staged")

@@ -44,7 +44,7 @@ from packager.console import console
 from packager.digest import sha256_path
 from packager.errors import UnsupportedError
 from packager.fit import enforce
-from packager.models import inspect_model
+from packager.models import code_form, inspect_model
 from packager.plan import BuildPlan, plan_build
 from packager.staging import make_staging_dir, replace_dir
 
@@ -382,12 +382,25 @@ def _convert(
         report.update(conversion.to_json())
         path.write_bytes(conversion.data)
         return path
-    if step.route == "keras":
-        from packager.models.keras import convert_to_int8_tflite as convert
-    else:
-        from packager.models.torch_tflite import convert_torch_to_int8_tflite as convert
     console.status(f"converting {request.model.name} to int8 TFLite")
-    path.write_bytes(convert(request.model, request.calibration))
+    if step.route == "keras":
+        from packager.models.keras import convert_to_int8_tflite
+
+        data = convert_to_int8_tflite(
+            request.model, request.calibration, trusted=step.trust_model_code
+        )
+        path.write_bytes(data)
+        if code_form(request.model) is not None:  # a SavedModel: its graph ran on the word
+            report["trusted_model_code"] = True
+        return path
+    from packager.models.torch_tflite import convert_torch_to_int8_tflite
+
+    data = convert_torch_to_int8_tflite(
+        request.model, request.calibration, trusted=step.trust_model_code
+    )
+    # The manifest says the bundle's model came from a file whose code ran on the builder's word.
+    report["trusted_model_code"] = True
+    path.write_bytes(data)
     return path
 
 

@@ -17,12 +17,14 @@ from packager.backends import get_backend
 from packager.backends.base import (
     Backend,
     BuildRequest,
+    ConvertStep,
     SourceModel,
     SourceStep,
     bundle_name,
 )
 from packager.errors import InputError, UsageError
-from packager.models import model_format
+from packager.models import code_form, model_format
+from packager.models.trust import check_trusted
 from packager.targets import VERSION_FORM, LoadedTarget, resolve_target
 
 
@@ -90,6 +92,8 @@ def plan_build(request: BuildRequest) -> BuildPlan:
     Order (the first problem wins): ``--name``, ``--version`` (UsageError, exit 2), the target
     (TargetError, exit 4), the backend's own flags (``Backend.check_request``), the model file
     (InputError, exit 3), its format and the backend's source steps (UnsupportedError, exit 10),
+    a PyTorch file or SavedModel without ``--trust-model-code`` (InputError: loading it runs
+    code from it, packager.models.trust),
     ``--out`` (UsageError)."""
     name = bundle_name(request)
     version = check_version(request.version)
@@ -100,7 +104,18 @@ def plan_build(request: BuildRequest) -> BuildPlan:
     if not request.model.exists():
         raise InputError(f"{request.model}: model file not found", hint="check the path")
     source = SourceModel(path=request.model, format=model_format(request.model))
-    steps = backend.source_steps(decided, source, target)
+    planned = backend.source_steps(decided, source, target)
+    # A form whose loading runs code from the file (PyTorch, a SavedModel): refused before any
+    # step runs unless the builder vouches for it.
+    check_trusted(request.model, code_form(request.model), request.trust_model_code)
+    # The builder's word is the request's, not a backend's to forget: every step that loads
+    # the source carries it.
+    steps = tuple(
+        replace(step, trust_model_code=request.trust_model_code)
+        if isinstance(step, ConvertStep)
+        else step
+        for step in planned
+    )
     return BuildPlan(
         request=decided,
         target=target,

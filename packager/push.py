@@ -26,12 +26,13 @@ import hashlib
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from packager.backends import get_backend
-from packager.bundle.manifest import read_manifest
+from packager.bundle.manifest import ManifestRead
 from packager.bundle.sbom import SBOM_FILE
 from packager.bundle.verify import verify_bundle
 from packager.digest import CHUNK
@@ -171,11 +172,13 @@ def stage_sbom_layout(
     return staged
 
 
-def _read_bundle(bundle: Path) -> _Source:
-    problems = verify_bundle(bundle, get_backend)
-    if problems:
-        raise VerifyError(f"{bundle}: {problems[0]}", hint="rebuild or copy it again")
-    manifest = read_manifest(bundle)
+def _read_bundle(bundle: Path, loaded: ManifestRead | None = None) -> _Source:
+    """``bundle`` verified (``loaded``: its manifest as the caller already read it) and
+    described by the manifest verified: never a second read of manifest.json."""
+    check = verify_bundle(bundle, get_backend, loaded=loaded)
+    if check.problems:
+        raise VerifyError(f"{bundle}: {check.problems[0]}", hint="rebuild or copy it again")
+    manifest = check.manifest
     image = manifest.image
     if image is None:
         raise UsageError(
@@ -188,12 +191,15 @@ def _read_bundle(bundle: Path) -> _Source:
                    image.platform, image.digest)
 
 
-def plan_sources(bundles: tuple[Path, ...]) -> list[_Source]:
-    """The bundles' images in platform order; UsageError unless they are one model and version
-    on distinct platforms."""
+def plan_sources(
+    bundles: tuple[Path, ...], loaded: Mapping[Path, ManifestRead] | None = None
+) -> list[_Source]:
+    """The bundles' images in platform order, each bundle verified (VerifyError); UsageError
+    unless they are one model and version on distinct platforms. ``loaded``: manifests the
+    caller already read (:func:`packager.bundle.manifest.load_manifest`), verified as read."""
     if not bundles:
         raise UsageError("push: name at least one bundle")
-    sources = [_read_bundle(b) for b in bundles]
+    sources = [_read_bundle(b, (loaded or {}).get(b)) for b in bundles]
     first = sources[0]
     for other in sources[1:]:
         if (other.name, other.version) != (first.name, first.version):

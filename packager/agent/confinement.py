@@ -67,7 +67,8 @@ ENGINES = ("docker", "podman")
 # it mounts the GPU's devices and, on JetPack 4, the host's CUDA/TensorRT). podman: CDI, the spec
 # `nvidia-ctk cdi generate` writes for nvidia.com/gpu (what packager/runtime/jetson_preflight.py
 # checks for); podman has no "nvidia" OCI runtime ("default OCI runtime nvidia not found").
-# The engine unit (templates/jetson/engine-build.service.jinja) makes the same choice.
+# The engine unit (templates/jetson/engine-build.service.jinja) is rendered from this table too
+# (packager.backends.jetson.backend.UNIT_GPU_ARGS).
 GPU: dict[str, str] = {
     "docker": "--runtime=nvidia",
     "podman": "--device=nvidia.com/gpu=all",

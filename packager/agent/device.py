@@ -26,7 +26,6 @@ that reason. Nothing is guessed, and the agent goes on.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,6 @@ FACTS_MAX_BYTES = 64 * 1024
 # escaped with ascii(): at most 10 characters each).
 MAX_FOUND = 1000
 _KEYS = frozenset({"schema", "l4t", "l4t_found", "sm", "sm_found"})
-_L4T = re.compile(r"r([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})")
 
 
 @dataclass(frozen=True)
@@ -77,8 +75,10 @@ def _constant(name: str) -> None:
 def parse_facts(raw: bytes) -> DeviceFacts:
     """The facts in the probe's stdout ``raw``: exactly one JSON object of :data:`FACTS_SCHEMA`
     (surrounding whitespace aside), every key present, no other key, no key twice; ``l4t`` null
-    or a whole string ``rN.N.N`` (at most 3 digits each); ``sm`` null or an integer 10-999 (not a
-    string, not a bool); ``l4t_found``/``sm_found`` 1-:data:`MAX_FOUND` printable characters.
+    or a release by the requirements' own rule (:func:`.protocol.l4t_tuple`, i.e.
+    :data:`.protocol.L4T_RELEASE` whole: ``rN.N.N``, each 0-999 without leading zeros); ``sm``
+    null or an integer 10-999 (not a string, not a bool); ``l4t_found``/``sm_found``
+    1-:data:`MAX_FOUND` printable characters.
     ValueError naming the first thing that is not so, in one line."""
     try:
         text = raw.decode("utf-8")
@@ -101,9 +101,16 @@ def parse_facts(raw: bytes) -> DeviceFacts:
     if doc["schema"] != FACTS_SCHEMA:
         raise ValueError(f"printed schema {_show(doc['schema'])}, expected {FACTS_SCHEMA}")
     l4t_text = doc["l4t"]
-    match = _L4T.fullmatch(l4t_text) if isinstance(l4t_text, str) else None
-    if l4t_text is not None and match is None:
-        raise ValueError(f"printed l4t {_show(l4t_text)}: not null or a release like r36.3.0")
+    l4t: tuple[int, int, int] | None = None
+    if l4t_text is not None:
+        try:
+            # The requirements' own rule: the release the preflight prints (canonical ints) is
+            # read exactly as l4t_min/l4t_below are, so both sides of a comparison share it.
+            l4t = l4t_tuple(l4t_text) if isinstance(l4t_text, str) else None
+        except ValueError:
+            pass
+        if l4t is None:
+            raise ValueError(f"printed l4t {_show(l4t_text)}: not null or a release like r36.3.0")
     sm = doc["sm"]
     if sm is not None and (type(sm) is not int or not 10 <= sm <= 999):
         raise ValueError(f"printed sm {_show(sm)}: not null or a whole number 10-999")
@@ -113,7 +120,6 @@ def parse_facts(raw: bytes) -> DeviceFacts:
             raise ValueError(
                 f"printed {key} {_show(found)}: not 1-{MAX_FOUND} printable characters"
             )
-    l4t = (int(match.group(1)), int(match.group(2)), int(match.group(3))) if match else None
     return DeviceFacts(l4t, doc["l4t_found"], sm, doc["sm_found"])
 
 

@@ -138,11 +138,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_bundle_signature(root: Path, keys: list[Key]) -> tuple[dict[str, Any], str]:
+def check_bundle_signature(
+    root: Path, keys: list[Key], *, manifest: bytes | None = None
+) -> tuple[dict[str, Any], str]:
     """Check ``root/manifest.dsse.json``: signed by one of ``keys``, a bundle statement, and its
     subjects are the bytes of ``root/manifest.json`` and ``root/SHA256SUMS``. Returns the
     statement and the signing keyid; SignatureError naming the file otherwise. The manifest's
-    own file list (checked by the caller) then covers every other file."""
+    own file list (checked by the caller) then covers every other file. ``manifest``: the
+    manifest's bytes as the caller already read them (and will act on), checked instead of
+    reading the file again."""
     path = root / SIGNATURE_FILE
     if path.is_symlink() or not path.is_file():
         raise SignatureError(f"{SIGNATURE_FILE}: missing (the bundle is not signed)")
@@ -158,9 +162,13 @@ def check_bundle_signature(root: Path, keys: list[Key]) -> tuple[dict[str, Any],
         file = root / name
         if name not in digests:
             raise SignatureError(f"{SIGNATURE_FILE}: the signed statement does not cover {name}")
-        if file.is_symlink() or not file.is_file():
+        if name == MANIFEST_FILE and manifest is not None:
+            found = hashlib.sha256(manifest).hexdigest()
+        elif file.is_symlink() or not file.is_file():
             raise SignatureError(f"{name}: missing")
-        if _sha256(file) != digests[name]:
+        else:
+            found = _sha256(file)
+        if found != digests[name]:
             raise SignatureError(
                 f"{name}: does not match the signed digest in {SIGNATURE_FILE} "
                 "(changed after signing)"

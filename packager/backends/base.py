@@ -66,6 +66,9 @@ class BuildRequest:
     # Sign the manifest (and provenance) with this Ed25519 PEM key (--sign-key / EDGEPACK_SIGN_KEY;
     # packager.bundle.signing); None: an unsigned bundle.
     sign_key: Path | None = None
+    # --trust-model-code: the builder vouches for a model file whose loading runs code from it
+    # (PyTorch, a TensorFlow SavedModel: packager.models.trust); carried onto the ConvertStep.
+    trust_model_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,9 @@ class ConvertStep:
     format the converter reads (packager.models.keras / torch_tflite / onnx_tflite)."""
 
     route: Literal["onnx", "keras", "pytorch"]
+    # The builder's --trust-model-code (BuildRequest), set by packager.plan.plan_build: a form
+    # whose loading runs code (packager.models.trust.RUNS_CODE) is loaded only with it.
+    trust_model_code: bool = False
 
 
 @dataclass(frozen=True)

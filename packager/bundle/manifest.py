@@ -15,11 +15,13 @@ problem is one :class:`~packager.errors.VerifyError` (exit 8) naming the file an
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import re
 import stat
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -486,11 +488,28 @@ def check_shape(path: Path, document: Any) -> dict[str, Any]:
     return document
 
 
-def read_manifest(root: Path) -> Manifest:
-    """``root``'s manifest.json, typed (:class:`Manifest`): after every bundle document's size
-    (:func:`check_document_sizes`) and the document's size, nesting and outline
-    (:func:`check_shape`). InputError when ``root`` is not a directory; VerifyError (exit 8),
-    one line naming the file and field (an unknown key with a close match), otherwise."""
+@dataclass(frozen=True)
+class ManifestRead:
+    """``manifest.json`` as read once (:func:`load_manifest`): its exact bytes (at most
+    :data:`MAX_DOCUMENT_BYTES`) and the :class:`Manifest` parsed from them. Whatever checks the
+    bundle (checksums, signature) and whatever then acts on it use this one copy: the file on
+    disk (untrusted media, another writer) may change after it was read."""
+
+    data: bytes = field(repr=False)
+    manifest: Manifest
+
+    @property
+    def sha256(self) -> str:
+        """The lower-case hex sha256 of :attr:`data`."""
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def load_manifest(root: Path) -> ManifestRead:
+    """``root``'s manifest.json, read with ONE bounded read and typed (:class:`Manifest`):
+    after every bundle document's size (:func:`check_document_sizes`) and the document's size,
+    nesting and outline (:func:`check_shape`). InputError when ``root`` is not a directory;
+    VerifyError (exit 8), one line naming the file and field (an unknown key with a close
+    match), otherwise."""
     path = root / MANIFEST
     if not root.is_dir():
         raise InputError(f"{root}: not a bundle directory", hint="pass the directory build wrote")
@@ -499,7 +518,15 @@ def read_manifest(root: Path) -> Manifest:
     if not path.is_file():
         raise VerifyError(f"{path}: missing", hint="rebuild the bundle with 'edgepack build'")
     check_document_sizes(root)
-    data = read_bounded(path, MAX_DOCUMENT_BYTES, error=VerifyError, what="not a bundle manifest")
+    # No link followed: a link swapped in after the check above is refused, not read through.
+    data = read_bounded(path, MAX_DOCUMENT_BYTES, error=VerifyError, what="not a bundle manifest",
+                        follow_symlinks=False)
+    return ManifestRead(data=data, manifest=parse_manifest(data, path))
+
+
+def parse_manifest(data: bytes, path: Path) -> Manifest:
+    """The typed manifest in ``data`` (the bytes of ``path``, named in every error): JSON,
+    then :func:`check_shape`, then :meth:`Manifest.from_json`; VerifyError (exit 8)."""
     try:
         document = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, an int of 5,000 digits
@@ -508,6 +535,13 @@ def read_manifest(root: Path) -> Manifest:
     except RecursionError as exc:
         raise VerifyError(f"{path}: nested deeper than {MAX_DEPTH} levels") from exc
     return Manifest.from_json(check_shape(path, document), str(path))
+
+
+def read_manifest(root: Path) -> Manifest:
+    """``root``'s manifest.json, typed: :func:`load_manifest` without the bytes. A command that
+    verifies the bundle uses the manifest :func:`packager.bundle.verify.verify_bundle` returns
+    instead of reading it again."""
+    return load_manifest(root).manifest
 
 
 def path_problems(root: Path, manifest: Manifest) -> list[str]:

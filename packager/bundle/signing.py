@@ -204,10 +204,22 @@ def envelope_keyids(root: Path) -> list[str]:
     return [k for k in keyids if isinstance(k, str) and _KEYID.fullmatch(k)]
 
 
-def verify_signature(root: Path, key: SSlibKey | None, *, require: bool) -> SignatureReport:
-    """The bundle's signature checked against ``key`` (when given). VerifyError (exit 8) naming
-    the signature when it is missing and ``key`` or ``require`` asks for one, or when it does
-    not verify or covers other bytes."""
+def unverified_signature(root: Path) -> SignatureReport:
+    """Whether ``root`` carries a signature envelope and the first keyid it names, nothing
+    checked (``edgepack verify`` without ``--key``); the manifest is not read."""
+    present = (root / SIGNATURE_FILE).is_file()
+    ids = envelope_keyids(root) if present else []
+    return SignatureReport(signed=present, keyid=ids[0] if ids else None)
+
+
+def verify_signature(
+    root: Path, key: SSlibKey | None, *, require: bool, manifest: bytes
+) -> SignatureReport:
+    """The bundle's signature checked against ``key`` (when given) over ``manifest``: the bytes
+    of ``root/manifest.json`` as the caller read them once and acts on
+    (:func:`~packager.bundle.manifest.load_manifest`); the file is not read again. VerifyError
+    (exit 8) naming the signature when it is missing and ``key`` or ``require`` asks for one,
+    or when it does not verify or covers other bytes."""
     present = (root / SIGNATURE_FILE).is_file()
     if key is None:
         if require and not present:
@@ -218,10 +230,9 @@ def verify_signature(root: Path, key: SSlibKey | None, *, require: bool) -> Sign
                 "--require-signature: pass --key PUB to check the signature against",
                 hint="the signer's public key, from 'edgepack keys generate'",
             )
-        ids = envelope_keyids(root) if present else []
-        return SignatureReport(signed=present, keyid=ids[0] if ids else None)
+        return unverified_signature(root)
     try:
-        statement, keyid = check_bundle_signature(root, [key])
+        statement, keyid = check_bundle_signature(root, [key], manifest=manifest)
     except SignatureError as exc:
         raise VerifyError(f"{root}: signature: {exc}") from exc
     return SignatureReport(

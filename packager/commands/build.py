@@ -158,6 +158,13 @@ def summary_lines(bundle: Path, manifest: Manifest, backend_lines: tuple[str, ..
     "and run it under qemu-system-arm); the same as --opt emulate=off.",
 )
 @click.option("--offline", is_flag=True, help="Use only the cache; never download.")
+@click.option(
+    "--trust-model-code",
+    is_flag=True,
+    help="PyTorch or a TensorFlow SavedModel: load the model although loading it runs code from "
+    "the file (torch.save pickles, .pt2 programs, TorchScript and a SavedModel's init ops all do); "
+    "only for a file you wrote yourself.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def build_cmd(
     model: Path,
@@ -184,6 +191,7 @@ def build_cmd(
     no_emulate: bool,
     compression: Literal["gzip", "zstd"],
     sign_key: Path | None,
+    trust_model_code: bool,
     as_json: bool,
 ) -> None:
     """Build a ready-to-flash bundle of MODEL for a target device."""
@@ -212,6 +220,7 @@ def build_cmd(
         compression=compression,
         slim=slim,
         sign_key=sign_key,
+        trust_model_code=trust_model_code,
     )
     result = build(request)
     if as_json:

@@ -7,8 +7,9 @@ device of the fleet installs it instead of building (its key file must equal the
 
 The bundle is rewritten whole or not at all:
 
-1. read and type ``manifest.json``, check every checksum and the device class's own checks
-   (a damaged bundle is never re-hashed into a valid-looking one);
+1. read and type ``manifest.json`` once (every later step uses those bytes), check every
+   checksum and the device class's own checks (a damaged bundle is never re-hashed into a
+   valid-looking one);
 2. signature: a signed bundle's signature no longer covers a rewritten manifest, so
    ``--sign-key`` is required (exit 2 without it), and the bundle's current signature must
    verify with that key (exit 8 otherwise): re-signing never launders a bundle signed by
@@ -21,7 +22,7 @@ The bundle is rewritten whole or not at all:
    file system has none), the plan and its key file, a new SHA256SUMS and manifest.json (the
    typed Manifest: same sections, new file list) and, when signing, a new signature; it then
    replaces the bundle in one rename (packager.staging.replace_dir). The bundle must not change
-   meanwhile (its manifest.json is compared before the swap).
+   meanwhile (its manifest.json is compared with the bytes verified before the swap).
 """
 
 from __future__ import annotations
@@ -42,14 +43,13 @@ from packager.bundle.manifest import (
     SUMS,
     BundleMeta,
     Manifest,
-    read_manifest,
+    load_manifest,
     write_manifest,
 )
 from packager.bundle.signing import (
     SIGN_KEY_ENV,
     load_signer,
     sign_manifest,
-    verify_signature,
 )
 from packager.bundle.verify import verify_bundle
 from packager.console import console
@@ -111,19 +111,27 @@ def engine_build_cmd(
         known_hosts=check_option_path(known_hosts, "--known-hosts") if known_hosts else None,
         identity=check_option_path(identity, "--identity") if identity else None,
     )
-    manifest = read_manifest(bundle)
+    # manifest.json is read once: its class decides what follows, and those same bytes are
+    # verified (signature included) and rewritten; never a second copy from the disk.
+    loaded = load_manifest(bundle)
+    manifest = loaded.manifest
     backend = get_backend(manifest.target.device_class)
     if not isinstance(backend, BuildsEngineOn):
         raise UnsupportedError(
             f"{bundle / MANIFEST}: target {manifest.target.name} has no engine to prebuild "
             f"(device class {manifest.target.device_class})")
-    signer = _signer(bundle, sign_key)
-    problems = verify_bundle(bundle, get_backend)
+    signed = (bundle / SIGNATURE).exists()
+    signer = _signer(bundle, sign_key, signed)
+    # A signed bundle's signature must verify with the re-signing key and cover the manifest
+    # as read (VerifyError, exit 8): re-signing never launders someone else's bundle.
+    check = verify_bundle(bundle, get_backend, loaded=loaded,
+                          key=signer.public_key if signer is not None and signed else None)
+    problems = check.problems
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise VerifyError(f"{bundle}: {problems[0]}{more}", details=tuple(problems[1:]),
                           hint="rebuild it; a damaged bundle is not re-hashed")
-    before = sha256_path(bundle / MANIFEST)[0]
+    before = check.read.sha256  # the bytes verified: a change since is caught before the swap
     work = make_staging_dir(bundle)
     try:
         job = EngineBuildOn(
@@ -170,10 +178,9 @@ def _check_remote_word(value: str, where: str) -> None:
                          "digits and '._/+-', no '..', not starting with '-')")
 
 
-def _signer(bundle: Path, sign_key: Path | None) -> CryptoSigner | None:
-    """The signer for the rewritten manifest, or None; refuses a signed bundle without one, or
-    with another key than the one that signed it."""
-    signed = (bundle / SIGNATURE).exists()
+def _signer(bundle: Path, sign_key: Path | None, signed: bool) -> CryptoSigner | None:
+    """The signer for the rewritten manifest, or None; refuses a ``signed`` bundle without one
+    (that the signature is this key's is verify_bundle's check, over the manifest as read)."""
     if sign_key is None:
         if signed:
             raise UsageError(
@@ -181,12 +188,7 @@ def _signer(bundle: Path, sign_key: Path | None) -> CryptoSigner | None:
                 "manifest.json, which the old signature does not cover",
                 hint=f"pass --sign-key KEY (or ${SIGN_KEY_ENV}) with the key that signed it")
         return None
-    signer = load_signer(sign_key)
-    if signed:
-        # Raises VerifyError (exit 8) when the signature is not this key's or does not cover
-        # the bundle's manifest as it is.
-        verify_signature(bundle, signer.public_key, require=True)
-    return signer
+    return load_signer(sign_key)
 
 
 def _link_or_copy(source: Path, dest: Path) -> None:

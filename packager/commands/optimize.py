@@ -139,6 +139,12 @@ _PRUNE_KINDS = {
     help="Directory for the optimized model and its report (created atomically).",
 )
 @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
+@click.option(
+    "--trust-model-code",
+    is_flag=True,
+    help="PyTorch: load the model although loading it runs code from the file (torch.save "
+    "pickles, .pt2 programs and TorchScript all do); only for a file you wrote yourself.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def optimize_cmd(
     model: Path,
@@ -163,6 +169,7 @@ def optimize_cmd(
     eval_on_target: str,
     out: Path,
     force: bool,
+    trust_model_code: bool,
     as_json: bool,
 ) -> None:
     """Quantize (and, for PyTorch models, prune) MODEL, check it against the FP32 model, and
@@ -202,6 +209,7 @@ def optimize_cmd(
         force=force,
         cpu=cpu,
         eval_on_target=eval_on_target,  # type: ignore[arg-type]
+        trust_model_code=trust_model_code,
     )
     result = optimize(request)
     if as_json:

@@ -8,7 +8,6 @@ import click
 
 from packager.backends import get_backend
 from packager.backends.base import TryRequest
-from packager.bundle.manifest import read_manifest
 from packager.bundle.verify import verify_bundle
 from packager.console import console
 from packager.errors import UsageError, VerifyError
@@ -61,10 +60,11 @@ def run_cmd(
     files = [input_file] if input_file else sorted(inputs_dir.glob("*.npy")) if inputs_dir else []
     if inputs_dir and not files:
         raise UsageError(f"{inputs_dir}: no .npy files")
-    manifest = read_manifest(bundle)
-    problems = verify_bundle(bundle, get_backend)
-    if problems:
-        raise VerifyError(f"{bundle}: {problems[0]}", hint="rebuild or copy it again")
+    # What is tried is the manifest verified (one read): never a second copy from the disk.
+    check = verify_bundle(bundle, get_backend)
+    if check.problems:
+        raise VerifyError(f"{bundle}: {check.problems[0]}", hint="rebuild or copy it again")
+    manifest = check.manifest
     request = TryRequest(bundle=bundle, port=port, engine=engine, smoke_test=smoke_test,
                          timeout_s=timeout, cpu=cpu, inputs=tuple(files), kernels=kernels,
                          toolchain_tree=tflm_tree)

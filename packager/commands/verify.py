@@ -8,7 +8,6 @@ from typing import Any
 import click
 
 from packager.backends import get_backend
-from packager.bundle.manifest import read_manifest
 from packager.bundle.signing import load_public_key
 from packager.bundle.verify import verify_attestations, verify_bundle
 from packager.console import console
@@ -32,20 +31,20 @@ def verify_cmd(bundle: Path, key: Path | None, require_signature: bool, as_json:
     """Re-check every checksum of BUNDLE and its image's digests; with --key, its signature."""
     console.configure(quiet=as_json)
     public = load_public_key(key) if key is not None else None
-    # Not a bundle at all (exit 3), or a manifest with an unknown or missing field (exit 8):
-    # before any signature talk.
-    read_manifest(bundle)
+    # One read of manifest.json: not a bundle at all (exit 3), or a manifest with an unknown
+    # or missing field (exit 8), before any signature talk; then the signature over those same
+    # bytes (a bundle whose files, SHA256SUMS and manifest.json were regenerated together
+    # passes every checksum, and only the signature can tell), then every checksum.
+    check = verify_bundle(bundle, get_backend, key=public, require_signature=require_signature)
     attestations: dict[str, Any] | None = None
-    if public is not None or require_signature:
-        # The signature first: a bundle whose files, SHA256SUMS and manifest.json were
-        # regenerated together passes every checksum, and only the signature can tell.
-        attestations = verify_attestations(bundle, public, require=require_signature)
-    problems = verify_bundle(bundle, get_backend)
+    if check.signature is not None:
+        attestations = verify_attestations(bundle, public, check.signature)
+    problems = check.problems
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise VerifyError(f"{bundle}: {problems[0]}{more}", details=tuple(problems[1:]))
     if attestations is None:
-        attestations = verify_attestations(bundle, None, require=False)
+        attestations = verify_attestations(bundle, None, None)
     if as_json:
         console.json(
             {"bundle": str(bundle), "ok": True, "problems": [], "attestations": attestations}

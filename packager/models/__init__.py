@@ -13,7 +13,8 @@ from typing import cast
 
 from packager.errors import UnsupportedError
 from packager.models.info import ModelFormat, ModelInfo
-from packager.models.torch_export import TORCH_SUFFIXES
+from packager.models.torch_export import TORCH_SUFFIXES, detect_kind
+from packager.models.trust import CodeForm
 
 
 def _lazy(module: str, function: str) -> Callable[[Path], ModelInfo]:
@@ -63,6 +64,22 @@ def model_format(path: Path) -> ModelFormat:
     if fmt is None:
         raise _unsupported(path)
     return fmt
+
+
+def code_form(path: Path) -> CodeForm | None:
+    """How loading ``path`` would run code from it (packager.models.trust.RUNS_CODE holds the
+    forms that do), or None for a form whose loading runs none (ONNX, TFLite, Keras files loaded
+    with safe_mode). Reads at most a PyTorch file's zip directory, never a model.
+
+    Any directory is a SavedModel here, with or without ``saved_model.pb``: TensorFlow's loader
+    also reads ``saved_model.pbtxt`` and ``saved_model.cpb`` (tensorflow/python/saved_model/
+    loader_impl.py, parse_saved_model), and the Keras route converts a directory with
+    ``TFLiteConverter.from_saved_model`` whatever it is named."""
+    if path.is_dir():
+        return "saved-model"
+    if path.suffix.lower() in TORCH_SUFFIXES:
+        return detect_kind(path)
+    return None
 
 
 def inspect_model(path: Path) -> ModelInfo:

@@ -3,6 +3,33 @@ the dynamo exporter, weights inline.
 
 torch is an optional extra (``edgepack[optimize]``) and is imported only inside these functions,
 so the rest of edgepack starts without it.
+
+Model files are untrusted (README, "Security model"), and in the pinned torch (2.13.0) loading
+ANY of the three PyTorch file kinds runs code from the file, so each is loaded only with the
+builder's explicit word (``--trust-model-code``, packager.models.trust, where the refusal is
+written once). What torch does, read in
+``.venv/lib/python3.11/site-packages/torch``:
+
+- ``torch-pickle``: ``torch.load(weights_only=False)`` unpickles, and a pickle's ``__reduce__``
+  calls any Python callable (``os.system``). ``weights_only=True`` cannot load a whole module.
+- ``exported-program`` (``torch.export.load``, ``export/__init__.py:283``): ``load_pt2``
+  (``export/pt2_archive/_package.py:1080``) unpickles every weight or constant whose entry in the
+  file's own JSON config says ``use_pickle`` with ``torch.load(..., weights_only=False)``
+  (``_package.py:891``, ``:949``), opaque constants with ``pickle.loads`` (``:978``), torchbind
+  objects with ``torch._C._pickle_load_obj`` (``:972``), and ``dlopen``s an AOTInductor shared
+  library for every ``data/aotinductor/`` entry (``_load_aoti``, ``:1040``, ``:1151``); the
+  pre-2.8 archive form falls back from ``weights_only=True`` to ``False`` when the first fails
+  (``_export/serde/serialize.py:436-441``); and every symbolic shape expression in the graph is
+  parsed with ``sympy.sympify`` (``serialize.py:2412``), which is ``eval`` (measured:
+  ``sympify('__import__("os").system(...)')`` runs the command). Graph targets resolve to any
+  ``torch.*`` attribute by name (``serialize.py:2344``), so running the program can call them.
+- ``torchscript`` (``torch.jit.load``): the archive's pickles go through TorchScript's C++
+  unpickler (TorchScript types only, no Python globals), but the file's TorchScript code runs:
+  a module's ``__setstate__`` at load, ``forward`` when exported. TorchScript is not a sandbox:
+  measured here, ``torch.from_file(path, shared=True, ...)`` plus an in-place op overwrites any
+  file this process may write, from ``__setstate__`` during ``torch.jit.load`` itself.
+
+ONNX is the format an untrusted PyTorch model can come in: onnxruntime runs only its operators.
 """
 
 from __future__ import annotations
@@ -15,9 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from packager.console import console
 from packager.errors import InputError, UnsupportedError
 from packager.extras import require
+
+# Re-exported for the PyTorch callers: the refusal is written once, in packager.models.trust.
+from packager.models.trust import TRUST_FLAG as TRUST_FLAG
+from packager.models.trust import check_trusted as check_trusted
+from packager.models.trust import untrusted_error as untrusted_error
 
 TorchKind = Literal["torch-pickle", "torchscript", "exported-program"]
 # File names PyTorch sources go by (lower case): torch.save pickles (.pt, .pth), TorchScript
@@ -67,18 +98,17 @@ def detect_kind(path: Path) -> TorchKind:
     return "torch-pickle"
 
 
-def load_torch_model(path: Path, kind: TorchKind) -> Any:
-    """Load the file; an ``nn.Module`` for pickles, an ``ExportedProgram`` for the other kinds."""
+def load_torch_model(path: Path, kind: TorchKind, *, trusted: bool) -> Any:
+    """Load the file; an ``nn.Module`` for pickles, an ``ExportedProgram`` for .pt2, a
+    ``ScriptModule`` for TorchScript. ``trusted``: the builder's ``--trust-model-code``;
+    without it InputError (exit 3) before torch reads a byte (:func:`check_trusted`)."""
+    check_trusted(path, kind, trusted)
     torch = require_torch()
     try:
         if kind == "exported-program":
             return torch.export.load(str(path))
         if kind == "torchscript":
             return torch.jit.load(str(path), map_location="cpu")
-        console.warn(
-            f"{path}: loading a full torch.save pickle executes code from the file; "
-            "only do this with files you trust"
-        )
         loaded = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many unrelated types for a bad file
         raise InputError(

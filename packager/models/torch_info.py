@@ -1,80 +1,144 @@
 """``edgepack inspect`` for the PyTorch files ``build`` converts (``.pt``, ``.pth``, ``.pt2``):
 tensors where the file records them (an exported program does; a pickled module does not: its
-input shapes come from the calibration data), operators, parameters. Heavy: imports torch."""
+input shapes come from the calibration data), operators, parameters. Never imports torch: every
+PyTorch file kind runs code from itself when torch loads it."""
 
 from __future__ import annotations
 
+import json
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from packager.digest import sha256_file
+from packager.errors import InputError
 from packager.models.info import ModelInfo, TensorInfo, loaded_info
-from packager.models.torch_export import detect_kind, load_torch_model
+from packager.models.torch_export import TRUST_FLAG, detect_kind
 
 
-def _tensor(name: str, value: Any) -> TensorInfo | None:
-    shape = getattr(value, "shape", None)
-    dtype = getattr(value, "dtype", None)
-    if shape is None or dtype is None:
-        return None
-    dims = tuple(int(d) if str(d).lstrip("-").isdigit() else str(d) for d in shape)
-    return TensorInfo(name=name, dtype=str(dtype).removeprefix("torch."), shape=dims)
-
-
-def _info(
-    path: Path,
-    notes: tuple[str, ...],
-    *,
-    inputs: tuple[TensorInfo, ...] = (),
-    outputs: tuple[TensorInfo, ...] = (),
-    histogram: Counter[str] | None = None,
-    params: tuple[Any, ...] = (),
-) -> ModelInfo:
+def _info(path: Path, notes: tuple[str, ...]) -> ModelInfo:
     return loaded_info(
-        path, "pytorch", sha256_file(path), (inputs, outputs), histogram or Counter(),
-        ((int(p.numel()), int(p.numel() * p.element_size())) for p in params),
+        path, "pytorch", sha256_file(path), ((), ()), Counter(), (),
         producer="pytorch", notes=notes,
     )
 
 
 def inspect_torch(path: Path) -> ModelInfo:
     """The inspector for ``.pt`` / ``.pth`` / ``.pt2`` (``packager.models.INSPECTORS``).
-    InputError for unreadable files (``torch_export.load_torch_model``). A full torch.save
-    pickle is not loaded: unpickling runs code from the file, and inspecting must not."""
+
+    Nothing is loaded with torch: loading any PyTorch file runs code from it (torch 2.13:
+    packager.models.torch_export's docstring), and inspecting must not. A ``.pt2`` program's
+    tensors, operators and parameters are read from the archive's JSON (``models/NAME.json``,
+    ``data/weights/NAME_weights_config.json``: torch/_export/serde/schema.py's dataclasses,
+    written by torch.export.save) with symbolic dimensions shown as their expression text, never
+    evaluated; pickles and TorchScript are named with a note. InputError (exit 3) for an archive
+    that is not a readable .pt2."""
     kind = detect_kind(path)
-    if kind == "torch-pickle":
-        return _info(path, (
-            "PyTorch torch.save pickle: not unpickled here (that runs code from the file); "
-            "build loads it, with a warning, to convert it",
-            "torch.export.save (.pt2) records tensors and operators that inspect can show",
-        ))
-    loaded = load_torch_model(path, kind)
-    inputs: list[TensorInfo] = []
-    outputs: list[TensorInfo] = []
-    histogram: Counter[str] = Counter()
-    notes: list[str] = [f"PyTorch {kind}"]
     if kind == "exported-program":
-        module = loaded.module()
-        for node in loaded.graph.nodes:
-            value = node.meta.get("val")
-            if node.op == "placeholder" and node.name in loaded.graph_signature.user_inputs:
-                tensor = _tensor(node.name, value)
+        return _inspect_program(path)
+    what = (
+        "PyTorch torch.save pickle: not unpickled here (that runs code from the file)"
+        if kind == "torch-pickle"
+        else "PyTorch TorchScript: not loaded here (torch.jit.load runs the file's code)"
+    )
+    return _info(path, (
+        f"{what}; build and optimize load it only with {TRUST_FLAG}",
+        "torch.export.save (.pt2) records tensors and operators that inspect can show",
+    ))
+
+
+# torch/_export/serde/schema.py ScalarType -> (numpy-style name, bytes per element).
+_SCALAR_TYPES: dict[int, tuple[str, int]] = {
+    1: ("uint8", 1), 2: ("int8", 1), 3: ("int16", 2), 4: ("int32", 4), 5: ("int64", 8),
+    6: ("float16", 2), 7: ("float32", 4), 8: ("float64", 8), 9: ("complex32", 4),
+    10: ("complex64", 8), 11: ("complex128", 16), 12: ("bool", 1), 13: ("bfloat16", 2),
+    28: ("uint16", 2), 29: ("float8_e4m3fn", 1), 30: ("float8_e5m2", 1),
+    31: ("float8_e4m3fnuz", 1), 32: ("float8_e5m2fnuz", 1), 33: ("float8_e8m0fnu", 1),
+    34: ("uint32", 4), 35: ("uint64", 8),
+}
+# The largest JSON member read from a .pt2 archive (a graph of 100k nodes is ~50 MiB).
+_MAX_JSON_BYTES = 256 * 1024 * 1024
+
+
+def _read_json(path: Path, archive: zipfile.ZipFile, suffix: str) -> Any:
+    names = sorted(n for n in archive.namelist() if n.endswith(suffix))
+    if not names:
+        raise InputError(f"{path}: no {suffix} in the .pt2 archive",
+                         hint="save the program with torch.export.save")
+    info = archive.getinfo(names[0])
+    if info.file_size > _MAX_JSON_BYTES:
+        raise InputError(f"{path}: {names[0]} is {info.file_size} bytes, over the "
+                         f"{_MAX_JSON_BYTES} bytes inspect reads")
+    with archive.open(info) as member:
+        data = member.read(_MAX_JSON_BYTES + 1)
+    return json.loads(data)
+
+
+def _dims(meta: Any) -> tuple[int | str | None, ...]:
+    dims: list[int | str | None] = []
+    for size in meta.get("sizes", ()):
+        if "as_int" in size:
+            dims.append(int(size["as_int"]))
+        else:  # a symbolic dimension: its text, never evaluated
+            expr = size.get("as_expr", {})
+            dims.append(str(expr.get("expr_str", "?")) if isinstance(expr, dict) else "?")
+    return tuple(dims)
+
+
+def _program_tensor(name: str, meta: Any) -> TensorInfo:
+    dtype = _SCALAR_TYPES.get(int(meta.get("dtype", 0)), ("unknown", 0))[0]
+    return TensorInfo(name=name, dtype=dtype, shape=_dims(meta))
+
+
+def _numel(meta: Any) -> int:
+    count = 1
+    for dim in _dims(meta):
+        count *= dim if isinstance(dim, int) else 0
+    return count
+
+
+def _inspect_program(path: Path) -> ModelInfo:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            program = _read_json(path, archive, "/models/model.json")
+            weights = _read_json(path, archive, "/data/weights/model_weights_config.json")
+        graph = program["graph_module"]["graph"]
+        signature = program["graph_module"]["signature"]
+        values = graph["tensor_values"]
+
+        def specs(key: str, role: str) -> tuple[TensorInfo, ...]:
+            out = []
+            for spec in signature[key]:
+                tensor = spec.get(role, {}).get("arg", {}).get("as_tensor")
                 if tensor is not None:
-                    inputs.append(tensor)
-            elif node.op == "call_function":
-                histogram[str(getattr(node.target, "__name__", node.target))] += 1
-            elif node.op == "output":
-                for i, item in enumerate(node.args[0] if node.args else ()):
-                    tensor = _tensor(f"output_{i}", getattr(item, "meta", {}).get("val"))
-                    if tensor is not None:
-                        outputs.append(tensor)
-    else:
-        module = loaded  # TorchScript: code in TorchScript's own interpreter, not Python
-        for sub in module.modules():
-            if not any(True for _ in sub.children()):
-                histogram[getattr(sub, "original_name", type(sub).__name__)] += 1
-        notes.append("input shapes are not stored in this file: --calibration samples give them")
-    params = (*module.parameters(), *module.buffers())
-    return _info(path, tuple(notes), inputs=tuple(inputs), outputs=tuple(outputs),
-                 histogram=histogram, params=params)
+                    out.append(_program_tensor(tensor["name"], values[tensor["name"]]))
+            return tuple(out)
+
+        inputs = specs("input_specs", "user_input")
+        outputs = specs("output_specs", "user_output")
+        histogram: Counter[str] = Counter()
+        for node in graph["nodes"]:
+            target = str(node["target"])
+            # torch.ops.aten.linear.default -> linear.default, OpOverload.__name__'s form
+            parts = target.split(".")
+            histogram[".".join(parts[-2:]) if target.startswith("torch.ops.") else parts[-1]] += 1
+        params = []
+        for entry in weights["config"].values():
+            meta = entry.get("tensor_meta") or {}
+            size = _SCALAR_TYPES.get(int(meta.get("dtype", 0)), ("unknown", 0))[1]
+            params.append((_numel(meta), _numel(meta) * size))
+    # RecursionError: JSON nested deeper than the parser's stack.
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, TypeError, AttributeError,
+            RecursionError) as exc:
+        raise InputError(
+            f"{path}: not a readable torch.export program ({type(exc).__name__}: {exc})"[:300],
+            hint="save it with torch.export.save",
+        ) from exc
+    return loaded_info(
+        path, "pytorch", sha256_file(path), (inputs, outputs), histogram, params,
+        producer="pytorch", notes=(
+            "PyTorch exported-program, read from its JSON: not loaded with torch (that runs "
+            f"code from the file; build and optimize load it only with {TRUST_FLAG})",
+        ),
+    )

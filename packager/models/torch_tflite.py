@@ -17,15 +17,25 @@ from packager.console import capture_fd
 from packager.errors import InputError, UnsupportedError
 from packager.extras import require
 from packager.models.info import TensorInfo
-from packager.models.torch_export import detect_kind, load_torch_model, require_torch
+from packager.models.torch_export import (
+    check_trusted,
+    detect_kind,
+    load_torch_model,
+    require_torch,
+)
 
 
 def _litert_torch() -> Any:
     return require("litert_torch", "converting PyTorch models to TFLite", "mcu-convert")
 
 
-def convert_torch_to_int8_tflite(path: Path, calibration: Path | None) -> bytes:
-    """A TFLite flatbuffer with int8 inputs, outputs and kernels, for a single-input model."""
+def convert_torch_to_int8_tflite(
+    path: Path, calibration: Path | None, *, trusted: bool = False
+) -> bytes:
+    """A TFLite flatbuffer with int8 inputs, outputs and kernels, for a single-input model.
+    ``trusted``: the builder's ``--trust-model-code``; without it InputError (exit 3) before the
+    file is loaded (packager.models.torch_export.check_trusted: loading runs its code)."""
+    check_trusted(path, detect_kind(path), trusted)
     # The converter's C++ side prints to fd 1; keep stdout for --json.
     with capture_fd(1):
         return _convert(path, calibration)
@@ -52,7 +62,7 @@ def _convert(path: Path, calibration: Path | None) -> bytes:
             f"{path}: TorchScript cannot be quantized for TFLite",
             hint="save the module with torch.save(model) or torch.export.save",
         )
-    loaded = load_torch_model(path, kind)
+    loaded = load_torch_model(path, kind, trusted=True)  # checked by the caller
     module = loaded.module() if kind == "exported-program" else loaded
     rows = _calibration_rows(calibration)
     return module_to_int8_tflite(module, rows, f"{path}: PyTorch -> int8 TFLite conversion")

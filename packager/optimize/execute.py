@@ -23,6 +23,7 @@ from packager.models.onnx import all_nodes, inspect_onnx
 from packager.models.onnx_save import copy_onnx, total_size
 from packager.models.torch_export import (
     TORCH_SUFFIXES,
+    TRUST_FLAG,
     detect_kind,
     export_onnx,
     load_torch_model,
@@ -176,9 +177,13 @@ def _run(step: Step, state: _State) -> None:
             console.status(f"loading {source.name}")
             state.baseline = state.current = state.path("source.onnx")
             graph.load_inline(source, state.current)
-        case LoadTorch(source, kind):
+        case LoadTorch(source, kind, trusted):
             console.status(f"loading PyTorch {kind} {source.name}")
-            state.torch_model = load_torch_model(source, kind)
+            state.torch_model = load_torch_model(source, kind, trusted=trusted)
+            state.notes.append(
+                f"the PyTorch {kind} source was loaded with {TRUST_FLAG}: loading it runs "
+                "code from the file, on the builder's word that they wrote it"
+            )
         case ExportTorch(kind, inputs, role):
             console.status(f"exporting the {role} model to ONNX")
             dest = state.path(f"{role}.onnx")

@@ -10,7 +10,7 @@ from typing import Literal
 
 from packager.calibration import ImagePreprocessing
 from packager.errors import UnsupportedError, UsageError
-from packager.models.torch_export import InputSpec, TorchKind
+from packager.models.torch_export import TRUST_FLAG, InputSpec, TorchKind, untrusted_error
 from packager.optimize.cpu import (
     CpuProfile,
     Int8Settings,
@@ -60,10 +60,13 @@ class LoadOnnx:
 
 @dataclass(frozen=True)
 class LoadTorch:
-    """Load the PyTorch source, of ``kind``, into memory (nothing written yet)."""
+    """Load the PyTorch source, of ``kind``, into memory (nothing written yet). ``trusted``: the
+    builder's ``--trust-model-code`` (loading runs code from the file; the loader refuses
+    without it, packager.models.torch_export.check_trusted)."""
 
     source: Path
     kind: TorchKind
+    trusted: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ def plan_optimize(
         if source.opset is not None and source.opset < needed:
             steps.append(ConvertOpset(source.opset, needed, _opset_reason(request, needed)))
     else:
-        steps.append(LoadTorch(source.path, source.kind))
+        steps.append(LoadTorch(source.path, source.kind, request.trust_model_code))
         steps.append(ExportTorch(source.kind, request.inputs, "baseline"))
         if request.prune.active:
             steps.append(Prune(request.prune))
@@ -311,8 +314,9 @@ def describe_step(step: Step) -> str:
     match step:
         case LoadOnnx(source):
             return f"load ONNX {source.name} (external weights inlined)"
-        case LoadTorch(source, kind):
-            return f"load PyTorch {kind} {source.name}"
+        case LoadTorch(source, kind, trusted):
+            vouched = f" (its code trusted: {TRUST_FLAG})" if trusted else ""
+            return f"load PyTorch {kind} {source.name}{vouched}"
         case ExportTorch(_, _, role):
             return f"export the {role} model to ONNX (torch.onnx dynamo exporter)"
         case Prune(options):
@@ -422,3 +426,5 @@ def _validate(request: OptimizeRequest, source: SourceInfo) -> None:
         raise UsageError(
             f"{source.path}: a {source.kind} model needs --input-shape NAME=D1,D2,... per input"
         )
+    if not request.trust_model_code:
+        raise untrusted_error(source.path, source.kind)

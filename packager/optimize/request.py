@@ -58,3 +58,6 @@ class OptimizeRequest:
     # Whose int8 kernels INT8 settings are for: "cpu" (follow ``cpu``), or "tensorrt" (explicit
     # Q/DQ TensorRT imports; packager.optimize.cpu.tensorrt_int8_settings).
     int8_profile: Int8Profile = "cpu"
+    # --trust-model-code: the builder vouches for a PyTorch source, whose loading runs code from
+    # the file (packager.models.torch_export); without it a PyTorch source is refused (exit 3).
+    trust_model_code: bool = False

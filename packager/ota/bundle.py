@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packager.agent.confinement import ConfinementError, detached_args
 from packager.agent.paths import PathError, check_inside, check_relpath, mask_mode
 from packager.agent.protocol import (
     BLOB_PREFIX,
@@ -22,13 +21,8 @@ from packager.agent.protocol import (
 )
 from packager.agent.protocol import check_percent as check_signed_percent
 from packager.backends import get_backend
-from packager.bundle.manifest import (
-    MANIFEST,
-    SIGNATURE,
-    check_files,
-    read_manifest,
-    sha256_file,
-)
+from packager.bundle.manifest import MANIFEST, SIGNATURE, sha256_file
+from packager.bundle.verify import verify_bundle
 from packager.errors import UnsupportedError, VerifyError
 
 _BLOB_NAME = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
@@ -105,22 +99,17 @@ def check_percent(percent: float) -> int:
         raise VerifyError(f"--percent {percent}: must be a whole number from 0 to 100") from None
 
 
-def check_confinement(bundle: Path) -> str:
-    """'' when the bundle's ``confinement.json`` (if any) is what devices accept, else the
-    problem in one line: a release that would run unconfined is refused before it is signed."""
-    try:
-        detached_args(bundle)
-    except ConfinementError as exc:
-        return str(exc)
-    return ""
-
-
 def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -> ReleasePlan:
-    """Verify ``bundle`` (every checksum, every blob name) and describe it as a release."""
+    """Verify ``bundle`` as ``edgepack verify`` does (VerifyError, exit 8, for whatever
+    :func:`~packager.bundle.verify.verify_bundle` refuses, same wording), check every blob
+    name, and describe it as a release (from the manifest verified)."""
     check_channel(channel)
     percent = check_percent(percent)
-    manifest = read_manifest(bundle)
-    problems = check_files(bundle, manifest)
+    # The one verifier, as `edgepack verify` runs it: path policy, checksums, confinement and
+    # the device class's checks, over ONE read of manifest.json; what is published is that
+    # manifest (its bytes' digest included), never a second copy from the disk.
+    check = verify_bundle(bundle, get_backend)
+    manifest, problems = check.manifest, check.problems
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise VerifyError(f"{bundle}: {problems[0]}{more}", hint="rebuild it with 'edgepack build'",
@@ -178,10 +167,16 @@ def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -
     listed = {f.path: f.sha256 for f in manifest.files}
     for rel in sorted(listed.keys() - {archive} | {MANIFEST} | signed):
         path = bundle / rel
-        # A listed file's digest is the manifest's, which check_files above verified (no second
-        # hashing pass); the manifest and its signature are not listed.
-        digest = listed[rel] if rel in listed else sha256_file(path)
-        objects.append(ObjectSource(FILE_PREFIX + digest, digest, path.stat().st_size, path))
+        # A listed file's digest is the manifest's, which verify_bundle above checked (no
+        # second hashing pass); the manifest's is that of the bytes verified (the repository
+        # refuses a file that no longer matches its digest); the signature is not listed.
+        if rel in listed:
+            digest, size = listed[rel], path.stat().st_size
+        elif rel == MANIFEST:
+            digest, size = check.read.sha256, len(check.read.data)
+        else:
+            digest, size = sha256_file(path), path.stat().st_size
+        objects.append(ObjectSource(FILE_PREFIX + digest, digest, size, path))
         # The path policy's modes only: 0755 when executable, else 0644 (never setuid & co).
         files.append(
             {"path": rel, "target": FILE_PREFIX + digest, "mode": mask_mode(path.stat().st_mode)}
@@ -201,9 +196,6 @@ def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -
         check_release(document)
     except PathError as exc:
         raise VerifyError(f"{bundle / MANIFEST}: {exc}") from exc
-    confinement_problem = check_confinement(bundle)
-    if confinement_problem:
-        raise VerifyError(f"{bundle}: {confinement_problem}")
     unique = {o.target: o for o in objects}
     return ReleasePlan(
         sequence=sequence,

@@ -73,12 +73,14 @@ def assert_int8_agrees(
     assert float((converted.argmax(1) == reference.argmax(1)).mean()) >= agreement
 
 
-def assert_calibration_required(model: Path, target: str, out: Path) -> None:
+def assert_calibration_required(model: Path, target: str, out: Path, *extra: str) -> None:
     """A build to int8 without --calibration: exit 3, one error line naming the option, and
-    nothing written."""
+    nothing written. ``extra``: further build flags."""
     from tests.integration.conftest import edgepack
 
-    proc = edgepack("build", str(model), "--target", target, "--out", str(out), check=False)
+    proc = edgepack(
+        "build", str(model), "--target", target, *extra, "--out", str(out), check=False
+    )
     assert proc.returncode == 3
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "--calibration" in errors[0]
@@ -95,13 +97,15 @@ def assert_int8_project(
     *,
     mean_error: float,
     agreement: float,
+    extra: tuple[str, ...] = (),
 ) -> None:
-    """``model`` builds (as ``net``) into a TFLM project whose resolver registers the fully
-    connected kernel, whose int8 model run in LiteRT on ``x`` agrees with ``reference`` (the
-    source model's outputs on ``x``, see :func:`assert_int8_agrees`), and which verifies."""
+    """``model`` builds (as ``net``, with the further build flags ``extra``) into a TFLM project
+    whose resolver registers the fully connected kernel, whose int8 model run in LiteRT on ``x``
+    agrees with ``reference`` (the source model's outputs on ``x``, see
+    :func:`assert_int8_agrees`), and which verifies."""
     from tests.integration.conftest import edgepack, litert_int8_outputs
 
-    bundle, _, tflite = build_int8_bundle(model, target, calibration, out, "--name", "net")
+    bundle, _, tflite = build_int8_bundle(model, target, calibration, out, "--name", "net", *extra)
     assert "AddFullyConnected" in (bundle / "src" / "op_resolver.h").read_text()
     converted = litert_int8_outputs(tflite, x)
     assert_int8_agrees(converted, reference, mean_error=mean_error, agreement=agreement)

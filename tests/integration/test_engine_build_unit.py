@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from packager.backends.jetson.backend import UNIT_GPU_ARGS
 from packager.render import render
 from packager.runtime.engine_key import EngineKey, check_plan
 
@@ -97,6 +98,7 @@ def _context(tmp: Path, name: str, workspace: int = 1024, version: str = "1.0") 
             "min_free_mib": 16, "build_timeout_s": 3600, "progress_s": 1,
             "python": sys.executable, "runtime_root": str(tmp / "image" / "runtime"),
             "trtexec": str(tmp / "image" / "trtexec"), "timing_cache_seed": True,
+            "gpu_args": UNIT_GPU_ARGS,  # what the backend's engine_context passes
         },
     }
 

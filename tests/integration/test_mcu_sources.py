@@ -9,7 +9,7 @@ only in how it is made, its target and its tolerances.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,10 @@ class Source:
     reference: Any
     mean_error: float
     agreement: float
+    # Further build flags: PyTorch files are loaded only with --trust-model-code.
+    flags: tuple[str, ...] = ()
+    # Further build flags of one form: a SavedModel is loaded only with --trust-model-code.
+    form_flags: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +72,7 @@ def keras_source(tmp_path_factory: pytest.TempPathFactory) -> Source:
         reference=tf.keras.models.load_model(root / "net.keras").predict(x, verbose=0),
         mean_error=0.01,
         agreement=0.9,
+        form_flags={"saved": ("--trust-model-code",)},
     )
 
 
@@ -98,6 +103,7 @@ def torch_source(tmp_path_factory: pytest.TempPathFactory) -> Source:
         reference=reference,
         mean_error=0.02,
         agreement=0.8,
+        flags=("--trust-model-code",),
     )
 
 
@@ -112,6 +118,7 @@ def test_each_form_builds_an_int8_tflm_project_that_agrees_with_its_source(
     assert_int8_project(
         source.forms[form], source.target, source.calibration, tmp_path / "bundle",
         source.rows, source.reference, mean_error=source.mean_error, agreement=source.agreement,
+        extra=source.flags + source.form_flags.get(form, ()),
     )  # fmt: skip
 
 
@@ -120,4 +127,4 @@ def test_a_build_without_calibration_is_one_line(
     framework: str, form: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     source: Source = request.getfixturevalue(f"{framework}_source")
-    assert_calibration_required(source.forms[form], source.target, tmp_path / "b")
+    assert_calibration_required(source.forms[form], source.target, tmp_path / "b", *source.flags)

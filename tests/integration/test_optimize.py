@@ -125,6 +125,7 @@ def test_pruned_cnn_to_static_int8_and_the_gate(
     args = [
         "optimize",
         str(trained_cnn["pickle"]),
+        "--trust-model-code",
         "--quantize",
         "int8-static",
         "--input-shape",
@@ -290,6 +291,7 @@ def test_torchscript_and_exported_program_are_exported(
         [
             "optimize",
             str(trained_cnn[kind]),
+            "--trust-model-code",
             "--quantize",
             "int8-dynamic",
             "--input-shape",
@@ -402,6 +404,7 @@ def test_unreadable_pytorch_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
         [
             "optimize",
             str(broken),
+            "--trust-model-code",
             "--quantize",
             "int8-dynamic",
             "--input-shape",

@@ -25,7 +25,7 @@ from packager.backends.base import (
     SourceModel,
 )
 from packager.backends.linux.backend import onnxruntime_pin
-from packager.errors import UnsupportedError, UsageError
+from packager.errors import InputError, UnsupportedError, UsageError
 from packager.plan import BuildPlan, plan_build
 from packager.targets import resolve_target
 
@@ -128,6 +128,23 @@ def test_mcu_plan(
     assert plan.steps == steps
     # One name for every class: the core's, the directory's and the bundle's.
     assert plan.out.name == f"{plan.name}-0.1.0" and plan.request.name == plan.name
+
+
+def test_a_pytorch_model_is_planned_only_on_the_builders_word(
+    quiet_cwd: Path, tmp_path: Path
+) -> None:
+    """Loading any PyTorch file runs code from it: without --trust-model-code the plan refuses
+    it (exit 3, one line, nothing read past the zip directory); with it the converting step
+    carries the builder's word, whatever the backend built the step with."""
+    model = tmp_path / "net.pt"
+    model.write_bytes(b"\x80\x04not loaded")  # never unpickled: planning reads no model
+    with pytest.raises(InputError) as raised:
+        _plan(model, "nrf52840-dk")
+    line = raised.value.one_line()
+    assert line.startswith(f"{model}: refused: this is a torch.save pickle")
+    assert "--trust-model-code" in line
+    plan = _plan(model, "nrf52840-dk", trust_model_code=True)
+    assert plan.steps == (ConvertStep(route="pytorch", trust_model_code=True),)
 
 
 def test_the_target_and_backend_are_resolved_once(

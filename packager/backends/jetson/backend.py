@@ -66,13 +66,7 @@ from packager.image.spec import ImageConfig, ImageResult, ImageSpec, WheelSet
 from packager.models.info import ModelInfo
 from packager.render import render_files
 from packager.resources import runtime_dir
-from packager.runtime.engine_key import (
-    KEY_SUFFIX,
-    PLAN_SUFFIX,
-    EngineKey,
-    EngineKeyError,
-    read_key,
-)
+from packager.runtime.engine_key import EngineKey, EngineKeyError
 from packager.runtime.trtexec import form as trtexec_form
 from packager.targets import (
     JetsonTarget,
@@ -103,6 +97,23 @@ PROGRESS_S = 30
 # renders them into the unit's supervise.py and install-container.sh (plan context
 # "device_args"), each of which picks the list by the engine's file name.
 GPU_RUN_ARGS: tuple[tuple[str, tuple[str, ...]], ...] = tuple(confinement.NVIDIA_JETSON.items())
+
+
+def _words(flag: str) -> tuple[str, str]:
+    """``"--runtime=nvidia"`` -> ``("--runtime", "nvidia")``: one ``--name=value`` flag as two
+    argv words (the value may hold ``=``: ``nvidia.com/gpu=all``)."""
+    name, _, value = flag.partition("=")
+    return name, value
+
+
+# The engine unit's GPU access per container engine (templates/jetson/engine-build.service.jinja,
+# its context's ``engine.gpu_args``): THE table's flag (packager.agent.confinement.GPU, as the
+# serving container and the agent's prepare step get it) as two argv words, the form the unit
+# and the preflight's own check (packager/runtime/jetson_preflight.py gpu_run_args, which cannot
+# import the agent: tests/unit/backends/jetson/test_backend.py holds the two equal) use.
+UNIT_GPU_ARGS: tuple[tuple[str, tuple[str, str]], ...] = tuple(
+    (engine, _words(confinement.GPU[engine])) for engine in confinement.ENGINES
+)
 
 
 def linux_view(spec: JetsonTarget) -> LinuxTarget:
@@ -480,6 +491,8 @@ class JetsonBackend:
             # Where every JetPack container (l4t-tensorrt, l4t-jetpack) has trtexec.
             "trtexec": TRTEXEC,
             "timing_cache_seed": payload.timing_cache is not None,
+            # (container engine, its GPU words) for each "#<engine>-only" ExecStart line.
+            "gpu_args": UNIT_GPU_ARGS,
         }
 
     def device_section(self, plan: PackagePlan) -> dict[str, Any]:
@@ -582,13 +595,8 @@ class JetsonBackend:
                               hint="rebuild the bundle with 'edgepack build'")
         from packager.backends.linux.verify import check_image
 
-        problems = list(check_image(root, manifest))
-        problems += check_engine_key(root, manifest)
-        # A prebuilt plan (edgepack engine build --on): its key file is the manifest's key.
-        from packager.backends.jetson.engine_remote import prebuilt_problems
-
-        problems += [p for p in prebuilt_problems(root, manifest) if p not in problems]
-        return tuple(problems)
+        # The image, then the engine key and a prebuilt plan (edgepack engine build --on).
+        return (*check_image(root, manifest), *check_engine_key(root, manifest))
 
     def build_engine_on(
         self, root: Path, manifest: Manifest, job: EngineBuildOn
@@ -646,29 +654,20 @@ def release_requires(root: Path, manifest: Manifest) -> dict[str, str]:
 
 
 def check_engine_key(root: Path, manifest: Manifest) -> list[str]:
-    """The manifest's engine key names the ONNX model the bundle's image serves (its sha256 is
-    the model section's digest), and a prebuilt plan's key file equals it."""
+    """verify's engine checks, one line per problem: the manifest's engine key names the ONNX
+    model the bundle's image serves (its ``model_sha256`` is the model section's digest), and
+    what ``engine/`` holds is that key's prebuilt plan, as
+    :func:`.engine_remote.prebuilt_problems` checks it (the one checker of prebuilt plans).
+    VerifyError (exit 8) naming ``device.FIELD`` when the section is malformed."""
+    from packager.backends.jetson.engine_remote import prebuilt_problems
+
     engine_key = section(root, manifest).engine_key
-    if engine_key is None:
-        return []
-    key = engine_key.key()
+    key = engine_key.key() if engine_key is not None else None
     problems = []
     digest = manifest.model.digest.removeprefix("sha256:")
-    if key.model_sha256 != digest:
+    if key is not None and key.model_sha256 != digest:
         problems.append(
             f"{root / MANIFEST}: device.engine_key.model_sha256 {key.model_sha256} "
             f"is not the model's sha256 {digest}"
         )
-    key_file = root / "engine" / f"{key.stem}{KEY_SUFFIX}"
-    if key_file.is_file():
-        try:
-            # Bounded and checked like the device reads it (packager.runtime.engine_key).
-            found = read_key(key_file)
-        except EngineKeyError as exc:
-            raise VerifyError(str(exc)) from None
-        if found != key:
-            problems.append(f"{key_file}: key differs from the manifest's: "
-                            + "; ".join(key.differences(found)))
-        if not (root / "engine" / f"{key.stem}{PLAN_SUFFIX}").is_file():
-            problems.append(f"{key_file}: its plan engine/{key.stem}{PLAN_SUFFIX} is missing")
-    return problems
+    return problems + prebuilt_problems(root, manifest, key)

@@ -372,10 +372,13 @@ def build_engine_on(root: Path, manifest: Manifest, job: EngineBuildOn) -> tuple
     return (AddedFile(path=plan_rel, source=plan_file), AddedFile(path=key_rel, source=canonical))
 
 
-def prebuilt_problems(root: Path, manifest: Manifest) -> list[str]:
+def prebuilt_problems(root: Path, manifest: Manifest, key: EngineKey | None) -> list[str]:
     """verify: a prebuilt plan in ``engine/`` is the manifest's (one line each, naming the file):
-    its key file equals ``device.engine_key`` (expected vs found), plan and key file come as a
-    pair and are both listed in manifest.json, and no other plan or key file is there."""
+    its key file is readable and equals ``key`` (``device.engine_key``, already read strictly by
+    the caller: :func:`packager.backends.jetson.backend.check_engine_key`; None when the bundle
+    builds no engine, and then ``engine/`` holds no plan or key file), plan and key file come as
+    a pair and are both listed in manifest.json with their sha256, and no other plan or key
+    file is there."""
     directory = root / ENGINE_DIR
     if not directory.is_dir() or directory.is_symlink():
         return []
@@ -383,11 +386,9 @@ def prebuilt_problems(root: Path, manifest: Manifest) -> list[str]:
                    if p.name.endswith((PLAN_SUFFIX, KEY_SUFFIX)))
     if not names:
         return []
-    raw = _device(manifest).get("engine_key")
-    try:
-        key = EngineKey.from_dict(raw)
-    except EngineKeyError as exc:
-        return [f"{root / MANIFEST}: device.engine_key: {exc} (and {ENGINE_DIR}/ holds a plan)"]
+    if key is None:
+        return [f"{root / MANIFEST}: device.engine_key: none (this bundle builds no TensorRT "
+                f"engine), but {ENGINE_DIR}/{names[0]} is there"]
     plan_rel, key_rel = engine_paths(key)
     problems: list[str] = []
     for name in names:
@@ -404,6 +405,7 @@ def prebuilt_problems(root: Path, manifest: Manifest) -> list[str]:
             problems.append(f"{rel}: not listed in manifest.json")
     if (root / key_rel).is_file():
         try:
+            # Bounded and checked like the device reads it (packager.runtime.engine_key).
             found = read_key(root / key_rel)
         except EngineKeyError as exc:
             problems.append(f"{key_rel}: {str(exc).replace(str(root / key_rel) + ': ', '')}")

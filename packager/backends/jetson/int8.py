@@ -13,7 +13,6 @@ Precisions (the engine key's ``precision``):
     polygraphy (``FoldConstantsStep``, after the optimizer and before the final runtime check:
     :meth:`.backend.JetsonBackend.source_steps`), so the folded file is what is inspected,
     linted, keyed (``model_sha256``) and shipped, in every precision.
-    :func:`prepare_for_engine` is the same fold-then-lint for callers outside a build.
 ``fp16`` (the Jetson targets' default)
     **The FP32 ONNX model is shipped and the device builds the engine with ``trtexec --fp16``**;
     the host does not convert the file to float16. That is how TensorRT users do it, because:
@@ -40,12 +39,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from packager.backends.base import OptimizeStep
-from packager.backends.jetson.qdq_lint import QDQ_OPS, Finding, check_qdq, parser_profile
-from packager.errors import InputError, UnsupportedError, UsageError
-from packager.models.fold import FoldResult, fold_constants
+from packager.errors import UnsupportedError, UsageError
 from packager.optimize.cpu import Int8Profile
 
 EnginePrecision = Literal["fp16", "int8", "fp32"]
@@ -138,59 +135,3 @@ def quantize_for_tensorrt(
         max_accuracy_drop=max_accuracy_drop,
         min_top1_agreement=min_top1_agreement,
     )
-
-
-@dataclass(frozen=True)
-class PreparedModel:
-    """:func:`prepare_for_engine`'s result: the ONNX ``path`` to ship, whether it holds Q/DQ
-    (explicit quantization: TensorRT 8.x then needs ``--int8``, 10.x ``--stronglyTyped``), the
-    lint's warnings and the folding counts."""
-
-    path: Path
-    precision: EnginePrecision
-    explicit_quantization: bool
-    warnings: tuple[Finding, ...]
-    fold: FoldResult
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "precision": self.precision,
-            "explicit_quantization": self.explicit_quantization,
-            "constants_folded": self.fold.folded,
-            "lint_warnings": [w.to_json() for w in self.warnings],
-        }
-
-
-def prepare_for_engine(
-    model: Path,
-    dest: Path,
-    *,
-    precision: EnginePrecision,
-    tensorrt: str,
-    sm: int | None = None,
-) -> PreparedModel:
-    """The ONNX file the bundle ships: ``model`` with its constants folded (polygraphy) written
-    to ``dest``, then, when it holds Q/DQ (edgepack's INT8 output, or a user's QAT model), the
-    Q/DQ lint for TensorRT ``tensorrt`` ("8.6.2") and the GPU's ``sm`` (87 for 8.7).
-
-    UnsupportedError (exit 10, one line naming the rule, node and tensor) when TensorRT would
-    refuse it, or when ``precision`` is ``int8`` but the model holds no Q/DQ (TensorRT's
-    implicit INT8 calibration is not what edgepack ships); InputError for a bad file."""
-    import onnx
-
-    parser_profile(tensorrt)  # a malformed version fails before any work
-    fold = fold_constants(model, dest)
-    try:
-        loaded = onnx.load(str(dest), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError, OSError, ValueError for bad files
-        raise InputError(f"{dest}: cannot load the folded ONNX model ({exc})") from exc
-    explicit = any(node.op_type in QDQ_OPS for node in loaded.graph.node)
-    if precision == "int8" and not explicit:
-        raise UnsupportedError(
-            f"{model.name}: int8 engine requested but the model holds no Q/DQ nodes",
-            hint="build with --quantize int8-static --calibration DIR",
-        )
-    warnings: tuple[Finding, ...] = ()
-    if explicit or any(n.op_type.startswith("QLinear") for n in loaded.graph.node):
-        warnings = check_qdq(dest, tensorrt, sm=sm)
-    return PreparedModel(dest, precision, explicit, warnings, fold)

@@ -6,7 +6,14 @@ import pytest
 
 from packager.errors import InputError, UnsupportedError, UsageError
 from packager.models.torch_export import InputSpec
-from packager.optimize.plan import ConvertOpset, Evaluate, ExportTorch, SourceInfo, plan_optimize
+from packager.optimize.plan import (
+    ConvertOpset,
+    Evaluate,
+    ExportTorch,
+    LoadTorch,
+    SourceInfo,
+    plan_optimize,
+)
 from packager.optimize.request import OptimizeRequest, PruneOptions
 
 ONNX7 = SourceInfo(Path("m.onnx"), "onnx", opset=7)
@@ -66,6 +73,7 @@ def test_pytorch_with_pruning_exports_baseline_then_pruned() -> None:
             inputs=X,
             prune=PruneOptions(l1_unstructured=0.5),
             eval_dir=Path("ev"),
+            trust_model_code=True,
         ),
         TORCH,
     )
@@ -77,6 +85,26 @@ def test_pytorch_with_pruning_exports_baseline_then_pruned() -> None:
     assert roles == ["baseline", "pruned"]
     assert plan.baseline_name == "net.fp32.onnx"
     assert all(isinstance(d, str) and d for d in plan.describe())
+
+
+@pytest.mark.parametrize(
+    "source",
+    [TORCH, SourceInfo(Path("s.pt"), "torchscript"), SourceInfo(Path("p.pt2"), "exported-program")],
+)
+def test_a_pytorch_source_is_loaded_only_on_the_builders_word(source: SourceInfo) -> None:
+    """Loading any PyTorch file runs code from it (torch 2.13): refused, exit 3, one line
+    naming the file and both fixes; with trust_model_code the LoadTorch step carries it."""
+    with pytest.raises(InputError) as raised:
+        plan_optimize(request(model=source.path, quantize="int8-dynamic", inputs=X), source)
+    line = raised.value.one_line()
+    assert line.startswith(f"{source.path}: refused") and "runs code" in line
+    assert "--trust-model-code" in line and "torch.onnx.export" in line
+    plan = plan_optimize(
+        request(model=source.path, quantize="int8-dynamic", inputs=X, trust_model_code=True),
+        source,
+    )
+    assert plan.steps[0] == LoadTorch(source.path, source.kind, True)  # type: ignore[arg-type]
+    assert "--trust-model-code" in plan.describe()[0]
 
 
 @pytest.mark.parametrize(

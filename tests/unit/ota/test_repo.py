@@ -10,6 +10,8 @@ import pytest
 from click.testing import CliRunner
 from tuf.api.metadata import Metadata
 
+from packager.bundle.manifest import read_manifest, write_manifest
+from packager.cli import main
 from packager.commands.ota import ota_group
 from packager.errors import InputError, UsageError, VerifyError
 from packager.ota.repo import Repository
@@ -115,3 +117,28 @@ def test_cli_publish_json_status_halt_if(tmp_path: Path) -> None:
     status = json.loads(out.output)
     assert status["latest"]["failed"] == 2 and status["halted_now"] is True
     assert Repository(repo_dir).releases()[0].halted
+
+
+def test_publish_refuses_what_verify_refuses_with_the_same_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ota publish`` runs the one verifier `edgepack verify` runs, the device class's checks
+    included: a bundle whose manifest names another image than image.tar holds, every checksum
+    regenerated to match, is refused by both with the same line, and nothing is published."""
+    bundle = make_bundle(tmp_path / "b").path
+    manifest = read_manifest(bundle)
+    assert manifest.image is not None
+    other = manifest.image.model_copy(update={"digest": "sha256:" + "0" * 64})
+    write_manifest(bundle, manifest.meta().model_copy(update={"image": other}))
+    repo = Repository.init(tmp_path / "r")
+    lines = []
+    for args in (["verify", str(bundle)],
+                 ["ota", "publish", str(bundle), "--repo", str(repo.path)]):
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        err = capsys.readouterr().err
+        assert exited.value.code == 8, err
+        lines.append(err.strip().splitlines()[0])
+    # The same line; publish adds its hint after it.
+    assert lines[1].startswith(lines[0]) and "image digest" in lines[0], lines
+    assert repo.releases() == []

@@ -5,21 +5,25 @@ whose CPython cannot run edgepack's runtime. Target copies here are test files (
 from __future__ import annotations
 
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from packager.agent import confinement
 from packager.backends import get_backend
 from packager.backends.base import BuildRequest
-from packager.backends.jetson.backend import JetsonBackend, JetsonPayload
+from packager.backends.jetson.backend import UNIT_GPU_ARGS, JetsonBackend, JetsonPayload
 from packager.backends.jetson.container import RUNTIME_MIN_PYTHON, WHEEL_PINS
 from packager.errors import TargetError, UsageError
 from packager.image.spec import DebianBase, RegistryBase
 from packager.models import inspect_model
 from packager.models.info import ModelInfo
 from packager.models.runtime_compat import support_for
+from packager.render import render
+from packager.runtime import jetson_preflight
 from packager.targets import JetsonRuntime, LoadedTarget, load_target_file, resolve_target
 from tests import jetson_standin
 
@@ -264,3 +268,45 @@ def test_a_tensorrt_the_device_cannot_build_is_refused_at_plan_time(
         _plan(target, mnist)
     line = err.value.one_line()
     assert "jetson-orin-nano.toml: runtime.tensorrt:" in line and problem in line
+
+
+# --- the GPU access of the first-boot engine unit: one table (packager.agent.confinement.GPU) --
+
+
+def test_the_engine_unit_and_the_preflight_give_the_gpu_as_the_confinement_table() -> None:
+    """The serving container, the agent's prepare step, the engine unit and the preflight's
+    own test container (packager/runtime/jetson_preflight.py, an island that cannot import the
+    agent, so it keeps its own copy) give each engine the GPU the same way: a changed table, or
+    a changed preflight, fails here instead of drifting apart."""
+    assert [engine for engine, _ in UNIT_GPU_ARGS] == list(confinement.ENGINES)
+    for engine, words in UNIT_GPU_ARGS:
+        assert "=".join(words) == confinement.GPU[engine]
+        assert confinement.GPU[engine] in confinement.NVIDIA_JETSON[engine]
+        assert jetson_preflight.gpu_run_args(f"/usr/bin/{engine}") == list(words)
+        # Written unquoted into the unit: plain tokens only (no space, quote, % or $).
+        assert all(re.fullmatch(r"--?[a-z][a-z-]*|[A-Za-z0-9][A-Za-z0-9./=_-]*", w)
+                   for w in words), words
+
+
+def test_the_engine_unit_renders_its_gpu_words_from_the_context(
+    tmp_path: Path, mnist: ModelInfo
+) -> None:
+    """Before: the unit spelled its own docker/podman table and ignored the backend's."""
+    plan = _plan(_pinned(tmp_path, "jetson-orin-nano", "r36.3.0"), mnist)
+    backend = JetsonBackend()
+    engine = backend.engine_context(plan)
+    assert engine["gpu_args"] == UNIT_GPU_ARGS
+    changed = {**engine, "gpu_args": (("docker", ("--runtime", "stand-in-runtime")),
+                                      ("podman", ("--device", "stand-in.example/gpu=0")))}
+    context = {"name": "mnist", "version": "1.0.0", "target": "jetson-orin-nano",
+               "image_ref": "localhost/edgepack-mnist:1.0.0"}
+    unit = render("jetson/engine-build.service.jinja", {**context, "engine": changed})
+    starts = [line for line in unit.splitlines() if "-only ExecStart=" in line]
+    assert len(starts) == 2
+    assert starts[0].startswith("#docker-only ")
+    assert " --runtime stand-in-runtime --network none " in starts[0]
+    assert starts[1].startswith("#podman-only ")
+    assert " --device stand-in.example/gpu=0 --network none " in starts[1]
+    shipped = render("jetson/engine-build.service.jinja", {**context, "engine": engine})
+    assert " --runtime nvidia --network none " in shipped
+    assert " --device nvidia.com/gpu=all --network none " in shipped

@@ -59,13 +59,13 @@ def test_a_bundle_without_an_engine_key_has_nothing_to_prebuild(tmp_path: Path) 
 
 def test_a_matching_prebuilt_plan_passes(tmp_path: Path) -> None:
     manifest = _with_plan(tmp_path / "b", KEY.to_json())
-    assert prebuilt_problems(tmp_path / "b", manifest) == []
+    assert prebuilt_problems(tmp_path / "b", manifest, KEY) == []
 
 
 def test_a_key_file_of_another_key_is_named_with_expected_and_found(tmp_path: Path) -> None:
     other = EngineKey(**{**KEY.as_dict(), "sm": 72})
     manifest = _with_plan(tmp_path / "b", other.to_json())
-    problems = prebuilt_problems(tmp_path / "b", manifest)
+    problems = prebuilt_problems(tmp_path / "b", manifest, KEY)
     assert problems == ["engine/8.6.2-sm87-fp16.key.json: key differs from manifest.json's "
                         "device.engine_key: sm: expected 87, found 72"]
 
@@ -76,10 +76,10 @@ def test_a_plan_without_key_an_unlisted_file_and_a_foreign_plan_are_refused(
     root = tmp_path / "b"
     manifest = _with_plan(root, "{not json")
     assert any("engine/8.6.2-sm87-fp16.key.json: engine key: not JSON" in p
-               for p in prebuilt_problems(root, manifest))
+               for p in prebuilt_problems(root, manifest, KEY))
     (root / engine_paths(KEY)[1]).unlink()
     (root / "engine" / "8.5.2-sm87-fp16.plan").write_bytes(b"x")
-    problems = prebuilt_problems(root, manifest)
+    problems = prebuilt_problems(root, manifest, KEY)
     assert "engine/8.5.2-sm87-fp16.plan: not this bundle's plan" in problems[0]
     assert any("without engine/8.6.2-sm87-fp16.key.json" in p for p in problems)
 

@@ -136,17 +136,49 @@ def test_a_prebuilt_key_file_that_differs_is_named(tmp_path: Path) -> None:
         json.dumps({**KEY, "workspace_mib": 1}))
     (root / "engine" / "8.6.2-sm87-fp16.plan").write_bytes(b"plan")
     manifest = _bundle(root, DEVICE)
-    (problem,) = check_engine_key(root, manifest)
-    assert "workspace_mib: expected 2048, found 1" in problem
+    # One line, in the one checker's words (before: check_engine_key and prebuilt_problems each
+    # compared the key file, and verify printed the difference twice).
+    assert check_engine_key(root, manifest) == [
+        "engine/8.6.2-sm87-fp16.key.json: key differs from manifest.json's device.engine_key: "
+        "workspace_mib: expected 2048, found 1"]
 
 
-def test_an_oversized_prebuilt_key_file_is_a_verify_error(tmp_path: Path) -> None:
+def test_an_oversized_prebuilt_key_file_is_a_verify_problem_naming_it(tmp_path: Path) -> None:
+    """Read bounded, as the device reads it; one line among verify's problems (exit 8), with
+    the plan it lacks."""
     root = tmp_path / "b"
     (root / "engine").mkdir(parents=True)
     (root / "engine" / "8.6.2-sm87-fp16.key.json").write_text("[" * 100000 + "]" * 100000)
     manifest = _bundle(root, DEVICE)
-    with pytest.raises(VerifyError, match="larger than 4096 bytes"):
-        check_engine_key(root, manifest)
+    problems = check_engine_key(root, manifest)
+    assert [p.partition(": ")[0] for p in problems] == ["engine/8.6.2-sm87-fp16.key.json"] * 2
+    assert "without engine/8.6.2-sm87-fp16.plan" in problems[0]
+    assert "larger than 4096 bytes" in problems[1]
+
+
+def test_every_prebuilt_plan_rule_is_checked_through_check_engine_key(tmp_path: Path) -> None:
+    """check_engine_key calls the one prebuilt-plan checker (engine_remote.prebuilt_problems):
+    before, it had its own narrower copy that missed a foreign plan, a sha256 that is not the
+    listed one, and a stray plan in a bundle that builds no engine."""
+    root = tmp_path / "b"
+    (root / "engine").mkdir(parents=True)
+    (root / "engine" / "8.6.2-sm87-fp16.key.json").write_text(json.dumps(KEY))
+    (root / "engine" / "8.6.2-sm87-fp16.plan").write_bytes(b"plan")
+    (root / "engine" / "8.5.2-sm87-fp16.plan").write_bytes(b"another plan")
+    manifest = _bundle(root, DEVICE)
+    (root / "engine" / "8.6.2-sm87-fp16.plan").write_bytes(b"plan, changed after listing")
+    problems = check_engine_key(root, manifest)
+    assert problems[0].startswith("engine/8.5.2-sm87-fp16.plan: not this bundle's plan")
+    assert problems[1].startswith("engine/8.6.2-sm87-fp16.plan: sha256 ")
+    assert len(problems) == 2
+    fallback = {**DEVICE, "serving": "onnxruntime-cpu", "fallback_reason": "CPython 3.6",
+                "engine_key": None, "plan": None, "tensorrt": "8.2.1", "sm": 53,
+                "l4t": {"release": "r32.7.1", "min": "r32.7.0", "below": "r33.0.0"},
+                "generation": "r32"}
+    manifest = _bundle(root, fallback)
+    assert check_engine_key(root, manifest) == [
+        f"{root / 'manifest.json'}: device.engine_key: none (this bundle builds no TensorRT "
+        "engine), but engine/8.5.2-sm87-fp16.plan is there"]
 
 
 def test_a_jetson_bundle_without_an_image_does_not_verify(tmp_path: Path) -> None:

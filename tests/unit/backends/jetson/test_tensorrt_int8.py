@@ -12,9 +12,10 @@ import onnxruntime as ort
 import pytest
 
 from packager.backends.base import OptimizeStep
-from packager.backends.jetson.int8 import plan_model, prepare_for_engine
-from packager.backends.jetson.qdq_lint import lint_qdq
+from packager.backends.jetson.int8 import plan_model
+from packager.backends.jetson.qdq_lint import check_qdq, lint_qdq
 from packager.errors import AccuracyError, UnsupportedError, UsageError
+from packager.models.fold import fold_constants
 from packager.optimize import optimize_for_build
 from packager.optimize.cpu import (
     TENSORRT_EXTRA_OPTIONS,
@@ -169,26 +170,24 @@ def test_plan_model_precisions() -> None:
         plan_model("int8-dynamic", "fp16")
 
 
-def test_prepare_for_engine_keeps_the_qdq_and_lints(
+def test_the_builds_fold_keeps_the_qdq_and_the_builds_lint_passes(
     built: tuple[Path, dict[str, object]], tmp_path: Path
 ) -> None:
+    """What ``edgepack build`` does to the optimizer's INT8 model, called as the build calls it:
+    the FoldConstantsStep's polygraphy fold (packager.build -> packager.models.fold), then the
+    plan's Q/DQ lint for the target's TensorRT (JetsonBackend.plan -> check_qdq). The whole
+    build is tests/unit/backends/jetson/test_fold_build.py."""
     path, _ = built
-    prepared = prepare_for_engine(path, tmp_path / "model.onnx", precision="int8", tensorrt="8.6.2")
-    assert prepared.explicit_quantization and prepared.warnings == ()
+    folded = tmp_path / "model.onnx"
+    fold_constants(path, folded)
+    assert check_qdq(folded, "8.6.2", sm=87) == ()
 
     def count(p: Path) -> int:
         nodes = onnx.load(str(p)).graph.node
         return sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in nodes)
 
-    assert count(prepared.path) == count(path)  # folding left every Q/DQ pair in place
+    assert count(folded) == count(path) > 0  # folding left every Q/DQ pair in place
     x = variants(seed=3, count=1)[0]
     np.testing.assert_allclose(
-        _session(prepared.path).run(None, {INPUT: x})[0], _session(path).run(None, {INPUT: x})[0]
+        _session(folded).run(None, {INPUT: x})[0], _session(path).run(None, {INPUT: x})[0]
     )
-
-
-def test_an_int8_engine_needs_a_qdq_model(tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedError, match="no Q/DQ"):
-        prepare_for_engine(MNIST, tmp_path / "m.onnx", precision="int8", tensorrt="8.6.2")
-    prepared = prepare_for_engine(MNIST, tmp_path / "m.onnx", precision="fp16", tensorrt="8.2.1")
-    assert not prepared.explicit_quantization
