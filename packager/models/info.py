@@ -67,6 +67,27 @@ class ModelInfo:
         }
 
 
+# The most elements one tensor can have: shapes are int64 in every format edgepack reads (ONNX's
+# and TensorFlow's TensorShapeProto, torch.export's SymInt ``as_int``).
+MAX_ELEMENTS = 2**63 - 1
+
+
+def element_count(dims: Iterable[int]) -> int | None:
+    """The element count of a tensor of shape ``dims`` (each >= 0), or None when it is over
+    :data:`MAX_ELEMENTS`: a shape no framework holds, from a damaged or hostile model file. Stops
+    at the first product over the limit, so a million dims of 2**62 cost a million small
+    multiplications, not a product of 62 million bits (minutes of CPU)."""
+    sizes = list(dims)
+    if 0 in sizes:
+        return 0
+    count = 1
+    for size in sizes:
+        count *= size
+        if count > MAX_ELEMENTS:
+            return None
+    return count
+
+
 def by_frequency(counts: Mapping[str, int]) -> dict[str, int]:
     """An operator histogram as ``ModelInfo.op_histogram`` holds it: most frequent first, ties
     by name (so the same model always lists the same order)."""

@@ -46,7 +46,7 @@ from packager.digest import sha256_file
 from packager.errors import InputError, UnsupportedError
 from packager.extras import require
 from packager.models import code_form
-from packager.models.info import ModelInfo, TensorInfo, loaded_info
+from packager.models.info import ModelInfo, TensorInfo, element_count, loaded_info
 from packager.models.trust import check_trusted
 
 # What inspect says of every Keras model: it is not deployable as it is.
@@ -170,8 +170,11 @@ def _directory_digest(path: Path) -> tuple[str, int]:
     return f"sha256:{digest.hexdigest()}", size
 
 
-# saved_model.pb is read whole and parsed by protobuf, whose messages stop at 2 GiB.
-_SAVED_MODEL_PB_LIMIT = 2 * 1024**3 - 1
+# saved_model.pb is read whole and parsed by protobuf, which needs about 28x the file's size
+# for a graph of many small nodes (measured: 112 MB of 3M nodes peaked at 3.9 GB), so the bound
+# is far below protobuf's own 2 GiB: the graph of a model small enough for a microcontroller
+# (the one SavedModel build target) is a few MiB; its weights are in variables/, not here.
+_SAVED_MODEL_PB_LIMIT = 64 * 1024 * 1024
 # The signature build and inspect read (tf.saved_model's default serving signature key).
 _SERVING = "serving_default"
 # Graph plumbing left out of the operator histogram (the old loaded inspector's set, plus the
@@ -252,7 +255,9 @@ def _signature_graph(
         """Count ``node``; the functions it calls."""
         if node.op in _VARIABLE_OPS:
             dims = [int(d.size) for d in node.attr["shape"].shape.dim]
-            elements = int(np.prod(dims)) if all(d >= 0 for d in dims) else 0
+            elements = element_count(dims) if all(d >= 0 for d in dims) else 0
+            if elements is None:  # np.prod would wrap around to any number, 0 included
+                raise ValueError(f"variable {node.name[:60]!r} has over 2**63 elements")
             try:
                 itemsize = int(tf.dtypes.as_dtype(node.attr["dtype"].type).size)
             except TypeError:
@@ -293,7 +298,10 @@ def _inspect_saved_model(tf: Any, path: Path) -> ModelInfo:
     # Untyped modules (no stubs); tf (the mcu-convert extra) is imported already.
     saved_model_pb2 = importlib.import_module("tensorflow.core.protobuf.saved_model_pb2")
     decode_error = importlib.import_module("google.protobuf.message").DecodeError
-    data = read_bounded(path / "saved_model.pb", _SAVED_MODEL_PB_LIMIT, what="not a SavedModel")
+    data = read_bounded(
+        path / "saved_model.pb", _SAVED_MODEL_PB_LIMIT, what="not a SavedModel",
+        follow_symlinks=False,  # the model's own file, never one a link points at
+    )
     saved = saved_model_pb2.SavedModel()
     try:
         saved.ParseFromString(data)
@@ -308,9 +316,12 @@ def _inspect_saved_model(tf: Any, path: Path) -> ModelInfo:
     signature = meta.signature_def[_SERVING]
     inputs = _signature_tensors(tf, path, signature.inputs, "input")
     outputs = _signature_tensors(tf, path, signature.outputs, "output")
-    histogram, weights = _signature_graph(
-        tf, meta, [signature.outputs[k].name for k in sorted(signature.outputs)]
-    )
+    try:
+        histogram, weights = _signature_graph(
+            tf, meta, [signature.outputs[k].name for k in sorted(signature.outputs)]
+        )
+    except ValueError as exc:
+        raise InputError(f"{path}: saved_model.pb: {exc}") from exc
     version = str(meta.meta_info_def.tensorflow_version)
     if not re.fullmatch(r"[0-9A-Za-z.+_-]{1,40}", version):
         version = "unknown"  # text from the file, shown on the console: only a version string

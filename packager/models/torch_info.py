@@ -13,7 +13,7 @@ from typing import Any
 
 from packager.digest import sha256_file
 from packager.errors import InputError
-from packager.models.info import ModelInfo, TensorInfo, loaded_info
+from packager.models.info import MAX_ELEMENTS, ModelInfo, TensorInfo, element_count, loaded_info
 from packager.models.torch_export import TRUST_FLAG, detect_kind
 
 
@@ -62,10 +62,15 @@ _MAX_JSON_BYTES = 256 * 1024 * 1024
 
 
 def _read_json(path: Path, archive: zipfile.ZipFile, suffix: str) -> Any:
-    names = sorted(n for n in archive.namelist() if n.endswith(suffix))
+    names = [n for n in archive.namelist() if n.endswith(suffix)]
     if not names:
         raise InputError(f"{path}: no {suffix} in the .pt2 archive",
                          hint="save the program with torch.export.save")
+    if len(names) > 1:
+        # Two candidates (or one name twice): which one torch would load is not for inspect to
+        # guess, and showing a decoy would be worse than showing nothing.
+        raise InputError(f"{path}: {len(names)} members end in {suffix}; torch.export.save "
+                         "writes one", hint="save the program with torch.export.save")
     info = archive.getinfo(names[0])
     if info.file_size > _MAX_JSON_BYTES:
         raise InputError(f"{path}: {names[0]} is {info.file_size} bytes, over the "
@@ -75,11 +80,20 @@ def _read_json(path: Path, archive: zipfile.ZipFile, suffix: str) -> Any:
     return json.loads(data)
 
 
+def _int(value: Any, what: str) -> int:
+    """``value`` when it is an int64 >= 0 (a size or a dtype, torch/_export/serde/schema.py);
+    ValueError (InputError to the user) for anything else from the file: a float, Infinity,
+    a bool, a string, a negative or 4,000-digit number."""
+    if type(value) is not int or not 0 <= value <= MAX_ELEMENTS:
+        raise ValueError(f"{what} is {repr(value)[:40]}, not an integer in [0, 2**63)")
+    return value
+
+
 def _dims(meta: Any) -> tuple[int | str | None, ...]:
     dims: list[int | str | None] = []
     for size in meta.get("sizes", ()):
         if "as_int" in size:
-            dims.append(int(size["as_int"]))
+            dims.append(_int(size["as_int"], "a size"))
         else:  # a symbolic dimension: its text, never evaluated
             expr = size.get("as_expr", {})
             dims.append(str(expr.get("expr_str", "?")) if isinstance(expr, dict) else "?")
@@ -87,14 +101,15 @@ def _dims(meta: Any) -> tuple[int | str | None, ...]:
 
 
 def _program_tensor(name: str, meta: Any) -> TensorInfo:
-    dtype = _SCALAR_TYPES.get(int(meta.get("dtype", 0)), ("unknown", 0))[0]
+    dtype = _SCALAR_TYPES.get(_int(meta.get("dtype", 0), "a dtype"), ("unknown", 0))[0]
     return TensorInfo(name=name, dtype=dtype, shape=_dims(meta))
 
 
 def _numel(meta: Any) -> int:
-    count = 1
-    for dim in _dims(meta):
-        count *= dim if isinstance(dim, int) else 0
+    """The element count of a tensor (0 with a symbolic dimension); ValueError over int64."""
+    count = element_count(d if isinstance(d, int) else 0 for d in _dims(meta))
+    if count is None:
+        raise ValueError("a weight's shape has over 2**63 elements")
     return count
 
 
@@ -126,8 +141,9 @@ def _inspect_program(path: Path) -> ModelInfo:
         params = []
         for entry in weights["config"].values():
             meta = entry.get("tensor_meta") or {}
-            size = _SCALAR_TYPES.get(int(meta.get("dtype", 0)), ("unknown", 0))[1]
-            params.append((_numel(meta), _numel(meta) * size))
+            size = _SCALAR_TYPES.get(_int(meta.get("dtype", 0), "a dtype"), ("unknown", 0))[1]
+            numel = _numel(meta)
+            params.append((numel, numel * size))
     # RecursionError: JSON nested deeper than the parser's stack.
     except (zipfile.BadZipFile, OSError, ValueError, KeyError, TypeError, AttributeError,
             RecursionError) as exc:

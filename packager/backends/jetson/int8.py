@@ -43,10 +43,8 @@ from typing import Literal
 
 from packager.backends.base import OptimizeStep
 from packager.errors import UnsupportedError, UsageError
-from packager.optimize.cpu import Int8Profile
 
 EnginePrecision = Literal["fp16", "int8", "fp32"]
-INT8_PROFILE: Int8Profile = "tensorrt"  # the optimizer's INT8 settings profile for TensorRT
 
 
 @dataclass(frozen=True)
@@ -106,32 +104,3 @@ def plan_model(
             hint="use --quantize int8-static --calibration DIR, or fp16",
         )
     raise UsageError(f"--quantize {quantize}: choose fp16, fp32 or int8-static for Jetson")
-
-
-def quantize_for_tensorrt(
-    model: Path,
-    calibration: Path,
-    work_dir: Path,
-    *,
-    eval_dir: Path | None = None,
-    max_accuracy_drop: float | None = None,
-    min_top1_agreement: float | None = None,
-) -> tuple[Path, dict[str, object]]:
-    """``model`` (ONNX or PyTorch) -> TensorRT-ready Q/DQ INT8 through the existing optimizer
-    with the TensorRT profile and its accuracy gate (``max_accuracy_drop`` /
-    ``min_top1_agreement`` as fractions, measured on ``eval_dir``): the optimized ONNX path in
-    ``work_dir`` and the optimization report. The same as the core's ``OptimizeStep`` for a
-    Jetson target; for callers that run the optimizer themselves (tests, the engine command).
-    AccuracyError when the gate fails, nothing written."""
-    from packager.optimize import optimize_for_build
-
-    return optimize_for_build(
-        model,
-        "int8-static",
-        calibration,
-        eval_dir,
-        work_dir,
-        int8_profile=INT8_PROFILE,
-        max_accuracy_drop=max_accuracy_drop,
-        min_top1_agreement=min_top1_agreement,
-    )

@@ -185,3 +185,43 @@ def test_a_fifo_saved_model_pb_is_refused_not_waited_on(pb2: Any, tmp_path: Path
     os.mkfifo(saved / "saved_model.pb")
     with pytest.raises(InputError, match="not a regular file"):
         inspect_keras(saved)
+
+
+def test_a_variable_over_int64_elements_is_refused_not_wrapped(pb2: Any, tmp_path: Path) -> None:
+    """A variable of shape [2**40] * 3: np.prod wrapped it around to 0 elements; no tensor has
+    that many, so the file is damaged or hostile (InputError, exit 3)."""
+    saved = pb2.SavedModel()
+    meta = saved.meta_graphs.add()
+    _signature(meta, {"x": (1, [1, 4])}, {"y": "read:0"})
+    var = meta.graph_def.node.add(name="w", op="VarHandleOp")
+    var.attr["dtype"].type = 1
+    for _ in range(3):
+        var.attr["shape"].shape.dim.add().size = 2**40
+    meta.graph_def.node.add(name="read", op="ReadVariableOp", input=["w"])
+    with pytest.raises(InputError, match="variable 'w' has over 2\\*\\*63 elements"):
+        _inspect(tmp_path, saved)
+
+
+def test_a_symlinked_or_oversized_saved_model_pb_is_refused_unread(
+    pb2: Any, tmp_path: Path
+) -> None:
+    """The model's own saved_model.pb only: a link (here to a real, parsable SavedModel) is
+    refused, not followed; a file over the 64 MiB bound is refused before protobuf parses it
+    (a graph of many small nodes needs ~28x its size in memory)."""
+    from packager.models.keras import inspect_keras
+
+    honest = pb2.SavedModel()
+    _signature(honest.meta_graphs.add(), {"x": (1, [1, 4])}, {"y": "y:0"})
+    real = _saved_dir(tmp_path / "real", honest.SerializeToString())
+    inspect_keras(real)  # the file the link points at reads fine
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "saved_model.pb").symlink_to(real / "saved_model.pb")
+    with pytest.raises(InputError, match="symbolic link"):
+        inspect_keras(linked)
+    big = tmp_path / "big"
+    big.mkdir()
+    with (big / "saved_model.pb").open("wb") as handle:
+        handle.truncate(64 * 1024 * 1024 + 1)  # sparse: no 64 MiB written
+    with pytest.raises(InputError, match=r"67108864"):
+        inspect_keras(big)

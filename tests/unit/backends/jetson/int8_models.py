@@ -43,10 +43,13 @@ def sample_dir(directory: Path, seed: int, count: int) -> Path:
 
 def tensorrt_int8(work: Path) -> tuple[Path, dict[str, object]]:
     """mnist.onnx through edgepack's optimizer with the TensorRT profile and a top-1 gate."""
-    from packager.backends.jetson.int8 import quantize_for_tensorrt
+    from packager.optimize import optimize_for_build
 
     calibration = sample_dir(work / "calibration", seed=1, count=16)
     evaluation = sample_dir(work / "eval", seed=2, count=24)
-    return quantize_for_tensorrt(
-        MNIST, calibration, work / "opt", eval_dir=evaluation, min_top1_agreement=0.95
+    # What the core's OptimizeStep runs for a Jetson target: its runtime engine, tensorrt,
+    # picks the TensorRT INT8 profile (packager.optimize.cpu.engine_int8_profile).
+    return optimize_for_build(
+        MNIST, "int8-static", calibration, evaluation, work / "opt",
+        int8_profile="tensorrt", min_top1_agreement=0.95,
     )
