@@ -11,6 +11,7 @@ import click
 from packager.backends.base import BuildRequest
 from packager.build import build
 from packager.bundle.manifest import FitSection, Manifest
+from packager.commands.options import calibration_option, eval_option, trust_model_code_option
 from packager.console import console
 from packager.errors import UsageError
 from packager.fit import human_bytes
@@ -102,10 +103,8 @@ def summary_lines(bundle: Path, manifest: Manifest, backend_lines: tuple[str, ..
     type=click.Choice(["fp32", "fp16", "int8-dynamic", "int8-static"]),
     help="Optimize the model first (see 'edgepack optimize') [the target's preferred precision].",
 )
-@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration data directory.")
-@click.option(
-    "--eval", "eval_dir", type=click.Path(path_type=Path), help="Evaluation data directory."
-)
+@calibration_option
+@eval_option
 @_runtime_options
 @click.option(
     "--opt",
@@ -158,12 +157,9 @@ def summary_lines(bundle: Path, manifest: Manifest, backend_lines: tuple[str, ..
     "and run it under qemu-system-arm); the same as --opt emulate=off.",
 )
 @click.option("--offline", is_flag=True, help="Use only the cache; never download.")
-@click.option(
-    "--trust-model-code",
-    is_flag=True,
-    help="PyTorch or a TensorFlow SavedModel: load the model although loading it runs code from "
-    "the file (torch.save pickles, .pt2 programs, TorchScript and a SavedModel's init ops all do); "
-    "only for a file you wrote yourself.",
+@trust_model_code_option(
+    "PyTorch (torch.save pickles, .pt2 programs, TorchScript) or a TensorFlow SavedModel (its "
+    "init ops)"
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def build_cmd(

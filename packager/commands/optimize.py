@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from packager.calibration import ImagePreprocessing
+from packager.commands.options import calibration_option, eval_option, trust_model_code_option
 from packager.console import Table, console
 from packager.errors import UsageError
 from packager.models.torch_export import InputSpec
@@ -46,11 +47,7 @@ _PRUNE_KINDS = {
     show_default=True,
     help="INT8 weight scales per output channel or one per tensor.",
 )
-@click.option(
-    "--calibration",
-    type=click.Path(path_type=Path),
-    help="Directory of .npy/.npz tensors or images for static INT8.",
-)
+@calibration_option
 @click.option(
     "--calibration-method", type=click.Choice(METHOD_CHOICES), default="MinMax", show_default=True
 )
@@ -104,12 +101,7 @@ _PRUNE_KINDS = {
     metavar="l1=AMOUNT|l2=AMOUNT",
     help="PyTorch: L1 unstructured or L2 structured (channel) pruning, 0-1.",
 )
-@click.option(
-    "--eval",
-    "eval_dir",
-    type=click.Path(path_type=Path),
-    help="Held-out inputs (.npy/.npz), optional reference outputs or labels.",
-)
+@eval_option
 @click.option("--max-accuracy-drop", type=float, help="Fail above this drop (fraction, 0-1).")
 @click.option(
     "--min-top1-agreement",
@@ -139,12 +131,7 @@ _PRUNE_KINDS = {
     help="Directory for the optimized model and its report (created atomically).",
 )
 @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
-@click.option(
-    "--trust-model-code",
-    is_flag=True,
-    help="PyTorch: load the model although loading it runs code from the file (torch.save "
-    "pickles, .pt2 programs and TorchScript all do); only for a file you wrote yourself.",
-)
+@trust_model_code_option("PyTorch (torch.save pickles, .pt2 programs, TorchScript)")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def optimize_cmd(
     model: Path,
