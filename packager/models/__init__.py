@@ -71,12 +71,18 @@ def code_form(path: Path) -> CodeForm | None:
     forms that do), or None for a form whose loading runs none (ONNX, TFLite, Keras files loaded
     with safe_mode). Reads at most a PyTorch file's zip directory, never a model.
 
-    Any directory is a SavedModel here, with or without ``saved_model.pb``: TensorFlow's loader
-    also reads ``saved_model.pbtxt`` and ``saved_model.cpb`` (tensorflow/python/saved_model/
-    loader_impl.py, parse_saved_model), and the Keras route converts a directory with
-    ``TFLiteConverter.from_saved_model`` whatever it is named."""
+    A directory the Keras route takes (:func:`model_format` "keras": it holds ``saved_model.pb``
+    or is named ``.keras``/``.h5``) is a SavedModel here, with or without ``saved_model.pb``:
+    TensorFlow's loader also reads ``saved_model.pbtxt`` and ``saved_model.cpb``
+    (tensorflow/python/saved_model/loader_impl.py, parse_saved_model), and that route converts
+    any directory with ``TFLiteConverter.from_saved_model``. Any other directory reaches no
+    TensorFlow loader (its format's reader refuses a directory), so it is not called one."""
     if path.is_dir():
-        return "saved-model"
+        try:
+            route = model_format(path)
+        except UnsupportedError:
+            return None
+        return "saved-model" if route == "keras" else None
     if path.suffix.lower() in TORCH_SUFFIXES:
         return detect_kind(path)
     return None

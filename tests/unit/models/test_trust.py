@@ -38,13 +38,22 @@ def test_a_savedmodel_refusal_names_the_trusted_formats(tmp_path: Path) -> None:
 
 
 def test_which_forms_run_code(tmp_path: Path) -> None:
-    """Any directory is a SavedModel (TensorFlow also reads saved_model.pbtxt / .cpb); PyTorch
-    files by their contents; ONNX, TFLite and Keras files run none (None passes check_trusted)."""
+    """A directory the Keras route hands to TensorFlow is a SavedModel, with or without
+    saved_model.pb (TensorFlow also reads saved_model.pbtxt / .cpb); a directory no TensorFlow
+    loader reaches is not called one; PyTorch files by their contents; ONNX, TFLite and Keras
+    files run none (None passes check_trusted)."""
     saved = tmp_path / "saved"
     saved.mkdir()
+    (saved / "saved_model.pb").write_bytes(b"")
     assert code_form(saved) == "saved-model"
     (tmp_path / "other.keras").mkdir()
     assert code_form(tmp_path / "other.keras") == "saved-model"
+    # Named .onnx: the ONNX reader refuses a directory ("is a directory, not an ONNX model
+    # file"); without a suffix or saved_model.pb: model_format refuses it (exit 10).
+    for name in ("dir.onnx", "plain"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "saved_model.pbtxt").write_bytes(b"")
+        assert code_form(tmp_path / name) is None, name
     pt = tmp_path / "net.pt"
     pt.write_bytes(pickle.dumps([1]))
     assert code_form(pt) == "torch-pickle"
