@@ -46,9 +46,7 @@ from packager.errors import InputError, UnsupportedError
 from packager.extras import require
 
 # Re-exported for the PyTorch callers: the refusal is written once, in packager.models.trust.
-from packager.models.trust import TRUST_FLAG as TRUST_FLAG
-from packager.models.trust import check_trusted as check_trusted
-from packager.models.trust import untrusted_error as untrusted_error
+from packager.models.trust import check_trusted
 
 TorchKind = Literal["torch-pickle", "torchscript", "exported-program"]
 # File names PyTorch sources go by (lower case): torch.save pickles (.pt, .pth), TorchScript

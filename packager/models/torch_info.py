@@ -14,7 +14,8 @@ from typing import Any
 from packager.digest import sha256_file
 from packager.errors import InputError
 from packager.models.info import MAX_ELEMENTS, ModelInfo, TensorInfo, element_count, loaded_info
-from packager.models.torch_export import TRUST_FLAG, detect_kind
+from packager.models.torch_export import detect_kind
+from packager.models.trust import TRUST_FLAG
 
 
 def _info(path: Path, notes: tuple[str, ...]) -> ModelInfo:

@@ -18,11 +18,11 @@ from packager.errors import InputError, UnsupportedError
 from packager.extras import require
 from packager.models.info import TensorInfo
 from packager.models.torch_export import (
-    check_trusted,
     detect_kind,
     load_torch_model,
     require_torch,
 )
+from packager.models.trust import check_trusted
 
 
 def _litert_torch() -> Any:
@@ -34,7 +34,7 @@ def convert_torch_to_int8_tflite(
 ) -> bytes:
     """A TFLite flatbuffer with int8 inputs, outputs and kernels, for a single-input model.
     ``trusted``: the builder's ``--trust-model-code``; without it InputError (exit 3) before the
-    file is loaded (packager.models.torch_export.check_trusted: loading runs its code)."""
+    file is loaded (packager.models.trust.check_trusted: loading runs its code)."""
     check_trusted(path, detect_kind(path), trusted)
     # The converter's C++ side prints to fd 1; keep stdout for --json.
     with capture_fd(1):

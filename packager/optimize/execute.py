@@ -23,11 +23,11 @@ from packager.models.onnx import all_nodes, inspect_onnx
 from packager.models.onnx_save import copy_onnx, total_size
 from packager.models.torch_export import (
     TORCH_SUFFIXES,
-    TRUST_FLAG,
     detect_kind,
     export_onnx,
     load_torch_model,
 )
+from packager.models.trust import TRUST_FLAG
 from packager.optimize import graph
 from packager.optimize.cpu import host_cpu
 from packager.optimize.emulated import run_emulated

@@ -10,7 +10,8 @@ from typing import Literal
 
 from packager.calibration import ImagePreprocessing
 from packager.errors import UnsupportedError, UsageError
-from packager.models.torch_export import TRUST_FLAG, InputSpec, TorchKind, untrusted_error
+from packager.models.torch_export import InputSpec, TorchKind
+from packager.models.trust import TRUST_FLAG, untrusted_error
 from packager.optimize.cpu import (
     CpuProfile,
     Int8Settings,
@@ -62,7 +63,7 @@ class LoadOnnx:
 class LoadTorch:
     """Load the PyTorch source, of ``kind``, into memory (nothing written yet). ``trusted``: the
     builder's ``--trust-model-code`` (loading runs code from the file; the loader refuses
-    without it, packager.models.torch_export.check_trusted)."""
+    without it, packager.models.trust.check_trusted)."""
 
     source: Path
     kind: TorchKind
