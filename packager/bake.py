@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -40,6 +39,7 @@ from packager.bundle.manifest import ManifestRead, load_manifest
 from packager.errors import UsageError, VerifyError
 from packager.image.oci import blob_name
 from packager.push import _Source, plan_sources, stage_layout
+from packager.staging import fsync_dir, make_staging_dir, replace_dir, write_bytes
 
 # Bake target names allow [A-Za-z0-9_-]; image repositories allow lower-case components
 # (distribution/reference): the intersection, so that a name is both.
@@ -63,11 +63,16 @@ DOCKERFILE = """\
 FROM edgepack
 """
 
-DOCKERIGNORE = "images\ndocker-bake.hcl\n"
+# The staging directories and files a stopped run can leave (packager/staging.py:
+# .images.PID.RANDOM, .NAME.RANDOM.tmp) stay out of the build context too.
+DOCKERIGNORE = "images\n.images.*\n.*.tmp\ndocker-bake.hcl\n"
 
 
 @dataclass(frozen=True)
 class BakeTarget:
+    """One target of ``docker-bake.hcl``: a model on one device, or on every device of the fleet
+    (``device`` None), built from the image named by ``context``."""
+
     name: str  # "mnist-rpi4" or "mnist" (every platform)
     model: str
     device: str | None  # None: the model's multi-platform target
@@ -78,6 +83,9 @@ class BakeTarget:
 
 @dataclass(frozen=True)
 class BakeResult:
+    """What ``edgepack bake`` wrote in ``out``: the bake file, the Dockerfile (and whether it was
+    written), every target and the groups (group name -> target names)."""
+
     out: Path
     bake_file: Path
     dockerfile: Path
@@ -281,15 +289,29 @@ def plan_bake(
 
 def bake(bundles: tuple[Path, ...], out: Path) -> BakeResult:
     """Write the bake folder ``out`` (see the module docstring). What edgepack writes is
-    replaced; the Dockerfile is written only when absent. Nothing half-written: the layouts
-    are staged beside ``out/images`` and moved into place last."""
+    replaced; the Dockerfile is written only when absent.
+
+    Nothing half-written (packager/staging.py): the layouts are built in a staging directory
+    beside ``out/images`` (``.images.PID.RANDOM``; a killed run's is removed by the next) and
+    swapped in whole by :func:`~packager.staging.replace_dir`. The old ``docker-bake.hcl``
+    names the old layouts by digest, so unless it is already the new one it is removed just
+    before they go, and the new one is written (atomically) last: a run stopped part way leaves
+    the old folder, the new one, or one without a ``docker-bake.hcl`` (run ``edgepack bake``
+    again), never a bake file naming images that are not there. The other files are replaced
+    atomically, each whole. UsageError (exit 2) when ``out`` cannot be a folder."""
     models, targets, groups = plan_bake(bundles)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: not a folder", hint="name a new or existing folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on the way (/dev/null/x), no permission, a full disk
+        raise UsageError(
+            f"--out {out}: cannot create it ({exc.strerror})", hint="name a folder you can write"
+        ) from exc
+    images = out / "images"
     multi = []
-    with tempfile.TemporaryDirectory(prefix=".edgepack-bake-", dir=out) as tmp:
-        staged = Path(tmp) / "images"
+    staged = make_staging_dir(images)
+    try:
         for model in models:
             layout = staged / model.name
             digest, _ = stage_layout(list(model.sources), layout, LAYOUT_TAG)
@@ -308,21 +330,30 @@ def bake(bundles: tuple[Path, ...], out: Path) -> BakeResult:
             )
         all_targets = tuple(sorted([*multi, *targets], key=lambda t: t.name))
         text = render_bake_file(all_targets, groups)
-        (Path(tmp) / "docker-bake.hcl").write_text(text)
-        (Path(tmp) / CPUINFO).write_bytes(
-            resources.files("packager.image").joinpath("data", CPUINFO).read_bytes()
+        staged.chmod(0o755)  # mkdtemp's 0700: buildx may run as another user
+        cpuinfo = resources.files("packager.image").joinpath("data", CPUINFO).read_bytes()
+        write_bytes(out / CPUINFO, cpuinfo)
+        write_bytes(out / ".dockerignore", DOCKERIGNORE.encode())
+        # The old bake file pins the old layouts' digests: unless it is the new one (same
+        # bundles, same layouts) it goes, durably, before they do, so that a stop between here
+        # and its replacement leaves no bake file rather than one naming images that are gone.
+        hcl, new_hcl = out / "docker-bake.hcl", text.encode()
+        same = (
+            not hcl.is_symlink()
+            and hcl.is_file()
+            and hcl.stat().st_size == len(new_hcl)  # read only a file that may be the same
+            and hcl.read_bytes() == new_hcl
         )
-        (Path(tmp) / ".dockerignore").write_text(DOCKERIGNORE)
-        images = out / "images"
-        if images.is_symlink() or images.is_file():
-            images.unlink()
-        elif images.exists():
-            shutil.rmtree(images)
-        staged.rename(images)
-        for name in ("docker-bake.hcl", CPUINFO, ".dockerignore"):
-            (Path(tmp) / name).replace(out / name)
+        if not same:
+            hcl.unlink(missing_ok=True)
+            fsync_dir(out)
+        replace_dir(staged, images)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    write_bytes(hcl, new_hcl)
     dockerfile = out / "Dockerfile"
     written = not dockerfile.exists()
     if written:
-        dockerfile.write_text(DOCKERFILE)
+        write_bytes(dockerfile, DOCKERFILE.encode())
     return BakeResult(out, out / "docker-bake.hcl", dockerfile, written, all_targets, groups)

@@ -53,6 +53,9 @@ __all__ = ["BuildResult", "build", "execute"]
 
 @dataclass(frozen=True)
 class BuildResult:
+    """A finished ``edgepack build``: where the bundle is, the plans it was built from, the
+    manifest written, and the backend's additions to ``--json`` and to the summary."""
+
     bundle: Path
     plan: BuildPlan
     package: PackagePlan

@@ -79,6 +79,8 @@ def _register(group: click.Group) -> None:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
+    """The ``edgepack`` entry point: run the command line ``argv`` (None: ``sys.argv[1:]``) and
+    exit with its code (packager.errors.ExitCode), 130 after Ctrl-C."""
     wants_json = "--json" in (argv if argv is not None else sys.argv[1:])
     try:
         _main(argv, wants_json=wants_json)

@@ -111,6 +111,9 @@ class Reporter:
 
 
 class ProgressTask:
+    """The handle :meth:`Reporter.progress` yields: advance the bar by an amount (bytes, or items)
+    or set its total; a no-op when there is no bar."""
+
     def __init__(self, bar: Progress | None, task: TaskID | None) -> None:
         self._bar = bar
         self._task = task

@@ -20,6 +20,8 @@ def sha256_stream(stream: IO[bytes]) -> tuple[str, int]:
 
 
 def sha256_path(path: Path) -> tuple[str, int]:
+    """``(hex digest, size in bytes)`` of a file, read in :data:`CHUNK` (1 MiB) pieces; OSError
+    when it cannot be read."""
     with path.open("rb") as handle:
         return sha256_stream(handle)
 

@@ -8,6 +8,7 @@ these and prints them; core code raises and never prints.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any, ClassVar
 
 
 class ExitCode(IntEnum):
@@ -31,8 +32,17 @@ class ExitCode(IntEnum):
 class EdgepackError(Exception):
     """Base of every error edgepack reports to the user."""
 
-    exit_code: ExitCode = ExitCode.FAILURE
-    kind: str = "error"
+    exit_code: ClassVar[ExitCode] = ExitCode.FAILURE
+    kind: ClassVar[str] = "error"  # the JSON document's "error" field
+
+    def __init_subclass__(cls, *, code: ExitCode | None = None, **kwargs: Any) -> None:
+        """``class FitError(EdgepackError, code=ExitCode.FIT)``: the subclass's exit code, and
+        its ``kind`` spelled from the code's name (FIT -> "fit", TOOL_MISSING ->
+        "tool-missing"), so that the two cannot disagree."""
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.exit_code = code
+            cls.kind = code.name.lower().replace("_", "-")
 
     def __init__(
         self, message: str, *, hint: str | None = None, details: tuple[str, ...] = ()
@@ -60,64 +70,51 @@ class EdgepackError(Exception):
         return document
 
 
-class UsageError(EdgepackError):
-    exit_code = ExitCode.USAGE
-    kind = "usage"
+class UsageError(EdgepackError, code=ExitCode.USAGE):
+    """A bad command line: a flag's value or a combination of flags (exit 2, click's own code)."""
 
 
-class InputError(EdgepackError):
+class InputError(EdgepackError, code=ExitCode.INPUT):
     """A model or data file is missing, unreadable or malformed."""
 
-    exit_code = ExitCode.INPUT
-    kind = "input"
 
-
-class TargetError(EdgepackError):
+class TargetError(EdgepackError, code=ExitCode.TARGET):
     """An unknown target name or a target file that fails validation."""
 
-    exit_code = ExitCode.TARGET
-    kind = "target"
 
-
-class FitError(EdgepackError):
+class FitError(EdgepackError, code=ExitCode.FIT):
     """The model needs more memory, storage or flash than the target has."""
 
-    exit_code = ExitCode.FIT
-    kind = "fit"
+
+class ToolMissingError(EdgepackError, code=ExitCode.TOOL_MISSING):
+    """An external program edgepack drives is not installed; the hint names the Debian package
+    (:meth:`packager.tools.base.Tool.require`)."""
 
 
-class ToolMissingError(EdgepackError):
-    exit_code = ExitCode.TOOL_MISSING
-    kind = "tool-missing"
+class ToolFailedError(EdgepackError, code=ExitCode.TOOL_FAILED):
+    """An external program ran and failed: a non-zero exit, a timeout, or an answer edgepack
+    cannot accept; the message carries the tail of its output where there is one."""
 
 
-class ToolFailedError(EdgepackError):
-    exit_code = ExitCode.TOOL_FAILED
-    kind = "tool-failed"
+class VerifyError(EdgepackError, code=ExitCode.VERIFY):
+    """Something edgepack checks is not what it claims: a bundle's checksum, digest, signature
+    or manifest, an OTA repository's metadata, a downloaded file's hash."""
 
 
-class VerifyError(EdgepackError):
-    exit_code = ExitCode.VERIFY
-    kind = "verify"
+class NetworkError(EdgepackError, code=ExitCode.NETWORK):
+    """A download failed or was impossible (Debian mirror, PyPI, a registry; ``--offline`` with
+    the cache lacking what is needed)."""
 
 
-class NetworkError(EdgepackError):
-    exit_code = ExitCode.NETWORK
-    kind = "network"
+class UnsupportedError(EdgepackError, code=ExitCode.UNSUPPORTED):
+    """A well-formed request edgepack cannot carry out (e.g. an operator the target's runtime
+    lacks, a model format a device class cannot deploy)."""
 
 
-class UnsupportedError(EdgepackError):
-    exit_code = ExitCode.UNSUPPORTED
-    kind = "unsupported"
+class AccuracyError(EdgepackError, code=ExitCode.ACCURACY):
+    """An optimized or converted model disagrees with the model it came from beyond the
+    accuracy gate (cosine similarity, top-1 agreement: packager.optimize, packager.models)."""
 
 
-class AccuracyError(EdgepackError):
-    exit_code = ExitCode.ACCURACY
-    kind = "accuracy"
-
-
-class RuntimeCheckError(EdgepackError):
+class RuntimeCheckError(EdgepackError, code=ExitCode.RUNTIME):
     """A bundle's runtime did not become ready or answered wrongly."""
-
-    exit_code = ExitCode.RUNTIME
-    kind = "runtime"

@@ -16,6 +16,10 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Resource:
+    """One budget of a fit check, in bytes: what the model needs (``needed_parts``, labelled,
+    summing to ``needed_bytes``) against what the target offers, and where the figures
+    come from (``available_note``, ``estimate_source``)."""
+
     name: str  # "memory", "storage", "ram", "flash"
     needed_bytes: int
     available_bytes: int
@@ -41,6 +45,9 @@ class Resource:
 
 @dataclass(frozen=True)
 class FitReport:
+    """Every budget a backend checked for the target named ``target``: the ``fit`` of the
+    manifest and of ``--json``; it fits when each resource does."""
+
     target: str
     resources: tuple[Resource, ...]
 
@@ -57,6 +64,7 @@ class FitReport:
 
 
 def human_bytes(n: int) -> str:
+    """``n`` bytes for people in binary units: ``512 B``, ``1.5 KiB``, ... up to ``GiB``."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(value) < 1024 or unit == "GiB":

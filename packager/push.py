@@ -62,6 +62,8 @@ _TITLE = "org.opencontainers.image.title"
 
 @dataclass(frozen=True)
 class PushRequest:
+    """``edgepack push``'s arguments: the bundles, the destination, skopeo's registry options."""
+
     bundles: tuple[Path, ...]
     destination: str  # docker://REGISTRY/REPO:TAG
     options: RegistryOptions = field(default_factory=RegistryOptions)
@@ -69,6 +71,9 @@ class PushRequest:
 
 @dataclass(frozen=True)
 class PushedImage:
+    """One bundle's image as pushed: its platform, its manifest digest (``sha256:...``) and the
+    digest of its SBOM referrer."""
+
     bundle: Path
     platform: str  # "linux/arm64/v8"
     digest: str  # its manifest's, as in the bundle's manifest.json
@@ -77,6 +82,9 @@ class PushedImage:
 
 @dataclass(frozen=True)
 class PushResult:
+    """A finished ``edgepack push``: the digest the tag names (an image manifest for one bundle,
+    an OCI image index for several: ``media_type`` says which) and each image pushed."""
+
     destination: str
     digest: str  # what the tag names: the image manifest (one bundle) or the index
     media_type: str

@@ -141,6 +141,8 @@ def environment() -> jinja2.Environment:
 
 
 def render(template: str, context: Mapping[str, Any]) -> str:
+    """``template`` (relative to templates/) rendered with ``context``; a key the template uses
+    and ``context`` lacks raises jinja2.UndefinedError (StrictUndefined)."""
     return environment().get_template(template).render(**context)
 
 

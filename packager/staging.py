@@ -44,8 +44,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def stale_staging_dirs(out: Path) -> list[Path]:
-    """The staging directories of ``out`` (real directories, not symlinks) whose owner is dead."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.([0-9]{{1,10}})\.{_RANDOM}")
+    """The staging directories of ``out`` (real directories, not symlinks) whose owner is dead:
+    ``.{OUT}.{PID}.{RANDOM}`` (:func:`make_staging_dir`) and ``.{OUT}.old-{PID}`` (an old ``out``
+    that :func:`replace_dir` had moved aside when its process was killed)."""
+    pid = "([0-9]{1,10})"
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:{pid}\.{_RANDOM}|old-{pid})")
     stale: list[Path] = []
     try:
         entries = sorted(out.parent.iterdir())
@@ -55,7 +58,7 @@ def stale_staging_dirs(out: Path) -> list[Path]:
         match = pattern.fullmatch(entry.name)
         if match is None or entry.is_symlink() or not entry.is_dir():
             continue
-        if not _pid_alive(int(match.group(1))):
+        if not _pid_alive(int(match.group(1) or match.group(2))):
             stale.append(entry)
     return stale
 

@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from packager.agent.protocol import CHANNEL
 from packager.bounded import read_bounded
 from packager.errors import TargetError
 from packager.resources import targets_dir
@@ -139,9 +140,10 @@ def ota_repo_problem(url: str) -> str | None:
     return None
 
 
-# --ota-channel (and the channel names a repository publishes under).
+# --ota-channel (and the channel names a repository publishes under, `edgepack ota --channel`):
+# the OTA contract's one pattern (packager.agent.protocol.CHANNEL), which the agent holds too.
 CHANNEL_FORM = Form(
-    r"[a-z0-9][a-z0-9._-]{0,62}",
+    CHANNEL.pattern,
     "lower-case letters, digits, '.', '_' and '-', starting with a letter or digit, "
     "at most 63 characters (e.g. stable)",
 )
@@ -224,6 +226,9 @@ class Platform(_Section):
 
 
 class Cpu(_Section):
+    """``[cpu]``: core count, model (``cortex-a72``), ISA extensions and clock (MHz); ``qemu``
+    names the CPU ``edgepack run`` emulates instead."""
+
     cores: PosInt
     model: Token
     isa: tuple[Token, ...] = ()
@@ -234,12 +239,16 @@ class Cpu(_Section):
 
 
 class LinuxMemory(_Section):
+    """``[memory]`` of a Linux or Jetson target, in MiB (the fit check counts MB as 2**20)."""
+
     ram_mb: PosInt
     # What the OS, drivers and other services keep for themselves; the model gets the rest.
     reserved_mb: NonNegInt = 256
 
 
 class Storage(_Section):
+    """``[storage]``: the device's storage medium and its size, in MiB (2**20)."""
+
     kind: Literal["sd", "emmc", "nvme", "ssd", "usb"]
     size_mb: PosInt
     # Space kept free for the OS, logs and a second (rollback) copy of the bundle.
@@ -247,6 +256,9 @@ class Storage(_Section):
 
 
 class Accelerator(_Section):
+    """``[accelerator]``: its kind and name, peak ``tops`` (tera-operations per second) and a
+    GPU's CUDA compute capability (MAJOR.MINOR, required on a Jetson)."""
+
     kind: Literal["none", "gpu", "npu", "dsp"] = "none"
     name: Text | None = None
     # Strict like every other number: "12" and true are type errors, not 12.0 and 1.0; bounded
@@ -391,6 +403,8 @@ class Service(_Section):
 
 
 class McuCore(_Section):
+    """``[mcu]``: the microcontroller's core, clock (MHz), FPU, DSP extension and ISA tokens."""
+
     core: Literal["cortex-m0plus", "cortex-m4", "cortex-m7", "cortex-m33", "xtensa-lx7", "riscv32"]
     freq_mhz: PosInt
     fpu: Literal["none", "fpv4-sp-d16", "fpv5-sp-d16", "fpv5-d16", "single"] = "none"
@@ -399,6 +413,9 @@ class McuCore(_Section):
 
 
 class McuMemory(_Section):
+    """``[memory]`` of an MCU target: RAM and flash in KiB (the fit check counts KB as 1024
+    bytes), what the application keeps of each, and the flash base address (bytes)."""
+
     ram_kb: PosInt
     flash_kb: PosInt
     # RAM the application keeps outside the tensor arena (stack, I/O buffers, the SDK's heap).
@@ -411,6 +428,9 @@ class McuMemory(_Section):
 
 
 class McuRuntime(_Section):
+    """``[runtime]`` of an MCU target: TFLite Micro built with ``sdk`` for ``board`` by the
+    ``toolchain``-prefixed compiler; ``int8_only`` refuses a model with float tensors."""
+
     engine: Literal["tflite-micro"] = "tflite-micro"
     sdk: Literal["cmake", "zephyr", "esp-idf", "arduino"]
     board: Token
@@ -428,6 +448,9 @@ class _TargetBase(_Section):
 
 
 class LinuxTarget(_TargetBase):
+    """A ``device_class = "linux-container"`` target: a Linux board or PC that serves the
+    model from an OCI container under systemd."""
+
     device_class: Literal["linux-container"]
     platform: Platform
     cpu: Cpu
@@ -439,6 +462,10 @@ class LinuxTarget(_TargetBase):
 
 
 class JetsonTarget(_TargetBase):
+    """A ``device_class = "jetson"`` target: an NVIDIA Jetson serving the model from a JetPack
+    container with a TensorRT engine; a missing or malformed compute capability, a ``dla_core``
+    the module lacks or an ``l4t`` outside ``l4t_min``..``l4t_below`` is refused."""
+
     device_class: Literal["jetson"]
     platform: Platform
     cpu: Cpu
@@ -472,6 +499,8 @@ class JetsonTarget(_TargetBase):
 
 
 class McuTarget(_TargetBase):
+    """A ``device_class = "mcu"`` target: a microcontroller that gets a TFLite Micro C project."""
+
     device_class: Literal["mcu"]
     mcu: McuCore
     memory: McuMemory
@@ -624,6 +653,9 @@ def parse_target(data: dict[str, Any], source: str) -> LoadedTarget:
 
 
 def load_target_file(path: Path) -> LoadedTarget:
+    """The validated target in the TOML file at ``path`` (at most 1 MiB); TargetError (exit 4)
+    naming the file (relative to the working directory or as ``targets/NAME.toml``) when it is
+    missing, unreadable, not UTF-8 TOML or invalid (:func:`parse_target`)."""
     shown = _display_path(path)
     # Only a path that is not there is "not found": a directory, FIFO or device is there, and
     # read_bounded says what it is (never waiting on a FIFO).

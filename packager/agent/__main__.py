@@ -121,6 +121,11 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``init``, ``status`` or ``run`` (looping every --interval seconds unless --once).
+
+    Exit status with --once: 0 for a cycle that ended anything but failed, rolled-back or
+    refused; 3 for one that did; 1 when the cycle raised EngineError, TrustError or OSError.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = _parser().parse_args(argv)
     if args.command == "init":

@@ -76,6 +76,12 @@ _HEX = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class AgentConfig:
+    """One device's agent settings (``--config`` JSON overridden by the command line).
+
+    Durations are in seconds (``*_s``); ``port`` is the host port the container's 8080 is
+    published on, and where its readiness is probed.
+    """
+
     root: Path
     repo_url: str  # http(s)://host/repo/ or file:///media/usb/edgepack-ota/
     device_id: str
@@ -145,6 +151,7 @@ class StepFailed(Exception):
 
 
 def checkpoint(name: str) -> None:
+    """SIGKILL this process when :data:`CRASH_ENV` names ``name`` (crash tests); else nothing."""
     if os.environ.get(CRASH_ENV) == name:
         log.warning("fault injection: SIGKILL at %s", name)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -174,6 +181,12 @@ def _empty_state() -> dict[str, Any]:
 
 
 class Agent:
+    """The update state machine of one device, over the persisted ``ROOT/state.json``.
+
+    Construction creates the root's directories and loads the state (a missing file or another
+    schema starts empty); :meth:`run_once` runs one cycle and returns its :class:`CycleResult`.
+    """
+
     def __init__(self, config: AgentConfig, engine: Engine | None = None) -> None:
         self.cfg = config
         self.root = config.root

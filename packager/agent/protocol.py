@@ -34,6 +34,11 @@ BUCKETS = 10000
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 IMAGE_REF = re.compile(r"[a-z0-9][a-z0-9._/-]{0,254}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?")
 OBJECT_TARGET = re.compile(r"(blobs|files)/sha256/[0-9a-f]{64}")
+# A channel name, as a whole string (re.fullmatch): the one definition of the form, shared by the
+# build's --ota-channel and the publisher's --channel (packager.targets.CHANNEL_FORM is this
+# pattern) and by the agent, which takes no release whose signed channel is not one. It lands
+# in the target path releases/<channel>/<sequence>.json: no '/', no line break, no leading dot.
+CHANNEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 # Files the agent writes itself in a staged release: a release may not name them.
 RESERVED_FILES = frozenset({"image.tar", "release.json"})
 
@@ -156,6 +161,7 @@ def l4t_tuple(release: str) -> tuple[int, int, int]:
 
 
 def release_target(channel: str, sequence: int) -> str:
+    """The TUF target path of a release document: ``releases/<channel>/<sequence:012d>.json``."""
     return f"{RELEASE_PREFIX}{channel}/{sequence:012d}.json"
 
 
@@ -206,17 +212,21 @@ class ReleaseInfo:
 
     @classmethod
     def from_custom(cls, target: str, custom: Any) -> ReleaseInfo | None:
-        """None when the target is no edgepack release or its fields are malformed."""
+        """None when the target is no edgepack release or its fields are malformed (a channel
+        that is no :data:`CHANNEL`, a percent that is no whole 0-100, ...)."""
         if not isinstance(custom, dict):
             return None
         data = custom.get(CUSTOM_KEY)
         if not isinstance(data, dict) or data.get("kind") != "release":
             return None
+        channel = data.get("channel")
+        if not isinstance(channel, str) or not CHANNEL.fullmatch(channel):
+            return None  # no channel the publisher can sign (see CHANNEL)
         try:
             compat = data["compat"]
             return cls(
                 target=target,
-                channel=str(data["channel"]),
+                channel=channel,
                 sequence=int(data["sequence"]),
                 name=str(data["name"]),
                 version=str(data["version"]),

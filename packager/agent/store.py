@@ -17,6 +17,7 @@ _CHUNK = 1024 * 1024
 
 
 def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that a rename or new entry in it survives a power cut."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -25,6 +26,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` via ``.<name>.tmp``: write, fsync, rename, fsync the dir."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as handle:
         handle.write(data)
@@ -35,14 +37,17 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, document: Any) -> None:
+    """:func:`write_atomic` of ``document`` as JSON (indent 2, sorted keys, trailing newline)."""
     write_atomic(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: Path) -> Any:
+    """The UTF-8 JSON document at ``path``; OSError or json.JSONDecodeError as raised."""
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 def sha256_file(path: Path) -> str:
+    """The file's SHA-256 as 64 lowercase hex digits, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(_CHUNK):

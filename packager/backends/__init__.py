@@ -14,6 +14,8 @@ REGISTRY: dict[str, str] = {
 
 
 def get_backend(device_class: str) -> Backend:
+    """A new backend of ``device_class`` (a target's ``device_class``), imported from
+    :data:`REGISTRY` on first use; UnsupportedError (exit 10) for a class no backend builds."""
     import importlib
 
     spec = REGISTRY.get(device_class)

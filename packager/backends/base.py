@@ -15,8 +15,10 @@ and the final atomic move.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
@@ -73,6 +75,9 @@ class BuildRequest:
 
 @dataclass(frozen=True)
 class CopiedFile:
+    """A bundle file copied byte for byte from ``source`` to ``path`` (relative to the bundle
+    root) with file mode ``mode``."""
+
     path: str
     source: Path
     mode: int = 0o644
@@ -253,10 +258,55 @@ def bundle_name(request: BuildRequest) -> str:
     return request.name
 
 
+def checked_options(
+    request: BuildRequest, allowed: Mapping[str, tuple[str, ...]], device_class: str
+) -> dict[str, str]:
+    """``request``'s ``--opt KEY=VALUE`` pairs as ``{KEY: VALUE}`` (a repeated KEY keeps its last
+    value), each KEY one of ``allowed`` and each VALUE one of ``allowed[KEY]``.
+
+    UsageError (exit 2) otherwise: one line naming ``--opt KEY`` (with the closest known key,
+    difflib's 0.6 cutoff as packager.targets uses) and ``device_class``'s keys and values.
+    """
+    known = ", ".join(f"{key}={'|'.join(values)}" for key, values in allowed.items())
+    found: dict[str, str] = {}
+    for key, value in request.options:
+        if key not in allowed:
+            match = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+            guess = f" (did you mean '{match[0]}'?)" if match else ""
+            raise UsageError(
+                f"--opt {key}: not an option of {device_class} targets{guess}",
+                hint=f"{device_class} options: {known}",
+            )
+        if value not in allowed[key]:
+            raise UsageError(
+                f"--opt {key}={value}: give {key}={'|'.join(allowed[key])}",
+                hint=f"{device_class} options: {known}",
+            )
+        found[key] = value
+    return found
+
+
+# The last second datetime (and so oci.iso_time) can write: 9999-12-31T23:59:59Z.
+_MAX_EPOCH = 253_402_300_799
+
+
 def created_epoch() -> int:
-    """``SOURCE_DATE_EPOCH`` when set (reproducible-builds.org), else the Unix epoch."""
-    value = os.environ.get("SOURCE_DATE_EPOCH", "0")
-    return int(value) if value.isdigit() else 0
+    """``SOURCE_DATE_EPOCH`` (seconds) when set and not empty, else 0 (the Unix epoch).
+
+    UsageError (exit 2) when it is set to anything but ASCII digits up to 253402300799
+    (9999-12-31T23:59:59Z): the specification (reproducible-builds.org/specs/source-date-epoch)
+    says a malformed value SHOULD fail the build rather than be replaced.
+    """
+    value = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if not value:
+        return 0
+    # ASCII digits, whole string: str.isdigit() also passes '²', which int() refuses.
+    if not re.fullmatch(r"[0-9]{1,12}", value) or int(value) > _MAX_EPOCH:
+        raise UsageError(
+            f"SOURCE_DATE_EPOCH={value[:40]!r}: give whole seconds since 1970 in ASCII digits, "
+            f"at most {_MAX_EPOCH}, or unset it"
+        )
+    return int(value)
 
 
 # --- after the build: try, verify, publish, describe ----------------------------------------

@@ -85,6 +85,8 @@ class DeviceSection(_Section):
 
 
 class Builder(_Section):
+    """``builder``: the edgepack version that wrote the bundle (v1's ``edgepack_version``)."""
+
     edgepack: Str = __version__
 
 
@@ -98,6 +100,9 @@ class CpuInfo(_Section):
 
 
 class TargetInfo(_Section):
+    """``target``: the target the bundle was built for: its name and device class, plus the OCI
+    platform and CPU where the class has them (a Linux target does, an MCU does not)."""
+
     name: Str
     device_class: Str
     platform: Str | None = None  # the OCI platform, e.g. linux/arm64, where the class has one
@@ -105,6 +110,9 @@ class TargetInfo(_Section):
 
 
 class Tensor(_Section):
+    """One model input or output (:class:`packager.models.info.TensorInfo`): dtype in numpy
+    spelling, each dim an int, a symbolic name (``"batch"``) or null (unknown)."""
+
     name: Str
     dtype: Str
     shape: tuple[Dim, ...]
@@ -134,6 +142,10 @@ class ConstantFolding(_Section):
 
 
 class ModelSection(_Section):
+    """``model``: the model the bundle deploys (:class:`packager.models.info.ModelInfo`): its
+    ``sha256:`` digest and ``size_bytes`` cover the file and its external data; then its tensors
+    and what the source steps recorded (runtime-compat notes, the conversion's measurements)."""
+
     source: Str  # the model file's name as given to edgepack build
     format: Str
     digest: Digest
@@ -159,6 +171,9 @@ class Resource(_Section):
 
 
 class FitSection(_Section):
+    """``fit``: the fit check (:class:`packager.fit.FitReport`): the target's name, whether every
+    resource fits, and each resource's budget in bytes."""
+
     target: Str
     fits: Flag
     resources: tuple[Resource, ...]
@@ -170,6 +185,10 @@ class FitSection(_Section):
 
 
 class Layer(_Section):
+    """One layer of the bundle's OCI image (:class:`packager.image.spec.LayerResult`):
+    ``digest`` and ``size`` (bytes) of the compressed blob, ``diff_id`` and
+    ``uncompressed_size`` (bytes) of the tar inside it."""
+
     name: Str
     digest: Digest
     diff_id: Digest
@@ -212,6 +231,9 @@ class Optimization(_Section):
 
 
 class FileRecord(_Section):
+    """One entry of ``files``: a bundle-relative POSIX path, the file's lower-case hex sha256
+    (no ``sha256:`` prefix: the SHA256SUMS form) and its size in bytes."""
+
     path: Str
     sha256: Sha256
     size: Count
@@ -347,6 +369,8 @@ def _validate(model: type[M], document: object, source: str, prefix: str) -> M:
 
 
 def sha256_file(path: Path) -> str:
+    """The lower-case hex sha256 of the file at ``path``, without the ``sha256:`` prefix
+    (:func:`packager.digest.sha256_file` gives the prefixed form and the size)."""
     return sha256_path(path)[0]
 
 
@@ -380,6 +404,8 @@ def record_files(root: Path) -> list[FileRecord]:
 
 
 def write_sums(root: Path, records: list[FileRecord]) -> None:
+    """Write ``root/SHA256SUMS``: one ``<hex>  <path>`` line per record, in the order given,
+    SHA256SUMS itself left out (coreutils' format: ``sha256sum -c SHA256SUMS`` on a device)."""
     lines = [f"{r.sha256}  {r.path}\n" for r in records if r.path != SUMS]
     (root / SUMS).write_text("".join(lines), encoding="utf-8")
 

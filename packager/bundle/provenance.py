@@ -48,6 +48,8 @@ def dependency(name: str, sha256: str, uri: str | None = None) -> dict[str, Any]
 def predicate(
     external: dict[str, Any], dependencies: list[dict[str, Any]], epoch: int
 ) -> dict[str, Any]:
+    """The SLSA v1 provenance predicate: ``dependencies`` (from :func:`dependency`) sorted by
+    uri then name, ``epoch`` (SOURCE_DATE_EPOCH, seconds) the only time recorded."""
     return {
         "buildDefinition": {
             "buildType": BUILD_TYPE,

@@ -47,6 +47,9 @@ _LICENCE_RECORD_VERSION = 2
 
 @dataclass(frozen=True)
 class DebInfo:
+    """What a .deb's own files say for its SBOM component (:func:`deb_info`): its source
+    package and the licence short names of its ``copyright`` file, and how that file reads."""
+
     source: str
     licences: tuple[str, ...]
     # How the copyright file reads: "machine-readable" (DEP-5), "free-form" (no licence can
@@ -173,6 +176,8 @@ def wheel_purl(record: PackageRecord) -> str:
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """The model's ``machine-learning-model`` component in the SBOM (:func:`build_sbom`)."""
+
     name: str  # the file name in the image
     sha256: str  # hex
     source: str  # the file the build was given (its name: paths are not reproducible)

@@ -49,6 +49,9 @@ MAX_KEY_FILE_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class KeyPair:
+    """What :func:`generate_keypair` wrote: the private (``.key``) and public (``.pub``) PEM
+    files and the key's securesystemslib keyid (64 hex)."""
+
     private: Path
     public: Path
     keyid: str
@@ -174,6 +177,9 @@ def sign_manifest(root: Path, signer: CryptoSigner, predicate: dict[str, Any]) -
 
 @dataclass(frozen=True)
 class SignatureReport:
+    """The signature part of ``edgepack verify``'s report: whether ``manifest.dsse.json`` is
+    there, the keyid that signed it, whether it verified against a key, and its predicate."""
+
     signed: bool
     keyid: str | None = None
     verified: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -10,7 +11,7 @@ from packager.calibration import ImagePreprocessing
 from packager.commands.options import calibration_option, eval_option, trust_model_code_option
 from packager.console import Table, console
 from packager.errors import UsageError
-from packager.models.torch_export import InputSpec
+from packager.models.torch_export import INPUT_DTYPES, InputSpec
 from packager.optimize import OptimizeRequest, optimize
 from packager.optimize.cpu import target_cpu
 from packager.optimize.request import (
@@ -20,6 +21,12 @@ from packager.optimize.request import (
     QUANTIZE_CHOICES,
     PruneOptions,
 )
+
+# ASCII digits only, whole string: str.isdigit() also passes '²' or '١', which int() then
+# refuses (an internal error) or reads as a number the user never typed. At most 9 (a dim,
+# a size in pixels or an axis below 10**9): int() refuses more than 4300 digits (CPython's
+# int_max_str_digits), an internal error too.
+_DIGITS = re.compile(r"[0-9]{1,9}")
 
 _PRUNE_KINDS = {
     "l1": "l1",
@@ -85,7 +92,8 @@ _PRUNE_KINDS = {
     "input_shapes",
     multiple=True,
     metavar="NAME=D1,D2,...[:DTYPE]",
-    help="PyTorch: an input's example shape, in forward() order (repeatable).",
+    help="PyTorch: an input's example shape, in forward() order (repeatable); DTYPE one of "
+    f"{', '.join(INPUT_DTYPES)} [float32].",
 )
 @click.option(
     "--dynamic-dim",
@@ -240,6 +248,10 @@ def optimize_cmd(
 
 
 def parse_floats(flag: str, text: str) -> tuple[float, ...]:
+    """``--mean``/``--std`` text such as ``0.485,0.456,0.406`` as floats.
+
+    Raises UsageError (exit 2) naming ``flag`` when a part is not a number.
+    """
     try:
         return tuple(float(part) for part in text.split(","))
     except ValueError as exc:
@@ -249,32 +261,51 @@ def parse_floats(flag: str, text: str) -> tuple[float, ...]:
 
 
 def parse_resize(text: str | None) -> tuple[int, int] | None:
+    """``--resize HxW`` as (height, width) in pixels; None when the option was not given.
+
+    Raises UsageError (exit 2) unless both are positive integers written in ASCII digits.
+    """
     if text is None:
         return None
     parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise UsageError(f"--resize {text}: give HEIGHTxWIDTH, e.g. 224x224")
+    if len(parts) != 2 or not all(_DIGITS.fullmatch(p) and int(p) > 0 for p in parts):
+        raise UsageError(
+            f"--resize {text[:40]!r}: give HEIGHTxWIDTH in ASCII digits (at most 9 each), "
+            "e.g. 224x224"
+        )
     return int(parts[0]), int(parts[1])
 
 
 def parse_inputs(shapes: tuple[str, ...], dynamic: tuple[str, ...]) -> tuple[InputSpec, ...]:
+    """``--input-shape NAME=D1,D2,...[:DTYPE]`` and ``--dynamic-dim NAME:AXIS`` as InputSpecs.
+
+    In first-named order; DTYPE defaults to float32, a repeated NAME keeps its last shape and each
+    input's dynamic axes are sorted and deduplicated. Raises UsageError (exit 2) for a malformed
+    value, or a dynamic axis of an input --input-shape does not name or past its rank.
+    """
     specs: dict[str, tuple[tuple[int, ...], str]] = {}
     for text in shapes:
         name, sep, rest = text.partition("=")
         dims_text, _, dtype = rest.partition(":")
-        try:
-            dims = tuple(int(d) for d in dims_text.split(","))
-        except ValueError:
-            dims = ()
+        parts = [d.strip() for d in dims_text.split(",")]
+        dims = tuple(int(d) for d in parts) if all(_DIGITS.fullmatch(d) for d in parts) else ()
         if not sep or not name or not dims or any(d <= 0 for d in dims):
-            raise UsageError(f"--input-shape {text}: give NAME=D1,D2,... e.g. x=1,3,224,224")
+            raise UsageError(
+                f"--input-shape {text[:60]!r}: give NAME=D1,D2,... in ASCII digits (at most 9 "
+                "each), e.g. x=1,3,224,224"
+            )
         specs[name] = (dims, dtype or "float32")
     axes: dict[str, list[int]] = {name: [] for name in specs}
     for text in dynamic:
         name, _, axis_text = text.partition(":")
-        if name not in specs or not axis_text.isdigit() or int(axis_text) >= len(specs[name][0]):
+        if (
+            name not in specs
+            or not _DIGITS.fullmatch(axis_text)
+            or int(axis_text) >= len(specs[name][0])
+        ):
             raise UsageError(
-                f"--dynamic-dim {text}: give NAME:AXIS for an input named by --input-shape"
+                f"--dynamic-dim {text[:60]!r}: give NAME:AXIS (AXIS in ASCII digits, below the "
+                "input's rank) for an input named by --input-shape"
             )
         axes[name].append(int(axis_text))
     return tuple(
@@ -284,6 +315,11 @@ def parse_inputs(shapes: tuple[str, ...], dynamic: tuple[str, ...]) -> tuple[Inp
 
 
 def parse_prune(specs: tuple[str, ...]) -> PruneOptions:
+    """``--prune l1=AMOUNT`` / ``l2=AMOUNT`` as PruneOptions (AMOUNT a fraction, 0 <= AMOUNT < 1).
+
+    ``l1-unstructured`` and ``l2-structured`` are accepted as the long names; a repeated kind keeps
+    its last amount. Raises UsageError (exit 2) for any other kind or amount.
+    """
     amounts = {"l1": 0.0, "l2": 0.0}
     for text in specs:
         kind, _, amount = text.partition("=")

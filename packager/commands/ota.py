@@ -9,13 +9,22 @@ import click
 
 from packager.console import Table, console
 from packager.errors import UsageError
+from packager.ota.bundle import check_channel
 from packager.ota.repo import ROOT_KEYS, ROOT_THRESHOLD, Renewal, Repository, RoleExpiry
 from packager.ota.reports import read_reports, should_halt, summarize
 
 _repo_option = click.option(
     "--repo", "repo_path", type=click.Path(path_type=Path), required=True, help="repository dir"
 )
-_channel_option = click.option("--channel", default="stable", show_default=True)
+# Checked where it is parsed, for every command (status only filters by it, but a channel no
+# release can have is a typo worth one line, not an empty table).
+_channel_option = click.option(
+    "--channel",
+    default="stable",
+    show_default=True,
+    callback=lambda _ctx, _param, value: check_channel(value),
+    help="release channel: lower-case letters, digits, '.', '_', '-' (at most 63)",
+)
 _json_option = click.option("--json", "as_json", is_flag=True, help="print a JSON document")
 # A stick or timestamp valid longer than ten years is a typo, and beyond it datetime overflows.
 _MAX_DAYS = 3650

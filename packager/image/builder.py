@@ -118,10 +118,16 @@ def file_layer_entries(layer: FileLayer) -> list[TarEntry]:
     return with_parents(entries)
 
 
-def file_layer_key(
-    layer: FileLayer, entries: list[TarEntry], epoch: int, compression: str = "gzip"
-) -> str:
-    """Key by metadata and content hashes (a model is hashed, not compressed, when unchanged)."""
+def file_layer_key(entries: list[TarEntry], epoch: int, compression: str = "gzip") -> str:
+    """The cache key of the layer blob :func:`store_layer` writes from ``entries`` (bytes or
+    files, as :func:`file_layer_entries` makes them) with mtime ``epoch`` (s) and
+    ``compression``: a hex SHA-256 of each entry's metadata and content hash (a model is hashed,
+    not compressed, when unchanged).
+
+    It covers exactly what the blob's bytes depend on. The layer's name is not part of it: it
+    only labels progress and the LayerResult, which is made per build, so two layers with the
+    same entries rightly share one blob (the same bytes, the same digest).
+    """
     described: list[Any] = []
     for e in entries:
         content = None
@@ -140,7 +146,7 @@ def file_layer_key(
 def _file_layer(layer: FileLayer, epoch: int, cache: ContentCache,
                 compression: Compression = "gzip") -> _Built:
     entries = file_layer_entries(layer)
-    key = file_layer_key(layer, entries, epoch, compression)
+    key = file_layer_key(entries, epoch, compression)
     blob = cached_layer(cache, "file-layer", key)
     cached = blob is not None
     if blob is None:

@@ -2,7 +2,7 @@
 
 Layout under the cache directory::
 
-    blobs/sha256/<hex>      layer blobs (gzip), debs and wheels, named by their content
+    blobs/sha256/<hex>      layer blobs (gzip or zstd), debs and wheels, named by their content
     records/<kind>/<key>.json  locks and "this input gave that blob" records
     tmp/                    staging for writes, renamed into place when complete
 
@@ -38,6 +38,11 @@ def key_of(document: Any) -> str:
 
 
 class ContentCache:
+    """The content cache under ``root``: blobs by sha256, JSON records by kind and key, staging.
+
+    Creating one makes its directories; raises InputError (exit 3) when they cannot be created.
+    """
+
     def __init__(self, root: Path) -> None:
         self.root = root
         for sub in ("blobs/sha256", "records", "tmp"):

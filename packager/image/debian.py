@@ -38,7 +38,7 @@ MERGED_USR_DIRS: dict[str, tuple[str, ...]] = {
 DEBIAN_RELEASES = {"bullseye": "11", "bookworm": "12", "trixie": "13"}
 
 # Licence notices stay even when usr/share/doc is excluded: redistributing the image needs them.
-_KEEP_ALWAYS = re.compile(r"^usr/share/doc/[^/]+/copyright$")
+_KEEP_ALWAYS = re.compile(r"usr/share/doc/[^/]+/copyright")
 
 _LOCK_VERSION = 1
 _LAYER_VERSION = 1
@@ -46,6 +46,8 @@ _LAYER_VERSION = 1
 
 @dataclass(frozen=True)
 class LockedPackage:
+    """One .deb of the resolved closure as the signed Packages index lists it; ``size`` in bytes."""
+
     package: str
     version: str
     architecture: str
@@ -56,6 +58,12 @@ class LockedPackage:
 
 @dataclass(frozen=True)
 class DebianLock:
+    """The package closure apt resolved for ``requested`` on one architecture and suite.
+
+    Stored as the "debian-lock" cache record; ``from_json`` returns None for a record of another
+    lock version or a malformed one (:func:`load_or_resolve_lock` then resolves again).
+    """
+
     arch: str
     suite: str
     requested: tuple[str, ...]
@@ -87,6 +95,12 @@ class DebianLock:
 
 @dataclass(frozen=True)
 class BaseLayer:
+    """The Debian base layer blob and the lock it was built from.
+
+    ``cached``: taken from the content cache as it was; ``description``: suite, architecture and
+    every package=version, for the image history's ``created_by``.
+    """
+
     blob: layer.LayerBlob
     lock: DebianLock
     cached: bool
@@ -107,7 +121,7 @@ def merged_usr_path(path: str, arch: str) -> str:
 
 def is_excluded(path: str, exclude: tuple[str, ...]) -> bool:
     """True when ``path`` is an excluded path or lies under one (licence notices are kept)."""
-    if _KEEP_ALWAYS.match(path):
+    if _KEEP_ALWAYS.fullmatch(path):
         return False
     for pattern in exclude:
         prefix = layer.normalize_path(pattern)
@@ -153,6 +167,10 @@ def source_lines(base: DebianBase) -> list[str]:
 
 
 def lock_key(base: DebianBase, arch: str) -> str:
+    """The "debian-lock" record key: sha256 hex of the architecture, suite, sources and packages.
+
+    Raises TargetError (exit 4) as :func:`source_lines` does.
+    """
     return key_of(
         {
             "arch": arch,
@@ -192,17 +210,23 @@ def split_deb_filename(filename: str) -> tuple[str, str, str]:
 
 
 def passwd_text(users: tuple[tuple[str, int], ...]) -> str:
+    """``/etc/passwd``: root, then one nologin account per (name, uid) user, with gid = uid."""
     lines = ["root:x:0:0:root:/root:/bin/sh"]
     lines += [f"{name}:x:{uid}:{uid}::/nonexistent:/usr/sbin/nologin" for name, uid in users]
     return "".join(line + "\n" for line in lines)
 
 
 def group_text(users: tuple[tuple[str, int], ...]) -> str:
+    """``/etc/group``: root, then one group per (name, uid) user, with gid equal to the uid."""
     lines = ["root:x:0:"] + [f"{name}:x:{uid}:" for name, uid in users]
     return "".join(line + "\n" for line in lines)
 
 
 def os_release_text(suite: str) -> str:
+    """Debian's ``os-release`` (``KEY="value"`` lines) for ``suite``.
+
+    A suite not in DEBIAN_RELEASES gets no version number (VERSION_ID left out).
+    """
     number = DEBIAN_RELEASES.get(suite, "")
     pretty = f"Debian GNU/Linux {number} ({suite})" if number else f"Debian GNU/Linux ({suite})"
     fields = {
@@ -443,6 +467,11 @@ def base_layer_key(
     epoch: int,
     compression: layer.Compression = "gzip",
 ) -> str:
+    """The "debian-layer" record key: sha256 hex of everything that shapes the layer's bytes.
+
+    That is: architecture, suite, the locked .debs' sha256s, excluded paths, users, the mtime
+    ``epoch`` (seconds), the slim policy and the compression.
+    """
     return key_of(
         {
             "version": _LAYER_VERSION,

@@ -1,8 +1,9 @@
 """Deterministic layer tarballs, written in one streaming pass.
 
 A layer is described as a list of :class:`TarEntry` (pure data); :func:`write_layer` sorts them and
-streams them through tar -> gzip -> file while hashing both the uncompressed tar (the ``diff_id``)
-and the compressed blob (the ``digest``), so a 50 MB model is read once and never held in memory.
+streams them through tar -> gzip or zstd (:data:`Compression`) -> file while hashing both the
+uncompressed tar (the ``diff_id``) and the compressed blob (the ``digest``), so a 50 MB model is
+read once and never held in memory.
 Every entry gets the same mtime, numeric ids only and no user/group names: same entries, same bytes.
 """
 
@@ -51,10 +52,11 @@ class TarEntry:
 
 @dataclass(frozen=True)
 class LayerBlob:
-    """A written gzip layer: where it is and the two hashes an image manifest needs."""
+    """A written layer, gzip or zstd compressed: where it is and the two hashes an image manifest
+    needs."""
 
     path: Path
-    digest: str  # sha256 of the gzip bytes
+    digest: str  # sha256 of the compressed (gzip or zstd) bytes
     diff_id: str  # sha256 of the tar bytes
     size: int
     uncompressed_size: int
@@ -87,6 +89,8 @@ def with_parents(entries: Iterable[TarEntry], *, mode: int = 0o755) -> list[TarE
 
 
 class Sink(Protocol):
+    """Where a tar stream is written: anything with a binary ``write`` (a file, a compressor)."""
+
     def write(self, data: bytes, /) -> int: ...
 
 
@@ -116,6 +120,10 @@ class HashingWriter(io.RawIOBase):
 
 
 def tar_info(entry: TarEntry, mtime: int) -> tarfile.TarInfo:
+    """The tar header of ``entry``: permission bits only, numeric ids, no user or group names.
+
+    ``mtime`` is in seconds since the epoch and is the same for every entry of a layer.
+    """
     info = tarfile.TarInfo(entry.path)
     info.mtime = mtime
     info.mode = entry.mode & 0o7777

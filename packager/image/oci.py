@@ -65,6 +65,8 @@ _NS = 1_000_000_000
 
 @dataclass(frozen=True)
 class Descriptor:
+    """An OCI content descriptor: media type, ``sha256:<hex>`` digest and size in bytes."""
+
     media_type: str
     digest: str
     size: int
@@ -74,14 +76,17 @@ class Descriptor:
 
 
 def sha256_of(data: bytes) -> str:
+    """``sha256:<hex>`` of ``data``: the digest form OCI documents use."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def blob_name(digest: str) -> str:
+    """A blob's path inside an OCI image layout: ``sha256:<hex>`` -> ``blobs/sha256/<hex>``."""
     return "blobs/" + digest.replace(":", "/", 1)
 
 
 def iso_time(epoch: int) -> str:
+    """``epoch`` (seconds) as an RFC 3339 UTC time in whole seconds: ``2024-01-02T03:04:05Z``."""
     return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -108,6 +113,7 @@ def merge_env(*groups: list[tuple[str, str]]) -> list[str]:
 
 
 def parse_env(lines: list[str]) -> list[tuple[str, str]]:
+    """A config's ``Env`` lines as (key, value) pairs; a line without ``=`` has an empty value."""
     pairs = []
     for line in lines:
         key, _, value = line.partition("=")
@@ -118,7 +124,19 @@ def parse_env(lines: list[str]) -> list[tuple[str, str]]:
 def container_config(
     config: ImageConfig, *, base: dict[str, Any] | None, extra_env: list[tuple[str, str]]
 ) -> dict[str, Any]:
-    """Docker's ``config`` object; the base image's values stay unless ours set them."""
+    """Docker's ``config`` object: the base image's ``config`` (``base``; None: none) with ours
+    applied.
+
+    - Env: the base's, then ``extra_env``, then ours, a later value replacing a key's earlier one
+      in place; PATH defaults to :data:`DEFAULT_PATH` when the base sets none.
+    - User, Entrypoint and StopSignal: always ours, replacing the base's.
+    - Cmd: ours; when ours is empty the base's is dropped too (docker drops the base's Cmd when
+      the entrypoint changes).
+    - WorkingDir: ours, unless ours is ``/`` and the base sets one.
+    - ExposedPorts and Labels: the base's plus ours (ours win a clash); Healthcheck: ours when
+      set, else the base's.
+    - Any other key of the base's stays as it is.
+    """
     out: dict[str, Any] = dict(base or {})
     base_env = parse_env(list(out.get("Env") or []))
     defaults = [] if any(k == "PATH" for k, _ in base_env) else [("PATH", DEFAULT_PATH)]
@@ -161,6 +179,10 @@ def config_document(
     diff_ids: list[str],
     history: list[dict[str, Any]],
 ) -> dict[str, Any]:
+    """The OCI image config for linux/``arch``: ``container`` as its ``config``, layers by diff_id.
+
+    ``created`` is ``created_epoch`` (seconds) as an RFC 3339 time; ``variant`` only when given.
+    """
     doc: dict[str, Any] = {
         "architecture": arch,
         "os": "linux",
@@ -177,6 +199,10 @@ def config_document(
 def manifest_document(
     config: Descriptor, layers: list[Descriptor], annotations: dict[str, str]
 ) -> dict[str, Any]:
+    """The OCI image manifest (schemaVersion 2) naming ``config`` and ``layers``, in layer order.
+
+    ``annotations`` are written only when there are some.
+    """
     doc: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST,
@@ -191,6 +217,11 @@ def manifest_document(
 def index_document(
     manifest: Descriptor, ref_name: str, *, arch: str, variant: str | None
 ) -> dict[str, Any]:
+    """The layout's ``index.json``: one manifest for linux/``arch``, named by ``ref_name``.
+
+    Its annotations carry the full reference (``io.containerd.image.name``, docker's rules:
+    :func:`image_reference`) and the tag alone (``org.opencontainers.image.ref.name``).
+    """
     full, tag = image_reference(ref_name)
     platform: dict[str, str] = {"architecture": arch, "os": "linux"}
     if variant:
@@ -253,7 +284,8 @@ def write_archive(
     legacy: list[Any],
     mtime: int,
 ) -> None:
-    """Write the image tar (uncompressed: the layers inside are gzip already) to ``dest``."""
+    """Write the image tar (uncompressed: the layers inside are compressed already, gzip or
+    zstd) to ``dest``."""
     entries = [TarEntry("blobs", "dir", 0o755), TarEntry("blobs/sha256", "dir", 0o755)]
     seen: set[str] = set()
     for digest, source in blobs:

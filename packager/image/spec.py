@@ -69,6 +69,8 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class FileLayer:
+    """A layer edgepack writes from files, directories and symlinks (the runtime, the model)."""
+
     name: str  # "runtime", "model": shown in progress and in manifests
     files: tuple[FileEntry, ...]
     # Directories to create even when no file lands in them (e.g. a writable /tmp).
@@ -96,6 +98,8 @@ class WheelSet:
 
 @dataclass(frozen=True)
 class HealthCheck:
+    """Docker's HEALTHCHECK in the image config; times in seconds (the config holds nanoseconds)."""
+
     test: tuple[str, ...]  # docker's form, e.g. ("CMD", "python3", "-m", "x.healthcheck")
     interval_s: int = 30
     timeout_s: int = 5
@@ -105,6 +109,11 @@ class HealthCheck:
 
 @dataclass(frozen=True)
 class ImageConfig:
+    """The run settings of the image config (Docker's ``config`` object).
+
+    Laid over a user base image's own config by :func:`packager.image.oci.container_config`.
+    """
+
     user: str  # "10001:10001"
     entrypoint: tuple[str, ...]
     cmd: tuple[str, ...] = ()
@@ -141,6 +150,8 @@ class StorageBudget:
 
 @dataclass(frozen=True)
 class ImageSpec:
+    """One single-platform image to build: base, wheels and file layers in order, config, tag."""
+
     platform_os: Literal["linux"]
     arch: OciArch
     variant: str | None
@@ -177,6 +188,8 @@ class PackageRecord:
 
 @dataclass(frozen=True)
 class LayerResult:
+    """One layer of a built image: its two digests (manifest, config) and sizes in bytes."""
+
     name: str
     digest: str  # sha256 of the compressed blob, "sha256:<hex>"
     diff_id: str  # sha256 of the uncompressed tar
@@ -187,6 +200,11 @@ class LayerResult:
 
 @dataclass(frozen=True)
 class ImageResult:
+    """A written image archive (OCI layout and docker's manifest.json in one tar) and its contents.
+
+    Sizes in bytes; ``manifest_digest`` and ``config_digest`` are ``sha256:<hex>``.
+    """
+
     archive: Path
     manifest_digest: str  # the image digest that registries and `skopeo inspect` report
     config_digest: str

@@ -40,6 +40,8 @@ _LAYER_VERSION = 1
 
 @dataclass(frozen=True)
 class LockedWheel:
+    """One wheel of the "wheel-lock" record: its file name, sha256 hex and size in bytes."""
+
     filename: str
     sha256: str  # hex
     size: int
@@ -47,6 +49,12 @@ class LockedWheel:
 
 @dataclass(frozen=True)
 class WheelLayer:
+    """The installed-wheels layer blob and the locked wheels it holds.
+
+    ``cached``: taken from the content cache as it was; ``compiled``: it ships ``.pyc`` files;
+    ``description``: every wheel file name, for the image history's ``created_by``.
+    """
+
     blob: LayerBlob
     wheels: tuple[LockedWheel, ...]
     cached: bool
@@ -55,6 +63,7 @@ class WheelLayer:
 
 
 def lock_key(wheels: WheelSet, arch: str) -> str:
+    """The "wheel-lock" record key: sha256 hex of arch, platform tags, Python, pins, with_deps."""
     return key_of(
         {
             "version": _LOCK_VERSION,
@@ -166,6 +175,11 @@ def download_wheels(wheels: WheelSet, arch: str, cache: ContentCache) -> tuple[L
 def locked_wheels(
     wheels: WheelSet, arch: str, cache: ContentCache, *, refresh: bool, offline: bool
 ) -> tuple[LockedWheel, ...]:
+    """The stored wheel lock for these pins and platform, else pip's download of them, then stored.
+
+    ``refresh`` ignores a stored lock. Raises NetworkError (exit 9) when ``offline`` and none is
+    stored.
+    """
     key = lock_key(wheels, arch)
     locked = None if refresh else _lock_from_record(cache.get_record("wheel-lock", key))
     if locked is not None:

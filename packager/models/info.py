@@ -13,6 +13,8 @@ Dim = int | str | None  # a fixed size, a symbolic name ("batch"), or unknown
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One model input or output: its name, numpy dtype spelling and shape (:data:`Dim` each)."""
+
     name: str
     dtype: str  # numpy spelling: "float32", "int8", "int64", "bool", ...
     shape: tuple[Dim, ...]
@@ -27,6 +29,10 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """What an inspector (``packager.models.INSPECTORS``) learnt of one model file: format,
+    digest and size in bytes (file plus external data), I/O tensors, operator counts, the
+    parameter count, and the weight and estimated peak activation sizes in bytes."""
+
     path: Path
     format: ModelFormat
     digest: str  # "sha256:<hex>" over the model file and its external-data files, in order

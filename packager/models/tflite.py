@@ -16,7 +16,7 @@ from typing import Any
 import tflite  # type: ignore[import-untyped]
 
 from packager.errors import InputError
-from packager.models.info import ModelInfo, TensorInfo, by_frequency
+from packager.models.info import Dim, ModelInfo, TensorInfo, by_frequency
 
 # TFLite's file identifier, stored at bytes 4..8 of every model.
 FILE_IDENTIFIER = b"TFL3"
@@ -79,13 +79,30 @@ class QuantParams:
 
 @dataclass(frozen=True)
 class TfliteTensor:
+    """One tensor of subgraph 0 as the flatbuffer declares it: ``shape`` as stored, the concrete
+    dims an interpreter allocates (a dynamic dim is stored as 1), ``signature`` the declared
+    shape (``shape_signature``: -1 per dynamic dim; ``shape`` when the file has none),
+    ``dtype`` in numpy spelling, ``constant_bytes`` its buffer's size (0: activation).
+
+    Sizes (``elements``, the activation estimate) and TFLite Micro use ``shape``: TFLM allocates
+    and runs exactly the stored dims and never reads ``shape_signature``
+    (tensorflow/lite/micro/micro_allocator.cc, ``FlatBufferVectorToTfLiteTypeArray(
+    flatbuffer_tensor.shape())``). What a model *accepts* (inspect, the manifest) is
+    ``signature``. Source: TensorFlow Lite's schema.fbs, ``Tensor.shape_signature``."""
+
     index: int
     name: str
     dtype: str  # numpy spelling
     shape: tuple[int, ...]
+    signature: tuple[int, ...]  # shape_signature: -1 per dynamic dim
     quant: QuantParams | None
     constant_bytes: int  # size of the tensor's buffer data; 0 for activations
     is_variable: bool
+
+    @property
+    def dynamic_axes(self) -> tuple[int, ...]:
+        """The axes ``signature`` declares dynamic (-1), in order."""
+        return tuple(axis for axis, dim in enumerate(self.signature) if dim < 0)
 
     @property
     def elements(self) -> int:
@@ -100,6 +117,7 @@ class TfliteTensor:
             "name": self.name,
             "dtype": self.dtype,
             "shape": list(self.shape),
+            "shape_signature": list(self.signature),
             "quantization": self.quant.to_json() if self.quant else None,
         }
 
@@ -120,6 +138,11 @@ class TfliteOp:
 
 @dataclass(frozen=True)
 class TfliteModel:
+    """What :func:`analyze_tflite` read from one flatbuffer: the file's size (bytes) and sha256
+    (hex), subgraph 0's tensors, the operator codes every subgraph uses; ``weights_bytes`` and
+    ``param_count`` sum subgraph 0's constant tensors, ``activation_bytes`` is the estimated peak
+    of its live activations (bytes; the TFLM arena measured on the target is the real figure)."""
+
     schema_version: int
     description: str
     size_bytes: int
@@ -180,15 +203,31 @@ def _buffer_bytes(model: Any, index: int) -> int:
     return int(buffer.DataLength())
 
 
+def _signature(t: Any, index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The tensor's ``shape_signature`` when the file has one, else ``shape``. The converter
+    writes it with the stored shape's rank, -1 where a dim is dynamic and the stored dim
+    elsewhere; anything else is a damaged or forged file (ValueError)."""
+    if t.ShapeSignatureLength() == 0:
+        return shape
+    signature = tuple(int(t.ShapeSignature(i)) for i in range(t.ShapeSignatureLength()))
+    if len(signature) != len(shape) or any(
+        d != -1 and d != s for d, s in zip(signature, shape, strict=True)
+    ):
+        raise ValueError(f"tensor {index}: shape_signature {signature} disagrees with {shape}")
+    return signature
+
+
 def _tensor(model: Any, subgraph: Any, index: int) -> TfliteTensor:
     t = subgraph.Tensors(index)
     type_name = _TYPE_NAMES.get(int(t.Type()), f"TYPE_{t.Type()}")
     name = t.Name()
+    shape = tuple(int(t.Shape(i)) for i in range(t.ShapeLength()))
     return TfliteTensor(
         index=index,
         name=name.decode("utf-8", "replace") if name else f"tensor_{index}",
         dtype=_DTYPES.get(type_name, type_name.lower()),
-        shape=tuple(int(t.Shape(i)) for i in range(t.ShapeLength())),
+        shape=shape,
+        signature=_signature(t, index, shape),
         quant=_quant(t),
         constant_bytes=_buffer_bytes(model, int(t.Buffer())),
         is_variable=bool(t.IsVariable()),
@@ -327,7 +366,18 @@ def read_tflite(path: Path) -> tuple[bytes, TfliteModel]:
     return data, analyze_tflite(data, str(path))
 
 
+def _dims(t: TfliteTensor) -> tuple[Dim, ...]:
+    """The declared shape as ModelInfo spells it: a dynamic (-1) dim is None (unknown: TFLite
+    has no dim names), as the ONNX and Keras inspectors report theirs."""
+    return tuple(None if d < 0 else d for d in t.signature)
+
+
 def to_model_info(path: Path, analysis: TfliteModel) -> ModelInfo:
+    """The :class:`ModelInfo` of an analysed ``.tflite``: opsets ``{"tflite_schema": version}``,
+    node counts by operator name over every subgraph, the model's description as producer
+    (None when empty), one note per operator code (``op NAME vN xCOUNT``). Input and output
+    shapes are the declared ones (``shape_signature``: None per dynamic dim); the sizes are
+    the stored shapes' (dynamic dims taken as stored, 1)."""
     histogram = Counter[str]()
     for op in analysis.ops:
         histogram[op.name] += op.count
@@ -336,8 +386,8 @@ def to_model_info(path: Path, analysis: TfliteModel) -> ModelInfo:
         format="tflite",
         digest=f"sha256:{analysis.sha256}",
         size_bytes=analysis.size_bytes,
-        inputs=tuple(TensorInfo(t.name, t.dtype, t.shape) for t in analysis.inputs),
-        outputs=tuple(TensorInfo(t.name, t.dtype, t.shape) for t in analysis.outputs),
+        inputs=tuple(TensorInfo(t.name, t.dtype, _dims(t)) for t in analysis.inputs),
+        outputs=tuple(TensorInfo(t.name, t.dtype, _dims(t)) for t in analysis.outputs),
         opsets={"tflite_schema": analysis.schema_version},
         op_histogram=by_frequency(histogram),
         param_count=analysis.param_count,

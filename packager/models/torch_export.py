@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from packager.errors import InputError, UnsupportedError
+from packager.errors import InputError, UnsupportedError, UsageError
 from packager.extras import require
+from packager.models.info import element_count
 
 # Re-exported for the PyTorch callers: the refusal is written once, in packager.models.trust.
 from packager.models.trust import check_trusted
@@ -58,22 +59,63 @@ TORCH_SUFFIXES = frozenset({".pt", ".pth", ".pt2", ".ts", ".jit", ".torchscript"
 _INLINE_LIMIT = 2 * 1024**3 - 1
 # The dynamo exporter's own default opset; 18 has every op the quantizers and converters need.
 EXPORT_OPSET = 18
+# The DTYPE an --input-shape may name: torch's own dtype names (torch.float32, ...) for the real
+# and integer tensors a model's forward() takes. Checked as whole strings against this table
+# before torch is imported: torch's namespace holds far more than dtypes (':nn' would name
+# torch.nn), and complex or quantized tensors are no example input the exporter traces.
+INPUT_DTYPES = (
+    "float32", "float16", "bfloat16", "float64",
+    "int8", "int16", "int32", "int64", "uint8", "bool",
+)  # fmt: skip
+
+
+# The largest example input the export allocates (elements): 1 GiB of float32, far past any
+# edge model's input (a 4K RGB frame is 25 M), far below what crashes the allocator.
+MAX_EXAMPLE_ELEMENTS = 2**28
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One model input as the user names it on the command line: ``x=1,3,224,224``."""
+    """One model input as the user names it on the command line: ``x=1,3,224,224[:DTYPE]``.
+
+    ``dtype`` is one of :data:`INPUT_DTYPES` (UsageError, exit 2, naming ``--input-shape``
+    otherwise: see :func:`check_dtype`)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
     dynamic_axes: tuple[int, ...] = ()  # axes exported as symbolic dimensions
 
+    def __post_init__(self) -> None:
+        check_dtype(self.name, self.dtype)
+        # The export allocates one example tensor of this shape: a bounded one, or an
+        # allocator failure deep in torch (an internal error) instead of a line naming the flag.
+        count = element_count(self.shape)
+        if count is None or count > MAX_EXAMPLE_ELEMENTS:
+            raise UsageError(
+                f"--input-shape {self.name!r}: {'x'.join(map(str, self.shape))} is more than "
+                f"{MAX_EXAMPLE_ELEMENTS} elements ({MAX_EXAMPLE_ELEMENTS * 4 // 2**30} GiB as "
+                "float32), the most an example input for the export may have",
+                hint="give the shape of one real input (batch 1)",
+            )
+
     def dim_name(self, axis: int) -> str:
         return f"{self.name}_dim{axis}"
 
 
+def check_dtype(name: str, dtype: str) -> str:
+    """``dtype`` when it is one of :data:`INPUT_DTYPES` (the whole string); UsageError (exit 2)
+    naming ``--input-shape`` and the allowed names otherwise."""
+    if dtype not in INPUT_DTYPES:
+        raise UsageError(
+            f"--input-shape {name!r}: DTYPE {dtype!r} is not an input dtype; "
+            f"use one of {', '.join(INPUT_DTYPES)} (NAME=D1,D2,...:DTYPE)"
+        )
+    return dtype
+
+
 def require_torch() -> Any:
+    """The ``torch`` module; ToolMissingError (exit 6) naming ``edgepack[optimize]`` without it."""
     return require("torch", "reading PyTorch models", "optimize")
 
 
@@ -186,9 +228,7 @@ def _example_args(torch: Any, inputs: tuple[InputSpec, ...], source: Path) -> tu
         shape = [
             2 if (axis in spec.dynamic_axes and d == 1) else d for axis, d in enumerate(spec.shape)
         ]
-        dtype = getattr(torch, spec.dtype, None)
-        if dtype is None:
-            raise InputError(f"--input-shape {spec.name}: unknown dtype '{spec.dtype}'")
+        dtype = getattr(torch, spec.dtype)  # one of INPUT_DTYPES, all torch dtypes (InputSpec)
         generator = torch.Generator().manual_seed(0)
         if dtype.is_floating_point:
             tensors.append(torch.rand(shape, dtype=dtype, generator=generator))

@@ -3,7 +3,8 @@
 onnxruntime kernels of the emulated CPU.
 
 Usage: ``python emulated_run.py MODEL.onnx FEEDS.npz OUT.npz``. FEEDS holds ``s<i>_<j>`` (sample
-i, input j) and ``names`` (the input names); OUT gets ``s<i>_<k>`` (sample i, output k).
+i, input j), ``names`` (the input names) and ``count`` (the number of samples); OUT gets
+``s<i>_<k>`` (sample i, output k).
 Imports only numpy and onnxruntime: it runs as a plain script, outside the package.
 """
 
@@ -13,6 +14,10 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    """Run MODEL on every sample in FEEDS (onnxruntime CPU, one thread) and save OUT; returns 0.
+
+    ``argv``: the three paths (module docstring).
+    """
     import numpy as np
     import onnxruntime as ort
 

@@ -293,6 +293,10 @@ def check_gate(
     *,
     label: str,
 ) -> None:
+    """Raise AccuracyError (exit 11) when ``metrics`` misses a threshold (None: not checked).
+
+    The message names every miss, worst first (:func:`gate_failures`), and the model (``label``).
+    """
     failures = _failures(metrics, max_accuracy_drop, min_top1_agreement)
     if failures:
         worst = failures[0][0]  # the largest shortfall

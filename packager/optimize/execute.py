@@ -74,6 +74,11 @@ REPORT_PNG = "optimize-report.png"
 
 @dataclass(frozen=True)
 class OptimizeResult:
+    """A finished optimization: the --out directory, the optimized model in it and the report.
+
+    ``to_json`` is what ``edgepack optimize --json`` prints: the report with full paths.
+    """
+
     out: Path
     model: Path
     report: OptimizeReport
@@ -101,6 +106,11 @@ def optimize(request: OptimizeRequest) -> OptimizeResult:
 
 
 def inspect_source(path: Path) -> SourceInfo:
+    """What planning needs to know of the model file: its kind, opset, foreign operators and size.
+
+    Size in bytes, ONNX external data included. Raises InputError (exit 3) for a missing file, an
+    unknown suffix or an ONNX file that cannot be read.
+    """
     if not path.exists():
         raise InputError(f"{path}: model file not found; check the path")
     if path.suffix.lower() in TORCH_SUFFIXES:
@@ -124,6 +134,7 @@ def inspect_source(path: Path) -> SourceInfo:
 
 
 def check_out(out: Path, *, force: bool) -> None:
+    """Refuse an --out that is a file, or non-empty without ``force``: UsageError (exit 2)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file; pass a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -157,6 +168,11 @@ class _State:
 
 
 def execute(plan: OptimizePlan) -> OptimizeResult:
+    """Run ``plan``'s steps in a work directory and move the result into --out in one rename.
+
+    On any error --out is left as it was: a step's own error (InputError, UnsupportedError,
+    AccuracyError, ...), or UsageError (exit 2) when --out filled up while the steps ran.
+    """
     out = plan.request.out
     # .OUT.PID.RANDOM: a later run to the same --out removes it if this one is SIGKILLed.
     with staged_dir(out) as staging:

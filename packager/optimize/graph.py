@@ -78,14 +78,12 @@ def signature(path: Path) -> tuple[tuple[TensorInfo, ...], tuple[str, ...]]:
     return inputs, tuple(v.name for v in model.graph.output)
 
 
-def default_opset(model: ModelProto) -> int | None:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    return None
-
-
 def convert_opset(source: Path, dest: Path, target: int) -> None:
+    """onnx's version converter: ``source`` rewritten at opset ``target`` into ``dest``.
+
+    A large model's weights stay external. Raises UnsupportedError (exit 10) when onnx cannot
+    convert it.
+    """
     large = is_large(source)
     # The converter serializes the model it is given, so a large one goes without its weights
     # (references to the data file), which are loaded back after conversion.
@@ -224,6 +222,10 @@ def _ort_quantize(
 def quantize_dynamic(
     source: Path, dest: Path, *, per_channel: bool, reduce_range: bool = False
 ) -> None:
+    """onnxruntime's quantize_dynamic: int8 weights, activations quantized at run time.
+
+    ``reduce_range``: 7-bit weights. Through :func:`_ort_quantize` (external data, quiet stdout).
+    """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
@@ -238,6 +240,7 @@ def quantize_dynamic(
 
 
 def convert_fp16(source: Path, dest: Path) -> None:
+    """onnxruntime's float16 converter: float tensors to float16, keeping float32 inputs/outputs."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     # A path, not a loaded model: onnxruntime then infers shapes with infer_shapes_path, which

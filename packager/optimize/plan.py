@@ -103,6 +103,12 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class QuantizeInt8:
+    """Quantize to INT8: static (calibrated on ``calibration``) or dynamic (``calibration`` None).
+
+    ``min_samples``: the fewest calibration samples accepted; ``settings``: the onnxruntime options
+    chosen for the CPU named by ``cpu`` (packager.optimize.cpu).
+    """
+
     static: bool
     quant_format: QuantFormatName
     per_channel: bool
@@ -121,6 +127,11 @@ class ConvertFp16:
 
 @dataclass(frozen=True)
 class Evaluate:
+    """Compare the candidates' outputs with the FP32 model's on ``data``; apply the accuracy gate.
+
+    Thresholds are fractions (0-1); None leaves that one unchecked.
+    """
+
     data: Path
     held_out: bool  # False when only the calibration set was available to compare on
     preprocessing: ImagePreprocessing
@@ -153,6 +164,8 @@ Step = (
 
 @dataclass(frozen=True)
 class OptimizePlan:
+    """The steps of one optimization, in order, and the file names they write into --out."""
+
     request: OptimizeRequest
     source: SourceInfo
     steps: tuple[Step, ...]
@@ -312,6 +325,7 @@ def measured_on(target: CpuProfile | None, host: CpuProfile | None, emulate: str
 
 
 def describe_step(step: Step) -> str:
+    """One step as a line of the report's step list."""
     match step:
         case LoadOnnx(source):
             return f"load ONNX {source.name} (external weights inlined)"

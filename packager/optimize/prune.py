@@ -13,6 +13,8 @@ from packager.optimize.request import PruneOptions
 
 @dataclass(frozen=True)
 class PruneStats:
+    """Zeros counted in the prunable weights after pruning; ``sparsity`` is their share (0-1)."""
+
     layers: int  # parameters named ``weight`` with 2+ dimensions (Conv, Linear and alike)
     weights: int  # elements in those tensors
     zero_weights: int  # measured after pruning, not the requested amount
@@ -64,6 +66,7 @@ def prune_module(module: Any, options: PruneOptions) -> PruneStats:
 
 
 def measure(module: Any) -> PruneStats:
+    """Count the zeros and all-zero output channels (dim 0) in ``module``'s prunable weights."""
     torch = require_torch()
     weights = zeros = channels = 0
     targets = prunable(module)

@@ -28,6 +28,12 @@ THREADS = 1  # graph.open_session pins onnxruntime to one thread
 
 @dataclass(frozen=True)
 class VariantResult:
+    """The measured figures of one model variant (OptimizeReport lists FP32 first).
+
+    Sizes in bytes, ``gzip_bytes`` at gzip -9 (:func:`file_sizes`); ``latency_ms``: median on this
+    host (:func:`median_latency_ms`).
+    """
+
     name: str  # "fp32", "fp32-pruned", "int8-static QDQ", ...
     file: str | None  # file name inside --out, None for intermediates not kept
     size_bytes: int
@@ -48,6 +54,8 @@ class VariantResult:
 
 @dataclass(frozen=True)
 class OptimizeReport:
+    """What an optimization did and measured: optimize-report.json (``to_json``), .md and .png."""
+
     source: str
     source_kind: str
     quantize: str
@@ -128,6 +136,10 @@ def file_sizes(path: Path) -> tuple[int, int]:
 
 
 def median_latency_ms(session: Any, feed: Feed, runs: int) -> float:
+    """Median wall time of ``runs`` calls of ``session`` on ``feed``, in milliseconds.
+
+    :data:`WARMUP_RUNS` untimed calls go first.
+    """
     for _ in range(WARMUP_RUNS):
         session.run(None, feed)
     times = []
@@ -139,6 +151,7 @@ def median_latency_ms(session: Any, feed: Feed, runs: int) -> float:
 
 
 def render_markdown(report: OptimizeReport) -> str:
+    """optimize-report.md: variants (speed-up over FP32), per-output figures, gate, steps, notes."""
     base = report.variants[0]
     lines = [
         f"# Optimization report: {report.source}",

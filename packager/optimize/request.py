@@ -36,6 +36,12 @@ class PruneOptions:
 
 @dataclass(frozen=True)
 class OptimizeRequest:
+    """What ``edgepack optimize`` (or a build) asked for, before it is checked against the model.
+
+    :func:`packager.optimize.plan.plan_optimize` validates it: UsageError (exit 2),
+    UnsupportedError (exit 10), InputError (exit 3) for untrusted PyTorch code.
+    """
+
     model: Path
     out: Path
     quantize: Quantize

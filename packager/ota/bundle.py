@@ -23,10 +23,11 @@ from packager.agent.protocol import check_percent as check_signed_percent
 from packager.backends import get_backend
 from packager.bundle.manifest import MANIFEST, SIGNATURE, sha256_file
 from packager.bundle.verify import verify_bundle
-from packager.errors import UnsupportedError, VerifyError
+from packager.errors import UnsupportedError, UsageError, VerifyError
+from packager.targets import CHANNEL_FORM
 
-_BLOB_NAME = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
-_CHANNEL = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# An image member stored as a content-addressed blob: the whole name (re.fullmatch).
+_BLOB_NAME = re.compile(r"blobs/sha256/([0-9a-f]{64})")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class ObjectSource:
 
 @dataclass(frozen=True)
 class ReleasePlan:
+    """One release to publish, from a verified bundle (:func:`plan_release`): its channel and
+    sequence, compatibility, rollout ``percent`` (0-100), the objects to store (one per target,
+    sorted) and the release document's bytes."""
+
     sequence: int
     channel: str
     name: str
@@ -70,6 +75,9 @@ def compat(platform: str, device_class: str, requires: dict[str, str]) -> dict[s
 
 
 def release_custom(plan: ReleasePlan, *, percent: int, halted: bool) -> dict[str, Any]:
+    """The ``custom`` field signed on a release's TUF target: ``{"edgepack": {...}}`` with
+    the channel, sequence, name, version, compat, rollout percent and halted flag
+    (:meth:`packager.agent.protocol.ReleaseInfo.from_custom` reads it back)."""
     return {
         CUSTOM_KEY: {
             "kind": "release",
@@ -85,24 +93,32 @@ def release_custom(plan: ReleasePlan, *, percent: int, halted: bool) -> dict[str
 
 
 def check_channel(channel: str) -> str:
-    if not _CHANNEL.match(channel):
-        raise VerifyError(
-            f"--channel {channel!r}: use lower-case letters, digits, '.', '_' or '-' (max 64)"
-        )
+    """``channel`` when it is a channel name, the whole string of
+    :data:`packager.targets.CHANNEL_FORM` (lower-case letters, digits, '.', '_', '-', at most
+    63, the first a letter or digit: what ``build --ota-channel`` and the agent accept);
+    UsageError (exit 2) naming ``--channel`` otherwise (the value is a command-line option)."""
+    if not CHANNEL_FORM.matches(channel):
+        raise UsageError(f"--channel {channel!r}: must match {CHANNEL_FORM.description}")
     return channel
 
 
 def check_percent(percent: float) -> int:
+    """A rollout percentage as signed, a whole number 0-100
+    (:func:`packager.agent.protocol.check_percent`); UsageError (exit 2) naming ``--percent``
+    otherwise (the value is a command-line option; a percent read back from a repository is
+    checked by :meth:`packager.agent.protocol.ReleaseInfo.from_custom` instead)."""
     try:
         return check_signed_percent(percent)
     except ValueError:
-        raise VerifyError(f"--percent {percent}: must be a whole number from 0 to 100") from None
+        raise UsageError(f"--percent {percent}: must be a whole number from 0 to 100") from None
 
 
 def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -> ReleasePlan:
     """Verify ``bundle`` as ``edgepack verify`` does (VerifyError, exit 8, for whatever
     :func:`~packager.bundle.verify.verify_bundle` refuses, same wording), check every blob
-    name, and describe it as a release (from the manifest verified)."""
+    name, and describe it as a release (from the manifest verified). ``channel`` and
+    ``percent`` are the command line's: UsageError (exit 2) when malformed (:func:`check_channel`,
+    :func:`check_percent`), before the bundle is read."""
     check_channel(channel)
     percent = check_percent(percent)
     # The one verifier, as `edgepack verify` runs it: path policy, checksums, confinement and
@@ -151,7 +167,7 @@ def plan_release(bundle: Path, *, sequence: int, channel: str, percent: float) -
                     f"{image_path}: member {member.name!r} is not a regular file (links and"
                     " devices are refused)"
                 )
-            match = _BLOB_NAME.match(member.name)
+            match = _BLOB_NAME.fullmatch(member.name)
             if match:
                 digest, prefix = match.group(1), BLOB_PREFIX
             else:

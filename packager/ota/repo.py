@@ -50,7 +50,7 @@ from packager.agent.protocol import (
     release_target,
 )
 from packager.errors import InputError, UsageError, VerifyError
-from packager.ota.bundle import ReleasePlan, check_percent, plan_release
+from packager.ota.bundle import ReleasePlan, check_channel, check_percent, plan_release
 from packager.staging import staged_dir, staged_file, write_bytes
 
 ROOT_KEYS = 2
@@ -133,6 +133,9 @@ def _serialize(md: Metadata[Any]) -> bytes:
 
 
 class Repository:
+    """An OTA repository on disk (``REPO``, laid out as above): keys, TUF metadata, release
+    targets. A path with no ``repository/metadata/1.root.json`` is an InputError (exit 3)."""
+
     def __init__(self, path: Path, *, expiry: Expiry | None = None) -> None:
         self.path = path
         self.expiry = expiry or Expiry()
@@ -286,7 +289,7 @@ class Repository:
         if sequence is not None:
             mine = [r for r in mine if r.sequence == sequence]
         if not mine:
-            which = f"sequence {sequence}" if sequence is not None else "any release"
+            which = f"sequence {sequence}" if sequence is not None else "release"
             raise InputError(f"{self.path}: channel {channel!r} has no {which}")
         return mine[-1]
 
@@ -454,13 +457,20 @@ class Repository:
         percent: int | None = None,
         halted: bool | None = None,
     ) -> ReleaseInfo:
-        """Change a release's rollout percentage or halted flag (re-signs targets)."""
+        """Change a release's rollout percentage or halted flag (re-signs targets).
+
+        ``channel`` and ``percent`` are the command line's (``--channel``, ``--percent``):
+        UsageError (exit 2) when malformed, before the repository is read; InputError (exit 3)
+        when the channel has no such release."""
+        check_channel(channel)
+        if percent is not None:
+            percent = check_percent(percent)
         release = self.release(channel, sequence)
         root, targets, snapshot, timestamp = self._load()
         info = targets.signed.targets[release.target]
         new = replace(
             release,
-            percent=check_percent(percent) if percent is not None else release.percent,
+            percent=percent if percent is not None else release.percent,
             halted=halted if halted is not None else release.halted,
         )
         data = dict(info.unrecognized_fields["custom"][CUSTOM_KEY])

@@ -18,6 +18,9 @@ FAILED_OUTCOMES = frozenset({"rolled-back", "failed"})
 
 @dataclass(frozen=True)
 class ReleaseHealth:
+    """How release ``sequence`` fares: devices with a final outcome, of them how many committed
+    and how many rolled back or failed; ``failure_rate`` is failed / devices (0.0 with none)."""
+
     sequence: int
     devices: int  # devices that reported a final outcome for this release
     committed: int
@@ -182,4 +185,6 @@ def summarize(reports: Iterable[ReadReport], sequence: int | None) -> ReportSumm
 
 
 def should_halt(health: ReleaseHealth, threshold: float) -> bool:
+    """Whether the rollout must halt: some device reported a final outcome and the failure rate
+    is above ``threshold`` (a fraction from 0 to 1: ``ota status --halt-if``)."""
     return health.devices > 0 and health.failure_rate > threshold

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 
 class QueueFull(Exception):
-    pass
+    """Raised by :meth:`Batcher.submit`/``enqueue`` when ``max_queue`` requests already wait or
+    the batcher is closing (the server answers 503 + Retry-After)."""
 
 
 # eq=False: the queue removes a request by identity; a field-wise == would compare numpy arrays
@@ -51,6 +52,12 @@ def _group(inputs: Mapping[str, Array], outputs: tuple[str, ...]) -> tuple[Any, 
 
 
 class Batcher:
+    """The worker thread that runs queued requests in batches of at most ``max_batch_size`` rows.
+
+    ``run(feeds, output_names, rows)`` returns one array per output whose first dimension is
+    ``rows``; ``max_delay_s`` is in seconds; ``max_queue`` bounds the waiting requests.
+    """
+
     def __init__(self, run: RunFn, max_batch_size: int, max_delay_s: float, max_queue: int) -> None:
         self._run = run
         self.max_batch_size = max_batch_size

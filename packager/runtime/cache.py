@@ -23,6 +23,12 @@ def cache_key(model_digest: str, inputs: Mapping[str, Array], outputs: Sequence[
 
 
 class ResponseCache:
+    """Thread-safe LRU of read-only result arrays by :func:`cache_key`, at most ``capacity_bytes``.
+
+    An entry costs its arrays' nbytes + its key + 64 bytes; one larger than the whole capacity is
+    not kept.
+    """
+
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity = capacity_bytes
         self.used = 0

@@ -42,6 +42,12 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
+    """runtime.json, validated (:func:`parse_config`): what the runtime serves and its limits.
+
+    A relative ``model_path`` in the file is taken from the config's directory; ``*_s`` fields
+    are seconds, ``max_queue_delay_us`` microseconds, ``*_bytes`` bytes.
+    """
+
     model_name: str
     model_path: Path
     model_version: str = "1"

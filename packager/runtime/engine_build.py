@@ -433,6 +433,7 @@ DLA_CHOICES = ("none", *(str(core) for core in range(MAX_DLA_CORE + 1)))
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line: ``--from-config`` or the key's flags (``_expected`` checks which)."""
     cli = argparse.ArgumentParser(
         prog="python3 -m edgepack_runtime.engine_build",
         description="Build this device's TensorRT plan with trtexec (skipped when up to date).",
@@ -504,6 +505,9 @@ def _expected(args: argparse.Namespace) -> tuple[EngineKey, Path, Path]:
 
 
 def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
+    """Build, install or keep this device's plan; the exit code (module docstring: 0 up to date,
+    2 usage (argparse exits 2 itself), 3 model, 4 TensorRT, 5 trtexec, 6 timeout, 7 engines
+    directory, 143 SIGTERM). Its lines go to ``out`` (default stdout)."""
     args = parser().parse_args(argv)
     try:
         key, model, engines_dir = _expected(args)

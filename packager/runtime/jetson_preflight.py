@@ -111,6 +111,7 @@ def parse_version(text: "str") -> "tuple[int, int, int]":
 
 
 def show(version: "tuple[int, int, int]") -> str:
+    """(36, 3, 0) -> ``"r36.3.0"``, the form ``/etc/nv_tegra_release`` releases are named in."""
     return "r{}.{}.{}".format(*version)
 
 
@@ -433,6 +434,8 @@ def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
 
 
 def main(argv: "list[str] | None" = None) -> int:
+    """Print the facts (``--facts``) or run the checks; the exit code: 0 match (or facts
+    printed), 1 mismatch (one ``preflight:`` line per problem on stderr), 2 bad arguments."""
     args = parse_args(argv)
     if args.facts:
         print(json.dumps(facts(args.root), sort_keys=True), flush=True)  # noqa: T201

@@ -23,6 +23,9 @@ def clip(text: str, limit: int = MAX_FIELD_CHARS) -> str:
 
 
 class JsonFormatter(logging.Formatter):
+    """A record as one JSON line: ts (epoch seconds, to the ms), time (UTC), level, event, the
+    record's ``fields`` (strings clipped) and any traceback as ``exception`` (clipped)."""
+
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, Any] = {
             "ts": round(record.created, 3),
@@ -41,6 +44,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str) -> None:
+    """Send the runtime's events to stderr as JSON lines from ``level`` (config.LOG_LEVELS) up."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logger.handlers[:] = [handler]
@@ -51,6 +55,7 @@ def configure(level: str) -> None:
 def event(
     name: str, level: int = logging.INFO, *, exc_info: bool | BaseException = False, **fields: Any
 ) -> None:
+    """Log event ``name`` at ``level``; ``fields`` become keys of its JSON line."""
     if logger.isEnabledFor(level):
         logger.log(level, name, extra={"fields": fields}, exc_info=exc_info)
 

@@ -21,6 +21,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 @dataclass
 class Histogram:
+    """A Prometheus histogram: ``buckets`` are ascending upper bounds (seconds, or batch rows);
+    ``counts`` per bucket, not cumulative (render sums them); values above the last bound count
+    in +Inf only."""
+
     buckets: Sequence[float]
     counts: list[int] = field(default_factory=list)
     total: float = 0.0
@@ -62,6 +66,7 @@ def label_value(value: str) -> str:
 
 
 def process_rss_bytes() -> int:
+    """This process's resident set size in bytes (``/proc/self/statm``); 0 when unreadable."""
     try:
         with open("/proc/self/statm", encoding="ascii") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -70,6 +75,7 @@ def process_rss_bytes() -> int:
 
 
 def process_cpu_seconds() -> float:
+    """User + system CPU seconds this process has used (``os.times``; children not counted)."""
     times = os.times()
     return times.user + times.system
 

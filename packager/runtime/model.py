@@ -55,6 +55,8 @@ class ModelError(Exception):
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One model input or output in Open Inference Protocol terms, with its little-endian dtype."""
+
     name: str
     datatype: str  # "FP32", ...
     shape: tuple[int, ...]  # -1 for a dynamic dimension
@@ -71,6 +73,8 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Signature:
+    """A model's inputs and outputs, each in the session's order."""
+
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
@@ -93,6 +97,7 @@ class Signature:
 
 
 def format_shape(shape: Sequence[int]) -> str:
+    """(1, -1, 28) -> ``"[1,-1,28]"``, as error messages show a shape."""
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
@@ -203,6 +208,11 @@ def load_model(
     mem_pattern: bool = True,
     arena_extend_strategy: str = "kNextPowerOfTwo",
 ) -> Model:
+    """The ONNX file on an onnxruntime CPU session, with the config's thread and memory options.
+
+    ModelError (one line) for an unknown arena strategy, a missing file, a model onnxruntime
+    cannot load, or a tensor type outside :data:`DATATYPES`.
+    """
     # Imported here so that the config and protocol modules (and their tests) stay light.
     import onnxruntime as ort
 

@@ -24,6 +24,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 class ProtocolError(Exception):
+    """A request refused: the HTTP ``status`` to answer and a one-line ``message``."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -31,6 +33,7 @@ class ProtocolError(Exception):
 
 
 def bad_request(message: str) -> ProtocolError:
+    """``ProtocolError(400, message)``."""
     return ProtocolError(400, message)
 
 
@@ -110,12 +113,16 @@ def _loads(text: bytes) -> Any:
 
 @dataclass(frozen=True)
 class RequestedOutput:
+    """One output to return; ``binary``: as binary tensor data after the JSON, not in it."""
+
     spec: TensorSpec
     binary: bool
 
 
 @dataclass(frozen=True)
 class InferRequest:
+    """A validated infer request; ``outputs``: those asked for, or all of the model's."""
+
     id: str | None
     inputs: dict[str, Array]  # in the model's input order
     outputs: tuple[RequestedOutput, ...]

@@ -87,12 +87,14 @@ else:
 INLINE_RUN_S = 0.002
 
 _MODEL_PATH = re.compile(
-    r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?$"
+    r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?"
 )
 
 
 @dataclass(frozen=True)
 class Response:
+    """An HTTP response for the handler to write: status, body bytes and extra headers."""
+
     status: int
     body: bytes
     content_type: str = "application/json"
@@ -100,6 +102,7 @@ class Response:
 
 
 def json_response(status: int, document: Any) -> Response:
+    """``document`` as compact JSON."""
     return Response(status, json.dumps(document, separators=(",", ":")).encode())
 
 
@@ -110,6 +113,7 @@ MAX_ERROR_CHARS = 512
 def error_response(
     status: int, message: str, headers: tuple[tuple[str, str], ...] = ()
 ) -> Response:
+    """``{"error": message}``, the message clipped to MAX_ERROR_CHARS (512)."""
     document = {"error": clip(message, MAX_ERROR_CHARS)}
     return Response(status, json.dumps(document, separators=(",", ":")).encode(), headers=headers)
 
@@ -124,6 +128,8 @@ class InferJob:
 
 
 class ServiceUnavailable(ProtocolError):
+    """A 503 answered with ``Retry-After: <retry_after_s>`` (seconds): max_queue_size reached."""
+
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(503, message)
         self.retry_after_s = retry_after_s
@@ -292,7 +298,7 @@ class App:
                 report["engine"] = self.engine.line()
                 report["engine_detail"] = self.engine.detail()
             return json_response(200, report)
-        match = _MODEL_PATH.match(path)
+        match = _MODEL_PATH.fullmatch(path)
         if match is None:
             raise ProtocolError(404, f"no such endpoint: {clip(method, 16)} {clip(path, 100)}")
         self._check_model(match["name"], match["version"])
@@ -1397,6 +1403,11 @@ class RuntimeServer:
 
 
 def serve(config: RuntimeConfig) -> int:
+    """Load and warm up the model, serve until SIGTERM or SIGINT, then drain.
+
+    Returns the exit code: 0 after a stop, EXIT_MODEL (3) when the model cannot load or warm up,
+    EXIT_LISTEN (4) when the address cannot be bound.
+    """
     try:
         # The TensorRT engine when runtime.json names one and it loads, else onnxruntime.
         model, engine = load_served_model(config)
@@ -1482,6 +1493,8 @@ def serve(config: RuntimeConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The runtime's command line: :func:`serve`'s exit code, or EXIT_CONFIG (2) for a bad
+    config."""
     parser = argparse.ArgumentParser(
         prog="edgepack_runtime.server", description="Serve an ONNX model over KServe v2 HTTP."
     )

@@ -90,6 +90,8 @@ _URI_LINE = re.compile(r"^'(?P<uri>[^']+)' (?P<file>\S+) (?P<size>\d+)")
 
 
 def parse_print_uris(text: str) -> list[PlannedDownload]:
+    """The downloads in ``apt-get install --print-uris`` output, lines ``'URI' FILE SIZE ...``
+    (size in bytes); other lines are skipped."""
     found = []
     for line in text.splitlines():
         m = _URI_LINE.match(line)

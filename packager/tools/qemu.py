@@ -46,11 +46,14 @@ QEMU_CPU_PATTERN = r"[a-z0-9][a-z0-9.-]{0,31}"
 
 
 def host_arch() -> str:
+    """This host's architecture in OCI terms (``amd64``, ``arm64``, ``armv7``); an unknown
+    machine name as :func:`platform.machine` gives it."""
     machine = platform.machine()
     return _HOST_ARCH.get(machine, machine)
 
 
 def needs_emulation(arch: str) -> bool:
+    """Whether binaries of OCI architecture ``arch`` need qemu-user on this host."""
     return arch != host_arch()
 
 
@@ -59,6 +62,7 @@ def _conf_file(qemu_name: str) -> Path:
 
 
 def binfmt_registered(arch: str) -> bool:
+    """Whether binfmt_misc has an enabled ``qemu-<arch>`` entry (False when it cannot be read)."""
     entry = BINFMT / f"qemu-{_QEMU_NAMES.get(arch, arch)}"
     try:
         return entry.read_text().splitlines()[0].strip() == "enabled"
@@ -103,6 +107,8 @@ def emulated_cpu(model: str, override: str | None = None) -> str | None:
 
 
 def qemu_user_tool(arch: str) -> Tool:
+    """qemu-user for OCI architecture ``arch`` (``qemu-aarch64-static`` or ``qemu-aarch64``,
+    Debian's qemu-user-static)."""
     name = _QEMU_NAMES.get(arch, arch)
     return Tool(f"qemu-{name}", f"qemu-{name}-static", "qemu-user-static", (f"qemu-{name}",))
 

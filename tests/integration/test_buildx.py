@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,111 @@ def test_user_dockerfile_built_for_two_platforms_into_one_index(
         assert built[: len(base)] == base, target  # edgepack's layers, byte-identical
         assert len(built) == len(base) + 1  # the RUN's (empty) layer
     print(f"two-platform bake to an OCI archive: {took:.1f}s")
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+def test_a_bake_stopped_while_replacing_leaves_every_layout_whole(
+    bundles: dict[str, dict[str, Any]],  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rebake stopped while the old layouts are being removed (a kill, a full disk) leaves
+    ``images/`` whole: the old tree is moved aside before anything of it is removed. On the old
+    code, which removed ``images/`` in place before moving the new one in, this stop left a
+    half-deleted ``images/``. The same bundles stage the same bytes, so whole = equal."""
+    import packager.bake
+    import packager.staging
+
+    folder = tmp_path / "bake"
+    sources = tuple(Path(bundles[t]["bundle"]) for t in TARGETS)
+    packager.bake.bake(sources, folder)
+    before, hcl = _tree(folder / "images"), (folder / "docker-bake.hcl").read_bytes()
+    real_rmtree = shutil.rmtree
+    stops: list[str] = []
+
+    def stopped_midway(path: Any, *args: Any, **kwargs: Any) -> None:
+        if not stops and Path(path).name.lstrip(".").startswith("images"):
+            stops.append(str(path))
+            victim = next(p for p in Path(path).rglob("*") if p.is_file())
+            victim.unlink()  # what a real removal had done when it was stopped
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", stopped_midway)
+    with pytest.raises(KeyboardInterrupt):
+        packager.bake.bake(sources, folder)
+    monkeypatch.undo()
+    assert stops, "the rebake never removed the old layouts"
+    assert _tree(folder / "images") == before
+    assert (folder / "docker-bake.hcl").read_bytes() == hcl
+    # The next run tidies what the stopped one left beside images/ (its moved-aside tree).
+    packager.bake.bake(sources, folder)
+    assert _tree(folder / "images") == before
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".dockerignore", "Dockerfile", "cpuinfo-arm64.txt", "docker-bake.hcl", "images"
+    ]
+
+
+def _missing_layouts(folder: Path) -> list[str]:
+    """Every ``images/MODEL@sha256:HEX`` the bake file names whose blob ``images/`` lacks."""
+    text = (folder / "docker-bake.hcl").read_text()
+    named = re.findall(r"images/([a-z0-9_-]+)@sha256:([0-9a-f]{64})", text)
+    assert named, "the bake file names no layout"
+    return [f"{m}@{d[:12]}" for m, d in named
+            if not (folder / "images" / m / "blobs" / "sha256" / d).is_file()]
+
+
+def test_a_rebake_stopped_after_the_swap_leaves_no_bake_file_naming_missing_images(
+    bundles: dict[str, dict[str, Any]],  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rebake of other bundles stopped (a kill) once the new ``images/`` is in place but before
+    the new ``docker-bake.hcl`` is: the folder has no bake file, never the old one naming the old
+    layouts' digests. Two bundles then one: the two-platform index and the second device's
+    image are not in the new layout. On the old code the old bake file stayed, naming them."""
+    import packager.bake
+
+    folder = tmp_path / "bake"
+    sources = tuple(Path(bundles[t]["bundle"]) for t in TARGETS)
+    packager.bake.bake(sources, folder)
+    assert not _missing_layouts(folder)
+    real_replace_dir = packager.bake.replace_dir
+
+    def stopped_after_the_swap(staging: Path, out: Path) -> None:
+        real_replace_dir(staging, out)
+        raise KeyboardInterrupt  # what a SIGKILL at this point leaves: nothing tidies up
+
+    monkeypatch.setattr(packager.bake, "replace_dir", stopped_after_the_swap)
+    with pytest.raises(KeyboardInterrupt):
+        packager.bake.bake(sources[:1], folder)
+    monkeypatch.undo()
+    hcl = folder / "docker-bake.hcl"
+    assert not hcl.exists(), f"a bake file naming missing images: {_missing_layouts(folder)}"
+    packager.bake.bake(sources[:1], folder)
+    assert not _missing_layouts(folder)
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_usage_line(
+    bundles: dict[str, dict[str, Any]],  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--out FILE/x`` (mkdir: NotADirectoryError) was an internal error, exit 1."""
+    from packager.cli import main
+
+    (tmp_path / "file").write_bytes(b"")
+    out = tmp_path / "file" / "bake"
+    with pytest.raises(SystemExit) as exited:
+        main(["bake", str(bundles["rpi4"]["bundle"]), "--out", str(out), "--json"])
+    assert exited.value.code == 2
+    document = json.loads(capsys.readouterr().out)
+    assert document["error"] == "usage"
+    assert document["message"].startswith(f"--out {out}: cannot create it"), document
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from packager import errors
 from packager.cli import cli
@@ -30,6 +31,19 @@ def test_every_exit_code_is_documented_in_cli_help() -> None:
     assert documented == {int(c) for c in ExitCode}
     for cls in _error_classes():
         assert int(cls.exit_code) in documented, cls.__name__
+
+
+def test_each_json_kind_is_the_one_readme_documents_for_its_exit_code() -> None:
+    """``--json`` consumers branch on ``error``: README's exit-code table names each code's
+    kind, and every class says exactly that (the kind is spelled from the code's name)."""
+    table = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented = {
+        int(code): kind
+        for code, kind in re.findall(r"^\| (\d+) \| `([a-z-]+)` \|", table, flags=re.MULTILINE)
+    }
+    assert documented.pop(1) == "internal"
+    assert documented == {int(cls.exit_code): cls.kind for cls in _error_classes()}
+    assert errors.ToolMissingError("x").to_json()["error"] == "tool-missing"
 
 
 def test_one_line_and_json() -> None:

@@ -55,6 +55,32 @@ def test_new_staging_dir_names_its_owner_and_reaps_only_dead_owners(tmp_path: Pa
     assert stale_staging_dirs(out) == []
 
 
+def test_an_old_output_a_killed_replace_had_moved_aside_goes_with_its_dead_owner(
+    tmp_path: Path,
+) -> None:
+    """replace_dir moves the old ``out`` to ``.{OUT}.old-{PID}`` before removing it; a process
+    killed during that removal left it there, and nothing but the next run for ``out`` clears it
+    (a whole old bundle or image tree: gigabytes)."""
+    out = tmp_path / "bundle"
+    dead = _dead_pid()
+    aside = tmp_path / f".bundle.old-{dead}"
+    aside.mkdir()
+    (aside / "image.tar").write_bytes(b"x" * 4096)
+    kept = [
+        tmp_path / f".bundle.old-{os.getpid()}",  # a live process's, mid-replace
+        tmp_path / f".other.old-{dead}",  # another output's
+        tmp_path / f".bundle.old-{dead}x",  # not the name replace_dir gives
+    ]
+    for folder in kept:
+        folder.mkdir()
+    link = tmp_path / f".bundle.old-{_dead_pid()}"
+    link.symlink_to(kept[1])
+    assert stale_staging_dirs(out) == [aside]
+    make_staging_dir(out)
+    assert not aside.exists()
+    assert all(folder.is_dir() for folder in kept) and link.is_symlink()
+
+
 def test_replace_dir_swaps_a_whole_directory_and_leaves_nothing_beside(tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     out.mkdir()

@@ -159,19 +159,26 @@ def _onnx_only(path: Path, model_format: str, target: LoadedTarget) -> JetsonTar
 
 
 def options(request: BuildRequest) -> dict[str, str]:
-    """``--opt`` values this class knows; UsageError for any other key."""
+    """``--opt`` values this class knows (``timing-cache=PATH``; ``emulate=on|off``, which
+    ``build --no-emulate`` sets for every device class and which changes nothing here: the engine
+    is built on the device, never emulated); UsageError (exit 2) for any other key or value."""
+    known = f"{', '.join(f'{o}=PATH' for o in OPTIONS)}, emulate=on|off"
     found: dict[str, str] = {}
     for key, value in request.options:
-        if key not in OPTIONS:
+        if key == "emulate" and value not in ("on", "off"):
+            raise UsageError(f"--opt emulate={value}: give emulate=on|off",
+                             hint=f"Jetson options: {known}")
+        if key not in OPTIONS and key != "emulate":
             raise UsageError(
-                f"--opt {key}: not an option of Jetson targets",
-                hint=f"Jetson options: {', '.join(f'{o}=PATH' for o in OPTIONS)}",
+                f"--opt {key}: not an option of Jetson targets", hint=f"Jetson options: {known}"
             )
         found[key] = value
     return found
 
 
 def timing_cache(request: BuildRequest) -> Path | None:
+    """The trtexec timing cache of ``--opt timing-cache=PATH``, shipped as ``engine/timing.cache``;
+    None without it; InputError (exit 3) when PATH is not a file."""
     value = options(request).get("timing-cache")
     if value is None:
         return None
@@ -314,6 +321,10 @@ class JetsonPayload:
 
 
 class JetsonBackend:
+    """``jetson`` targets: the Linux container bundle on the target's JetPack container, with
+    the key of the TensorRT engine the device builds; the Linux backend does the common work
+    through the target's Linux view (see the module docstring)."""
+
     device_class: ClassVar[str] = "jetson"
 
     def __init__(self) -> None:

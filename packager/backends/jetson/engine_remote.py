@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -272,7 +273,11 @@ def _remote_sizes(job: EngineBuildOn, paths: tuple[str, str]) -> tuple[int, int]
     finished = ssh.run(job.host, job.ssh, ["stat", "-c", "%s", "--", *paths],
                        timeout_s=STEP_TIMEOUT_S, on_line=lines.append, what="stat")
     sizes = [line.strip() for line in lines if line.strip()]
-    if finished.returncode != 0 or len(sizes) != 2 or not all(s.isdigit() for s in sizes):
+    # ASCII digits, whole line, at most 18 (beyond any limit): str.isdigit() also passes '²',
+    # which int() refuses, and int() refuses over 4300 digits.
+    if finished.returncode != 0 or len(sizes) != 2 or not all(
+        re.fullmatch(r"[0-9]{1,18}", s) for s in sizes
+    ):
         raise ToolFailedError(f"{job.host.url}: the build reported success but left no plan "
                               f"and key file: {finished.last()}")
     plan, key = int(sizes[0]), int(sizes[1])

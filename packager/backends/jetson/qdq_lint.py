@@ -69,6 +69,7 @@ Not checked (the builder decides, or edgepack never writes them): INT4 block sha
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +167,8 @@ def parser_profile(tensorrt: str) -> ParserProfile:
     """The parser profile of a TensorRT version ``"8.6.2"`` (any ``N.N[.N...]``); InputError
     for anything else. Releases before 8.0 are not Jetson targets edgepack builds for."""
     parts = tensorrt.split(".")
-    if len(parts) < 2 or not all(p.isdigit() and len(p) <= 3 for p in parts):
+    # ASCII digits, whole part: str.isdigit() also passes '²', which int() refuses.
+    if len(parts) < 2 or not all(re.fullmatch(r"[0-9]{1,3}", p) for p in parts):
         raise InputError(f"TensorRT version '{tensorrt}': expected N.N.N (e.g. 8.6.2)")
     major, minor = int(parts[0]), int(parts[1])
     if major < 8:

@@ -57,6 +57,8 @@ SOURCE_URL = "https://github.com/edgepack/edgepack"
 
 
 def runtime_requirements() -> tuple[str, ...]:
+    """The image's runtime wheels: the requirement lines of packager/runtime/requirements.txt,
+    comments and blank lines dropped (``name==version`` pins)."""
     path = runtime_dir() / "requirements.txt"
     lines = path.read_text(encoding="utf-8").splitlines()
     return tuple(ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip())
@@ -192,6 +194,9 @@ def runtime_config(
 
 
 def model_layer(model: ModelInfo, config: dict[str, Any]) -> FileLayer:
+    """The image's ``model`` layer under ``/opt/edgepack/model``: the model file, its external
+    data at the same relative paths, and ``config`` as ``runtime.json``. InputError (exit 3)
+    when an external data file would take the model's or runtime.json's place."""
     files = [FileEntry(dest=f"{MODEL_DIR}/{model.path.name}", source=model.path)]
     # External data keeps the model's relative layout (weights/ext.bin stays weights/ext.bin):
     # onnxruntime resolves each location against the model file's folder. Inspection checked
@@ -367,6 +372,7 @@ def ota_files(
 
 
 def copy_files(files: tuple[base.CopiedFile, ...], root: Path) -> tuple[str, ...]:
+    """Copy each file into ``root`` at its bundle path, with its mode; the paths written."""
     written = []
     for item in files:
         dest = root / item.path
@@ -535,10 +541,20 @@ def write_sbom(plan: base.PackagePlan, image: ImageResult, staging: Path, cache_
     return SBOM_FILE
 
 
+# `--opt KEY=VALUE` this class takes: only emulate, which `build --no-emulate` sets for every
+# class ("where the backend has one"); it has no firmware proof to skip, so it changes nothing.
+OPTIONS: dict[str, tuple[str, ...]] = {"emulate": ("on", "off")}
+
+
 class LinuxContainerBackend:
+    """``linux-container`` targets (Raspberry Pi, industrial PCs): an OCI image serving the ONNX
+    model with onnxruntime, its systemd unit, install.sh and, with ``--ota-repo``, the OTA agent."""
+
     device_class: ClassVar[str] = "linux-container"
 
     def check_request(self, request: base.BuildRequest) -> None:
+        """``--opt`` (:data:`OPTIONS`) and the OTA flags (:func:`check_ota_flags`)."""
+        base.checked_options(request, OPTIONS, "linux-container")
         check_ota_flags(request)
 
     def source_steps(

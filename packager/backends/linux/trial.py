@@ -58,6 +58,10 @@ _V2_DATATYPES = {
 
 @dataclass(frozen=True)
 class RunResult:
+    """What ``edgepack run`` did with a container bundle: the engine, whether (and as which qemu
+    CPU) it was emulated, the served model's URL, seconds until ready, and the smoke test's
+    result (:func:`smoke_inference`; None without ``--smoke-test``)."""
+
     bundle: Path
     engine: str
     emulated: bool
@@ -125,12 +129,31 @@ def choose_cpu(target: TargetInfo | None, override: str | None) -> tuple[str, bo
 _QEMU_FATAL = re.compile(r"qemu: uncaught target signal (\d+) \(([^)]*)\)")
 
 
+# One readiness poll's longest wait (s), and its floor near the deadline: a positive timeout
+# (0 would make the socket non-blocking, so the poll could never succeed).
+_POLL_TIMEOUT_S = 5.0
+_MIN_POLL_S = 0.05
+
+
 def wait_ready(
     engine: Engine, container: str, base_url: str, timeout_s: float, cpu: str | None = None
 ) -> float:
+    """Poll ``/v2/health/ready`` (OIP v2) about once a second until it answers 200; seconds taken.
+    RuntimeCheckError (exit 12) when the container exits, dies of a signal under qemu, or is
+    not ready within ``timeout_s`` seconds.
+
+    Each poll's timeout is 5 s or the time left, whichever is less (floor :data:`_MIN_POLL_S`),
+    and the pause between polls ends at the deadline too, so a runtime that accepts and never
+    answers is given up on about ``timeout_s`` after the start (plus the engine's own
+    is_running/logs calls). urllib applies the timeout to each socket operation, so a server that
+    trickles its answer byte by byte can still stretch one poll."""
     start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        status, _ = _http(f"{base_url}/v2/health/ready", timeout=5)
+    deadline = start + timeout_s
+    while (remaining := deadline - time.monotonic()) > 0:
+        # urllib's timeout bounds each socket operation; a server that accepts and never
+        # answers holds one poll that long.
+        poll_s = max(min(_POLL_TIMEOUT_S, remaining), _MIN_POLL_S)
+        status, _ = _http(f"{base_url}/v2/health/ready", timeout=poll_s)
         if status == 200:
             return time.monotonic() - start
         if not engine.is_running(container):
@@ -146,7 +169,7 @@ def wait_ready(
                     hint="the image uses an instruction this CPU lacks: build it for the device's "
                     "CPU (see the target's cpu.isa), or try --cpu max to see if that is the cause",
                 )
-        time.sleep(1.0)
+        time.sleep(max(0.0, min(1.0, deadline - time.monotonic())))
     raise RuntimeCheckError(
         f"the runtime was not ready within {timeout_s:.0f}s at {base_url}/v2/health/ready",
         hint="see the container's log with '<engine> logs' or raise --timeout",

@@ -185,6 +185,7 @@ _C_TYPES = {"int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "int32": "
 
 
 def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` (> 0) not below ``value``."""
     return -(-value // multiple) * multiple
 
 
@@ -267,6 +268,9 @@ def measure_arena(data: bytes, source: str) -> int:
 
 @dataclass(frozen=True)
 class ArenaSize:
+    """The TFLM tensor arena of a project, in bytes: as measured, the target's margin (percent)
+    and why the core needs it (:data:`ARENA_MARGIN_REASONS`), and the size compiled in."""
+
     measured_bytes: int
     margin_percent: int
     margin_reason: str
@@ -275,6 +279,9 @@ class ArenaSize:
 
 @dataclass(frozen=True)
 class ResolverOp:
+    """One operator of the model's ``MicroMutableOpResolver``: its TFLite builtin (or custom)
+    name, the resolver's ``Add...`` method, and its estimated kernel code size in bytes."""
+
     name: str
     method: str
     label: str  # "FULLY_CONNECTED v4 (x3)"
@@ -327,19 +334,14 @@ def _spec(target: LoadedTarget) -> McuTarget:
     return target.spec
 
 
+# `--opt KEY=VALUE` this class takes: the update slots and the proof under emulation, each
+# on unless turned off.
+OPTIONS: dict[str, tuple[str, ...]] = {"update": ("on", "off"), "emulate": ("on", "off")}
+
+
 def _options(request: base.BuildRequest) -> dict[str, str]:
-    known = {"update", "emulate"}
-    options = dict(request.options)
-    for key in options:
-        if key not in known:
-            raise UnsupportedError(
-                f"--opt {key}: unknown option for MCU targets",
-                hint="known: update=on|off, emulate=on|off",
-            )
-    for key in known:
-        if options.get(key, "on") not in ("on", "off"):
-            raise UnsupportedError(f"--opt {key}: must be 'on' or 'off'")
-    return options
+    """``--opt`` values (:data:`OPTIONS`); UsageError (exit 2) for any other key or value."""
+    return base.checked_options(request, OPTIONS, "MCU")
 
 
 def load_tflite(model: ModelInfo) -> bytes:
@@ -374,6 +376,7 @@ def measure(data: bytes, source: str, core: str, margin_percent: int) -> Measure
     :func:`measure_arena`) for a target of ``core`` with ``margin_percent``: cached, so a
     build's fit and plan share one measurement."""
     analysis = analyze_tflite(data, source)
+    check_static_shapes(analysis, source)
     ops = resolver_ops(analysis, source)
     measured = measure_arena(data, source)
     arena = ArenaSize(
@@ -385,7 +388,30 @@ def measure(data: bytes, source: str, core: str, margin_percent: int) -> Measure
     return Measurement(data=data, analysis=analysis, ops=ops, arena=arena)
 
 
+def check_static_shapes(analysis: TfliteModel, source: str) -> None:
+    """Refuse a model whose inputs or outputs declare a dynamic dim past the batch axis
+    (``shape_signature`` -1 at axis >= 1): UnsupportedError (exit 10) naming the tensor and axis.
+
+    TensorFlow Lite Micro allocates and runs the stored dims only (tflite-micro
+    micro_allocator.cc reads ``shape``, never ``shape_signature``), where a dynamic dim is stored
+    as 1: a dynamic batch runs as the batch of 1 a microcontroller serves, but a dynamic sequence
+    length or image size would silently run at 1, which is not the model its builder meant."""
+    for role, tensors in (("input", analysis.inputs), ("output", analysis.outputs)):
+        for tensor in tensors:
+            axes = [axis for axis in tensor.dynamic_axes if axis >= 1]
+            if axes:
+                raise UnsupportedError(
+                    f"{source}: {role} {tensor.name!r} has a dynamic dim at axis {axes[0]} "
+                    f"(shape_signature {list(tensor.signature)}); TensorFlow Lite Micro runs the "
+                    f"stored shape {list(tensor.shape)}, so that dim would silently be 1",
+                    hint="convert the model with a fixed shape for that axis (e.g. a Keras Input "
+                    "with every dim but the batch given)",
+                )
+
+
 def check_int8(analysis: TfliteModel, source: str, target: LoadedTarget) -> None:
+    """Refuse a model that is not fully int8 for a target of int8-only kernels
+    (``runtime.int8_only``): UnsupportedError (exit 10) naming its float tensors and operators."""
     floats = analysis.float_tensors
     if _spec(target).runtime.int8_only and floats:
         names = ", ".join(f"'{t.name}'" for t in floats[:3])
@@ -425,6 +451,8 @@ def resolver_ops(analysis: TfliteModel, source: str) -> tuple[ResolverOp, ...]:
 
 
 def update_slot_size(model_bytes: int) -> int:
+    """Bytes of one model-update slot: the model plus 25 % headroom, rounded up to the 4 KiB erase
+    sector, plus one sector for the slot header."""
     # 25 % headroom so later model versions of similar size fit the same flash map.
     return round_up(model_bytes + model_bytes // 4, UPDATE_SECTOR) + UPDATE_SECTOR
 
@@ -447,6 +475,7 @@ class FlashMap:
 
 
 def flash_map(spec: McuTarget, model_bytes: int) -> FlashMap:
+    """The target's :class:`FlashMap` for a model of ``model_bytes`` bytes (see there)."""
     mem = spec.memory
     slot = update_slot_size(model_bytes)
     top = mem.flash_base + max(mem.flash_kb - mem.flash_reserved_kb, 0) * KIB
@@ -508,6 +537,9 @@ def mcu_fit(
     *,
     update: bool,
 ) -> FitReport:
+    """RAM and flash of the project, in bytes: RAM = the chosen arena + ``memory.ram_reserved_kb``;
+    flash = the model (with ``update``: two update slots and the update stub instead) + the TFLM
+    framework + each kernel, estimates whose sources the report names."""
     spec = _spec(target)
     mem = spec.memory
     flash_parts: list[tuple[str, int]] = [
@@ -588,6 +620,7 @@ def _tensor_context(t: TfliteTensor) -> dict[str, Any]:
 
 
 def hex_lines(data: bytes, per_line: int = 12) -> tuple[str, ...]:
+    """``data`` as lines of a C array initializer, ``per_line`` bytes each: ``0x1c, 0x00, ...,``."""
     return tuple(
         ", ".join(f"0x{b:02x}" for b in data[i : i + per_line]) + ","
         for i in range(0, len(data), per_line)
@@ -705,6 +738,8 @@ def emulate_files(board: str | None) -> tuple[tuple[str, str], ...]:
 def rendered_files(
     sdk: str, *, update: bool, board: str | None = None
 ) -> tuple[base.RenderedFile, ...]:
+    """The project's files: the common sources, the update slots' code with ``update``, the glue of
+    ``sdk`` (none for ``cmake``/``arduino``) and the emulator harness of ``board``."""
     files = (_COMMON_FILES + (_UPDATE_FILES if update else ()) + _SDK_FILES.get(sdk, ())
              + emulate_files(board))
     return tuple(base.RenderedFile(path=p, template=t) for p, t in files)

@@ -164,6 +164,7 @@ class FirmwareRun:
 # --- the TFLM tree -----------------------------------------------------------------------------
 
 def cache_root() -> Path:
+    """edgepack's cache folder: ``$XDG_CACHE_HOME/edgepack``, else ``~/.cache/edgepack``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "edgepack"
 
@@ -394,6 +395,9 @@ def parse_output(text: str, out_dtypes: Sequence[tuple[np.dtype[Any], tuple[int,
 
 
 def run_firmware(elf: Path, board: str, io_blob: bytes, work: Path) -> str:
+    """Run ``elf`` on the emulated ``board`` with ``io_blob`` loaded at :data:`IO_ADDR`; what the
+    firmware printed (:func:`packager.tools.qemu.run_system_arm`: ToolFailedError when it
+    fails or runs past 120 s)."""
     io_file = work / "io.bin"
     io_file.write_bytes(io_blob)
     return qemu.run_system_arm(board, elf, [(io_file, IO_ADDR)], timeout=_QEMU_TIMEOUT_S)

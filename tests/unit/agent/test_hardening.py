@@ -26,6 +26,7 @@ from packager.agent.engine import ready
 from packager.agent.protocol import FILE_PREFIX
 from packager.errors import VerifyError
 from packager.ota.bundle import ObjectSource, plan_release
+from tests.ports import raw_listener
 from tests.unit.agent.helpers import Device, Server, flip_middle_byte, largest_blob
 from tests.unit.ota.synth import make_bundle
 
@@ -247,12 +248,10 @@ def _dripping(
 ) -> Iterator[tuple[str, dict[str, int]]]:
     """A loopback proxy in front of ``upstream`` that passes every response through, except
     that a response whose path ends in ``drip_suffix`` is sent one byte per ``interval_s``."""
-    listener = socket.create_server(("127.0.0.1", 0))
     host, port = upstream.removeprefix("http://").rstrip("/").split(":")
     sent = {"drip_bytes": 0}
-    stop = threading.Event()
 
-    def serve(client: socket.socket) -> None:
+    def serve(client: socket.socket, stop: threading.Event) -> None:
         with client:
             request = b""
             while b"\r\n\r\n" not in request:
@@ -279,22 +278,8 @@ def _dripping(
             except OSError:
                 return
 
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(client,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/", sent
-    finally:
-        stop.set()
-        listener.close()
-        thread.join(timeout=5)
+    with raw_listener(serve) as (proxy_port, _):
+        yield f"http://127.0.0.1:{proxy_port}/", sent
 
 
 @pytest.mark.timeout(120)  # bounded either way: a drip of the whole blob would take 40 min

@@ -6,7 +6,7 @@ import pytest
 
 from packager.agent import protocol
 from packager.agent.protocol import BUCKETS, ReleaseInfo, check_percent, cohort_bucket, in_cohort
-from packager.errors import VerifyError
+from packager.errors import UsageError
 from packager.ota import bundle as ota_bundle
 from packager.ota import repo
 
@@ -33,7 +33,7 @@ def test_percent_is_one_whole_number_type_on_both_sides() -> None:
         custom["edgepack"]["percent"] = bad  # type: ignore[index]
         assert ReleaseInfo.from_custom("t", custom) is None, bad
     assert check_percent(50.0) == 50
-    with pytest.raises(VerifyError, match="whole number"):
+    with pytest.raises(UsageError, match=r"--percent 12\.5: must be a whole number"):
         ota_bundle.check_percent(12.5)
 
 

@@ -255,3 +255,40 @@ def test_base_layer_with_wrong_diff_id_is_refused(tmp_path: Path) -> None:
     spec = ImageSpec(**{**spec.__dict__, "base": ArchiveBase(str(layout), layout, "oci-layout")})
     with pytest.raises(InputError, match="diff_ids"):
         build_image(spec, tmp_path / "i.tar", tmp_path / "cache")
+
+
+def test_the_file_layer_key_changes_exactly_when_the_blob_bytes_do(tmp_path: Path) -> None:
+    """The key covers the entries, the mtime and the compression, which the blob's bytes are
+    made of, and not the layer's name, which they are not: two layers with the same files share
+    one blob (written here into separate caches to show the bytes really are the same)."""
+    from dataclasses import replace
+
+    from packager.image.builder import file_layer_entries, file_layer_key
+    from packager.image.cache import ContentCache, store_layer
+    from packager.image.layer import Compression
+
+    (tmp_path / "model.onnx").write_bytes(b"weights" * 100)
+    files = (FileEntry("/opt/edgepack/model/model.onnx", tmp_path / "model.onnx"),
+             FileEntry("/opt/edgepack/app/run.py", b"print('hi')\n", mode=0o755))
+    model = FileLayer("model", files)
+    variants: dict[str, tuple[FileLayer, int, Compression]] = {
+        "same": (model, EPOCH, "gzip"),
+        "renamed": (FileLayer("other-name", files), EPOCH, "gzip"),
+        "epoch": (model, EPOCH + 1, "gzip"),
+        "zstd": (model, EPOCH, "zstd"),
+        "mode": (replace(model, files=(files[0], replace(files[1], mode=0o644))), EPOCH, "gzip"),
+        "content": (replace(model, files=(files[0], replace(files[1], source=b"print(1)\n"))),
+                    EPOCH, "gzip"),
+        "dir": (replace(model, dirs=(("/tmp", 0o1777, 0, 0),)), EPOCH, "gzip"),
+    }
+    keys, digests = {}, {}
+    for name, (layer, epoch, compression) in variants.items():
+        entries = file_layer_entries(layer)
+        keys[name] = file_layer_key(entries, epoch, compression)
+        blob = store_layer(ContentCache(tmp_path / f"cache-{name}"), "file-layer", keys[name],
+                           entries, mtime=epoch, label=layer.name, compression=compression)
+        digests[name] = blob.digest
+    assert keys["renamed"] == keys["same"] and digests["renamed"] == digests["same"]
+    changed = [n for n in variants if n not in ("same", "renamed")]
+    assert len({keys[n] for n in changed} | {keys["same"]}) == len(changed) + 1
+    assert len({digests[n] for n in changed} | {digests["same"]}) == len(changed) + 1

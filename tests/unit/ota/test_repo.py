@@ -80,7 +80,7 @@ def test_publish_signs_sequence_rollout_and_halt(tmp_path: Path) -> None:
     )
     assert targets.signed.targets["releases/stable/000000000002.json"].custom["edgepack"]["halted"]
     root.verify_delegate("targets", targets)
-    with pytest.raises(VerifyError, match="whole number"):
+    with pytest.raises(UsageError, match="whole number"):
         repo.set_release("stable", percent=101)
 
 

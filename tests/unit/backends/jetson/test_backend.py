@@ -204,6 +204,16 @@ def test_unknown_option_is_a_usage_error(tmp_path: Path) -> None:
         JetsonBackend().check_request(request)
 
 
+def test_no_emulate_is_accepted_and_a_bad_emulate_value_is_not() -> None:
+    """``build --no-emulate`` adds ``--opt emulate=off`` for every device class (commands/
+    build.py); Jetson refused it as an unknown option, so the flag failed every Jetson build."""
+    request = BuildRequest(model=MNIST, target="jetson-orin-nano", options=(("emulate", "off"),))
+    JetsonBackend().check_request(request)
+    request = BuildRequest(model=MNIST, target="jetson-orin-nano", options=(("emulate", "of"),))
+    with pytest.raises(UsageError, match=r"--opt emulate=of: give emulate=on\|off"):
+        JetsonBackend().check_request(request)
+
+
 def test_timing_cache_is_copied_into_the_bundle(tmp_path: Path, mnist: ModelInfo) -> None:
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"cache")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from packager.backends.engine_on import EngineBuildOn
+from packager.backends.jetson import engine_remote
 from packager.backends.jetson.engine_remote import (
     build_argv,
     engine_paths,
@@ -15,9 +17,10 @@ from packager.backends.jetson.engine_remote import (
     prebuilt_problems,
 )
 from packager.bundle.manifest import BundleMeta, Manifest, write_manifest
-from packager.errors import UnsupportedError, VerifyError
+from packager.errors import ToolFailedError, UnsupportedError, VerifyError
 from packager.runtime.engine_key import EngineKey
-from packager.tools.ssh import SshHost, SshOptions, remote_command
+from packager.tools import ssh
+from packager.tools.ssh import Finished, SshHost, SshOptions, remote_command
 
 KEY = EngineKey(model_sha256="ab" * 32, tensorrt="8.6.2", sm=87, precision="fp16",
                 dla_core=None, workspace_mib=2048)
@@ -103,3 +106,39 @@ def test_the_remote_build_command_is_the_on_device_builder_with_the_bundle_key(
         "--lib-dir": "/opt/lib",
     }  # fmt: skip
     assert shlex.split(remote_command(argv)) == argv
+
+
+def _stat_answering(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, answer: list[str]
+) -> EngineBuildOn:
+    """A STAND-IN device (no board here): ssh.run hands ``answer`` to ``on_line`` as the device's
+    ``stat -c %s`` would, then exits 0."""
+
+    def run(host: object, options: object, argv: list[str], **kwargs: Any) -> Finished:
+        assert argv[:3] == ["stat", "-c", "%s"]
+        for line in answer:
+            kwargs["on_line"](line)
+        return Finished(0, tuple(answer))
+
+    monkeypatch.setattr(ssh, "run", run)
+    return EngineBuildOn(host=SshHost("h"), ssh=SshOptions(), timeout_s=600, progress_s=30,
+                         trtexec=None, lib_dirs=(), python="python3", device_root="/",
+                         work=tmp_path, on_line=print)
+
+
+def test_remote_sizes_are_read_from_ascii_digits(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    job = _stat_answering(monkeypatch, tmp_path, ["1234\n", "56\n"])
+    assert engine_remote._remote_sizes(job, ("a.plan", "a.key.json")) == (1234, 56)
+
+
+@pytest.mark.parametrize("size", ["\u00b2", "\u0661\u0662", "+12", "1_2", "9" * 5000])
+def test_a_size_not_in_ascii_digits_is_a_tool_failure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, size: str
+) -> None:
+    """'²' passes str.isdigit() and int() refused it (an internal error); '١٢' int() read as 12;
+    int() refuses 5000 digits."""
+    job = _stat_answering(monkeypatch, tmp_path, [size, "56"])
+    with pytest.raises(ToolFailedError, match="left no plan and key file"):
+        engine_remote._remote_sizes(job, ("a.plan", "a.key.json"))

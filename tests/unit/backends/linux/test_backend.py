@@ -10,7 +10,7 @@ import pytest
 from packager.backends.base import BuildRequest
 from packager.backends.linux.backend import LinuxContainerBackend, parse_base, runtime_requirements
 from packager.backends.linux.fit import linux_fit
-from packager.errors import InputError
+from packager.errors import InputError, UsageError
 from packager.image.spec import ArchiveBase, DebianBase, ImageSpec
 from packager.models import inspect_model
 from packager.targets import resolve_target
@@ -113,3 +113,28 @@ def test_base_archive_reference(tmp_path: Path) -> None:
         parse_base(f"oci-archive:{tmp_path / 'missing.tar'}")
     with pytest.raises(InputError, match="not an OCI archive or layout"):
         parse_base(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (("workspace", "1"), "--opt workspace: not an option of linux-container targets "
+         "(linux-container options: emulate=on|off)"),
+        (("emulat", "off"), "--opt emulat: not an option of linux-container targets "
+         "(did you mean 'emulate'?); linux-container options: emulate=on|off"),
+        (("emulate", "0"), "--opt emulate=0: give emulate=on|off "
+         "(linux-container options: emulate=on|off)"),
+    ],
+)
+def test_an_unknown_option_is_a_usage_error(option: tuple[str, str], message: str) -> None:
+    """Refused as MCU and Jetson refuse theirs, not silently ignored."""
+    request = BuildRequest(model=Path("m.onnx"), target="rpi4", options=(option,))
+    with pytest.raises(UsageError) as refused:
+        LinuxContainerBackend().check_request(request)
+    assert refused.value.one_line() == message
+
+
+def test_no_emulate_is_accepted() -> None:
+    """`build --no-emulate` adds emulate=off for every class ("where the backend has one")."""
+    request = BuildRequest(model=Path("m.onnx"), target="rpi4", options=(("emulate", "off"),))
+    LinuxContainerBackend().check_request(request)

@@ -6,15 +6,22 @@ the shipped targets, so these tests follow the real path from target file to QEM
 
 from __future__ import annotations
 
+import socket
+import time
+from collections.abc import Iterator
+from typing import cast
+
 import pytest
 
 from packager.backends import get_backend
-from packager.backends.linux.trial import choose_cpu
+from packager.backends.linux.trial import choose_cpu, wait_ready
 from packager.bundle.manifest import CpuInfo, TargetInfo
-from packager.errors import TargetError, UsageError, VerifyError
+from packager.errors import RuntimeCheckError, TargetError, UsageError, VerifyError
 from packager.image.emulation import cpuinfo_text
 from packager.targets import LoadedTarget, parse_target, resolve_target
+from packager.tools.containers import Engine
 from packager.tools.qemu import QEMU_CPU_ENV, QEMU_DEFAULT_CPU, emulated_cpu
+from tests.ports import raw_listener
 
 
 def _target_meta(target: LoadedTarget) -> TargetInfo:
@@ -97,3 +104,39 @@ def test_cpuinfo_matches_the_emulated_core(cpu: str, part: str, has_dotprod: boo
     assert text.count("processor\t:") == 4 and text.count(f"CPU part\t: {part}\n") == 4
     assert ("asimddp" in text) == has_dotprod
     assert cpuinfo_text("max", 4) is None
+
+
+class _RunningContainer:
+    """STAND-IN for the container engine (no container here): the container is running and has
+    printed nothing. Only the readiness wait is under test; it answers on the real socket."""
+
+    def is_running(self, name: str) -> bool:
+        return True
+
+    def logs(self, name: str, tail: int = 50) -> str:
+        return ""
+
+
+@pytest.fixture
+def silent_server() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A real HTTP endpoint on loopback (an ephemeral port) that accepts every connection, reads
+    nothing and never answers; yields its base URL and the connections it accepted."""
+    with raw_listener(lambda connection, stop: None) as (port, accepted):
+        yield f"http://127.0.0.1:{port}", accepted
+
+
+def test_the_readiness_wait_ends_at_its_timeout_against_a_silent_server(
+    silent_server: tuple[str, list[socket.socket]],
+) -> None:
+    """Each poll may block up to 5 s: unbounded by the time left, a 1 s wait took 6 s (one
+    5 s poll, then a 1 s pause). Bounded, it ends within the timeout plus a small constant (a
+    liveness bound, 3 s here for a loaded machine, below the 5 s one poll used to add)."""
+    base_url, accepted = silent_server
+    engine = cast(Engine, _RunningContainer())
+    timeout_s = 1.0
+    started = time.monotonic()
+    with pytest.raises(RuntimeCheckError, match=r"not ready within 1s"):
+        wait_ready(engine, "c", base_url, timeout_s)
+    elapsed = time.monotonic() - started
+    assert accepted, "the wait never reached the server"
+    assert elapsed < timeout_s + 3.0

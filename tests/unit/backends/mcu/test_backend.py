@@ -11,6 +11,7 @@ from packager.backends.mcu.backend import (
     TFLM_CORE_BYTES,
     UPDATE_SECTOR,
     McuBackend,
+    check_static_shapes,
     chosen_arena,
     flash_map,
     hex_lines,
@@ -21,9 +22,9 @@ from packager.backends.mcu.backend import (
     update_slot_size,
 )
 from packager.build import build
-from packager.errors import FitError, InputError, UnsupportedError
+from packager.errors import ExitCode, FitError, InputError, UnsupportedError, UsageError
 from packager.fit import enforce
-from packager.models.tflite import inspect_tflite
+from packager.models.tflite import analyze_tflite, inspect_tflite
 from packager.targets import parse_target, resolve_target
 
 TFLM = Path(__file__).resolve().parents[5] / "shared" / "testdata" / "tflm"
@@ -158,8 +159,38 @@ def test_update_off_drops_stub_and_slots() -> None:
     assert not any("update" in k for k, _ in report.resources[1].needed_parts)
     plan = backend.plan(request, info, target, report)
     assert "src/model_update.c" not in {f.path for f in plan.rendered}
-    with pytest.raises(UnsupportedError):
+    with pytest.raises(UsageError):
         backend.fit(BuildRequest(model=path, target="x", options=(("bogus", "1"),)), info, target)
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (("updte", "off"), "--opt updte: not an option of MCU targets (did you mean 'update'?); "
+         "MCU options: update=on|off, emulate=on|off"),
+        (("bogus", "1"), "--opt bogus: not an option of MCU targets "
+         "(MCU options: update=on|off, emulate=on|off)"),
+        (("update", "no"), "--opt update=no: give update=on|off "
+         "(MCU options: update=on|off, emulate=on|off)"),
+    ],
+)
+def test_a_bad_option_is_one_usage_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: tuple[str, str], expected: str
+) -> None:
+    """Exit 2 (a command-line mistake, as for Jetson), not 10; the build reads nothing, writes
+    nothing."""
+    import json
+
+    from packager.cli import main
+
+    out = tmp_path / "b"
+    with pytest.raises(SystemExit) as exited:
+        main(["build", str(tmp_path / "absent.tflite"), "--target", "nrf52840-dk",
+              "--out", str(out), "--opt", "=".join(option), "--json"])
+    assert exited.value.code == ExitCode.USAGE
+    document = json.loads(capsys.readouterr().out)
+    assert (document["error"], document["message"]) == ("usage", expected)
+    assert not out.exists()
 
 
 def test_slot_header_is_the_update_modules_layout() -> None:
@@ -264,3 +295,26 @@ def test_fit_and_plan_share_one_measurement() -> None:
     backend.plan(request, info, target, report)
     assert mcu.measure_arena.cache_info().misses == 1
     assert (mcu.measure.cache_info().misses, mcu.measure.cache_info().hits) == (1, 1)
+
+
+def _keras_tflite(shape: tuple[int | None, ...]) -> bytes:
+    """A real converted model: Keras Input(shape) -> Dense(3), dynamic batch, through
+    tf.lite.TFLiteConverter (which stores each dynamic dim as 1, -1 in shape_signature)."""
+    tf = pytest.importorskip("tensorflow")
+    inputs = tf.keras.Input(shape=shape)
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(3)(inputs))
+    data: bytes = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    return data
+
+
+def test_a_dynamic_dim_past_the_batch_is_refused_and_a_dynamic_batch_is_not() -> None:
+    """TFLite Micro runs the stored shape, where a dynamic dim is 1: a dynamic sequence length
+    would silently run as length 1; a dynamic batch runs as the batch of 1 an MCU serves."""
+    sequence = analyze_tflite(_keras_tflite((None, 4)), "seq.tflite")
+    assert sequence.inputs[0].signature == (-1, -1, 4)
+    with pytest.raises(UnsupportedError) as err:
+        check_static_shapes(sequence, "seq.tflite")
+    line = err.value.one_line()
+    assert line.startswith("seq.tflite: input ") and "dynamic dim at axis 1" in line
+    assert "\n" not in line
+    check_static_shapes(analyze_tflite(_keras_tflite((4,)), "batch.tflite"), "batch.tflite")
