@@ -259,15 +259,20 @@ def bundle_name(request: BuildRequest) -> str:
 
 
 def checked_options(
-    request: BuildRequest, allowed: Mapping[str, tuple[str, ...]], device_class: str
+    request: BuildRequest, allowed: Mapping[str, tuple[str, ...] | str], device_class: str
 ) -> dict[str, str]:
     """``request``'s ``--opt KEY=VALUE`` pairs as ``{KEY: VALUE}`` (a repeated KEY keeps its last
-    value), each KEY one of ``allowed`` and each VALUE one of ``allowed[KEY]``.
+    value), each KEY one of ``allowed`` and each VALUE one of ``allowed[KEY]``; where
+    ``allowed[KEY]`` is a string it names a free value (``"PATH"``), which the backend checks.
 
     UsageError (exit 2) otherwise: one line naming ``--opt KEY`` (with the closest known key,
     difflib's 0.6 cutoff as packager.targets uses) and ``device_class``'s keys and values.
     """
-    known = ", ".join(f"{key}={'|'.join(values)}" for key, values in allowed.items())
+
+    def form(values: tuple[str, ...] | str) -> str:
+        return values if isinstance(values, str) else "|".join(values)
+
+    known = ", ".join(f"{key}={form(values)}" for key, values in allowed.items())
     found: dict[str, str] = {}
     for key, value in request.options:
         if key not in allowed:
@@ -277,9 +282,10 @@ def checked_options(
                 f"--opt {key}: not an option of {device_class} targets{guess}",
                 hint=f"{device_class} options: {known}",
             )
-        if value not in allowed[key]:
+        values = allowed[key]
+        if not isinstance(values, str) and value not in values:
             raise UsageError(
-                f"--opt {key}={value}: give {key}={'|'.join(allowed[key])}",
+                f"--opt {key}={value}: give {key}={form(values)}",
                 hint=f"{device_class} options: {known}",
             )
         found[key] = value

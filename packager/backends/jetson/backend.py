@@ -44,6 +44,7 @@ from packager.backends.base import (
     TryRequest,
     TryResult,
     bundle_name,
+    checked_options,
 )
 from packager.backends.engine_on import AddedFile, EngineBuildOn
 from packager.backends.jetson.container import (
@@ -60,7 +61,7 @@ from packager.backends.linux import backend as linux
 from packager.backends.linux.fit import linux_fit
 from packager.bundle.manifest import MANIFEST, Manifest, TargetInfo
 from packager.console import console
-from packager.errors import InputError, TargetError, UnsupportedError, UsageError, VerifyError
+from packager.errors import InputError, TargetError, UnsupportedError, VerifyError
 from packager.fit import FitReport
 from packager.image.spec import ImageConfig, ImageResult, ImageSpec, WheelSet
 from packager.models.info import ModelInfo
@@ -78,7 +79,8 @@ from packager.targets import (
 
 ENGINES_DIR = confinement.ENGINES_DIR
 # Options of `--opt KEY=VALUE` this class takes.
-OPTIONS = ("timing-cache",)
+# `--opt KEY=VALUE` this class takes (a string: a free value, checked where it is used).
+OPTIONS: dict[str, tuple[str, ...] | str] = {"timing-cache": "PATH", "emulate": ("on", "off")}
 TIMING_CACHE = "engine/timing.cache"
 REFERENCE_DIR = "reference"
 TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
@@ -159,21 +161,10 @@ def _onnx_only(path: Path, model_format: str, target: LoadedTarget) -> JetsonTar
 
 
 def options(request: BuildRequest) -> dict[str, str]:
-    """``--opt`` values this class knows (``timing-cache=PATH``; ``emulate=on|off``, which
-    ``build --no-emulate`` sets for every device class and which changes nothing here: the engine
-    is built on the device, never emulated); UsageError (exit 2) for any other key or value."""
-    known = f"{', '.join(f'{o}=PATH' for o in OPTIONS)}, emulate=on|off"
-    found: dict[str, str] = {}
-    for key, value in request.options:
-        if key == "emulate" and value not in ("on", "off"):
-            raise UsageError(f"--opt emulate={value}: give emulate=on|off",
-                             hint=f"Jetson options: {known}")
-        if key not in OPTIONS and key != "emulate":
-            raise UsageError(
-                f"--opt {key}: not an option of Jetson targets", hint=f"Jetson options: {known}"
-            )
-        found[key] = value
-    return found
+    """``--opt`` values this class knows (:data:`OPTIONS`: ``emulate``, which ``build
+    --no-emulate`` sets for every device class, changes nothing here: the engine is built on the
+    device, never emulated); UsageError (exit 2) for any other key or value."""
+    return checked_options(request, OPTIONS, "Jetson")
 
 
 def timing_cache(request: BuildRequest) -> Path | None:
